@@ -1,0 +1,1 @@
+"""Review queue and decisions, versioned export (releases), QuPath / OME-Zarr interop."""

@@ -1,0 +1,467 @@
+"""The store's append-only ledger (SQLite, WAL) and the fold that gives every nucleus its label.
+
+Every label change is an *event*; nothing is ever updated or deleted (triggers refuse it).
+The current label of a nucleus is a fold over its events in order:
+
+1. ``ingest``: the latest ingest event sets the base: its ``label`` is the resolved unified class,
+   or 0 when the source label still has several candidates (``payload["candidates"]``).
+   A newer ingest (``curate ingest --overwrite``) resets the nucleus: older events no longer count.
+2. ``proposal`` events with ``action="auto_accepted"`` (relabeling rounds) set the label; a later
+   round overrides an earlier one. ``action="queued"`` proposals wait for review.
+3. ``decision`` events (review) override proposals. Each reviewer's latest effective decision
+   counts; ``undo`` (``ref`` = the seq of the undone decision) removes one; ``skip`` changes
+   nothing. When the reviewers' effective decisions disagree the nucleus is in ``conflict``
+   (label 0, unresolved) until an ``adjudicate`` decision, which is final (a later adjudication
+   or an undo of it can change it).
+
+Labels: -1 = not a nucleus (rejected in review), 0 = unresolved, 1..K = unified class ids.
+
+Events also carry ``flag`` rows (cleanlab issues: ``action`` = reason, ``score`` = issue score,
+``label`` = suggested class) and ``round`` rows (a round started/finished; ``nucleus_id`` NULL).
+
+Each event row stores ``chain`` = sha256(previous chain + the row's canonical content), so
+:meth:`Ledger.verify_chain` detects any edit made behind the ledger's back, and a release records
+the ledger position and its chain hash.
+
+Durability: WAL with ``synchronous=NORMAL`` survives the death of the writing process (SIGKILL)
+after ``append`` returns; ``synchronous=FULL`` (``durable=True``) also survives power loss.
+Concurrent writers (several annotators, several processes) serialise on SQLite's write lock with
+a generous busy timeout; no event is lost.
+
+Dimensions: E events, N nuclei.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from ..errors import StoreError
+
+EventKind = Literal["ingest", "proposal", "flag", "decision", "round"]
+EVENT_KINDS: tuple[str, ...] = ("ingest", "proposal", "flag", "decision", "round")
+DecisionAction = Literal["accept", "keep", "set_class", "not_nucleus", "skip", "undo", "adjudicate"]
+DECISION_ACTIONS: tuple[str, ...] = ("accept", "keep", "set_class", "not_nucleus", "skip", "undo", "adjudicate")
+LabelStatus = Literal["source", "unresolved", "auto", "reviewed", "conflict", "rejected"]
+
+NOT_A_NUCLEUS = -1
+UNRESOLVED = 0
+
+#: Columns of an event, in storage order (``seq`` and ``chain`` are assigned by the ledger).
+EVENT_COLUMNS: tuple[str, ...] = (
+    "seq", "time", "kind", "nucleus_id", "round", "actor", "action",
+    "label", "prev_label", "score", "ref", "payload", "chain",
+)
+_INSERT_COLUMNS = EVENT_COLUMNS[1:]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS units (
+    unit TEXT PRIMARY KEY,
+    source TEXT NOT NULL,
+    dir TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    taxonomy_hash TEXT NOT NULL,
+    n_images INTEGER NOT NULL,
+    n_nuclei INTEGER NOT NULL,
+    origin TEXT NOT NULL,
+    time TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    time TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    nucleus_id INTEGER,
+    round INTEGER,
+    actor TEXT NOT NULL,
+    action TEXT,
+    label INTEGER,
+    prev_label INTEGER,
+    score REAL,
+    ref INTEGER,
+    payload TEXT,
+    chain TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_nucleus ON events (nucleus_id);
+CREATE INDEX IF NOT EXISTS events_kind_round ON events (kind, round);
+CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_no_delete BEFORE DELETE ON events
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+"""
+
+GENESIS = "0" * 64
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def _canonical(row: Sequence[Any]) -> bytes:
+    return json.dumps(list(row), separators=(",", ":"), default=_json_default).encode("utf-8")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _none_if_na(v: Any) -> Any:
+    if v is None:
+        return None
+    if isinstance(v, float) and np.isnan(v):
+        return None
+    if v is pd.NA:
+        return None
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
+    return v
+
+
+class Ledger:
+    """Append-only event log of one store (``STORE/ledger.sqlite``).
+
+    Parameters
+    ----------
+    path
+        The SQLite file. Created (with its schema) unless ``readonly``.
+    readonly
+        Open without write access (``curate info`` / ``verify`` on a read-only store).
+    durable
+        ``synchronous=FULL``: every append is fsynced (survives power loss, slower).
+    """
+
+    def __init__(self, path: str | Path, *, readonly: bool = False, durable: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        try:
+            if readonly:
+                if not self.path.exists():
+                    raise StoreError("no ledger.sqlite: not a cellcurate store", path=self.path.parent)
+                self._con = sqlite3.connect(
+                    f"file:{self.path}?mode=ro", uri=True, timeout=60.0, isolation_level=None,
+                    check_same_thread=False,
+                )
+            else:
+                self._con = sqlite3.connect(
+                    self.path, timeout=60.0, isolation_level=None, check_same_thread=False
+                )
+                self._con.execute("PRAGMA journal_mode=WAL")
+                self._con.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._con.executescript(_SCHEMA)
+            self._con.execute("PRAGMA busy_timeout=60000")
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the ledger: {exc}", path=self.path) from None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- meta / units ---------------------------------------------------------------------------
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        row = self._con.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._write(lambda c: c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)))
+
+    def units(self) -> pd.DataFrame:
+        return pd.read_sql_query("SELECT * FROM units ORDER BY unit", self._con)
+
+    def unit(self, name: str) -> dict[str, Any] | None:
+        df = pd.read_sql_query("SELECT * FROM units WHERE unit=?", self._con, params=(name,))
+        return None if df.empty else df.iloc[0].to_dict()
+
+    def commit_units(self, units: Sequence[tuple[Mapping[str, Any], pd.DataFrame]]) -> None:
+        """Register (or replace) ingest units and append their ingest events, in one transaction."""
+        cols = ("unit", "source", "dir", "fingerprint", "taxonomy_hash", "n_images", "n_nuclei", "origin", "time")
+
+        def work(c: sqlite3.Connection) -> None:
+            for unit, events in units:
+                values = tuple(unit[k] for k in cols)
+                c.execute(
+                    f"INSERT OR REPLACE INTO units ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                    values,
+                )
+                self._insert(c, events)
+
+        self._write(work)
+
+    # -- events ---------------------------------------------------------------------------------
+    def append(self, events: pd.DataFrame | Sequence[Mapping[str, Any]]) -> list[int]:
+        """Append events in one transaction; return their seq numbers.
+
+        Each event is a mapping with ``kind`` and ``actor`` and any of ``nucleus_id``, ``round``,
+        ``action``, ``label``, ``prev_label``, ``score``, ``ref``, ``payload`` (dict or JSON text),
+        ``time`` (default now, UTC).
+        """
+        out: list[int] = []
+        self._write(lambda c: out.extend(self._insert(c, events)))
+        return out
+
+    def _insert(self, c: sqlite3.Connection, events: pd.DataFrame | Sequence[Mapping[str, Any]]) -> list[int]:
+        records = events.to_dict("records") if isinstance(events, pd.DataFrame) else list(events)
+        if not records:
+            return []
+        last = c.execute("SELECT seq, chain FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        seq, chain = (0, GENESIS) if last is None else (int(last[0]), str(last[1]))
+        now = utc_now()
+        rows: list[tuple[Any, ...]] = []
+        seqs: list[int] = []
+        for ev in records:
+            kind = ev.get("kind")
+            if kind not in EVENT_KINDS:
+                raise StoreError(f"unknown ledger event kind {kind!r}; expected one of {EVENT_KINDS}")
+            if not ev.get("actor"):
+                raise StoreError(f"ledger event of kind {kind!r} has no actor")
+            payload = ev.get("payload")
+            if payload is not None and not isinstance(payload, str):
+                payload = json.dumps(payload, separators=(",", ":"), default=_json_default)
+            seq += 1
+            body = (
+                _none_if_na(ev.get("time")) or now,
+                kind,
+                _none_if_na(ev.get("nucleus_id")),
+                _none_if_na(ev.get("round")),
+                str(ev["actor"]),
+                _none_if_na(ev.get("action")),
+                _none_if_na(ev.get("label")),
+                _none_if_na(ev.get("prev_label")),
+                _none_if_na(ev.get("score")),
+                _none_if_na(ev.get("ref")),
+                payload,
+            )
+            chain = hashlib.sha256(chain.encode("ascii") + _canonical((seq, *body))).hexdigest()
+            rows.append((seq, *body, chain))
+            seqs.append(seq)
+        c.executemany(
+            f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
+            rows,
+        )
+        return seqs
+
+    def _write(self, work: Any) -> None:
+        if self.readonly:
+            raise StoreError("the store is open read-only", path=self.path.parent)
+        for attempt in range(20):
+            try:
+                self._con.execute("BEGIN IMMEDIATE")
+                try:
+                    work(self._con)
+                except BaseException:
+                    self._con.execute("ROLLBACK")
+                    raise
+                self._con.execute("COMMIT")
+                return
+            except sqlite3.OperationalError as exc:
+                msg = str(exc)
+                if "locked" in msg or "busy" in msg:
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
+                raise StoreError(f"cannot write the ledger: {msg}", path=self.path) from None
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot write the ledger: {exc}", path=self.path) from None
+        raise StoreError("the ledger stayed locked by another writer for too long", path=self.path)
+
+    def events(
+        self,
+        *,
+        kinds: Iterable[str] | None = None,
+        round: int | None = None,
+        nucleus_ids: Iterable[int] | None = None,
+        since_seq: int | None = None,
+        until_seq: int | None = None,
+        parse_payload: bool = False,
+    ) -> pd.DataFrame:
+        """Events as a frame (columns :data:`EVENT_COLUMNS`), in seq order, filtered."""
+        where: list[str] = []
+        params: list[Any] = []
+        if kinds is not None:
+            kinds = list(kinds)
+            where.append(f"kind IN ({', '.join('?' * len(kinds))})")
+            params.extend(kinds)
+        if round is not None:
+            where.append("round = ?")
+            params.append(int(round))
+        if since_seq is not None:
+            where.append("seq > ?")
+            params.append(int(since_seq))
+        if until_seq is not None:
+            where.append("seq <= ?")
+            params.append(int(until_seq))
+        ids: list[int] | None = None
+        if nucleus_ids is not None:
+            ids = [int(i) for i in nucleus_ids]
+            if len(ids) <= 500:
+                where.append(f"nucleus_id IN ({', '.join('?' * len(ids))})")
+                params.extend(ids)
+        sql = "SELECT * FROM events" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq"
+        df = pd.read_sql_query(sql, self._con, params=params)
+        if ids is not None and len(ids) > 500:
+            df = df[df["nucleus_id"].isin(ids)].reset_index(drop=True)
+        for col in ("nucleus_id", "round", "label", "prev_label", "ref"):
+            df[col] = df[col].astype("Int64")
+        if parse_payload:
+            df["payload"] = [json.loads(p) if isinstance(p, str) else {} for p in df["payload"]]
+        return df
+
+    def count(self, kind: str | None = None) -> int:
+        if kind is None:
+            return int(self._con.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+        return int(self._con.execute("SELECT COUNT(*) FROM events WHERE kind=?", (kind,)).fetchone()[0])
+
+    def head(self) -> tuple[int, str]:
+        """The ledger position (last seq, 0 when empty) and its chain hash."""
+        row = self._con.execute("SELECT seq, chain FROM events ORDER BY seq DESC LIMIT 1").fetchone()
+        return (0, GENESIS) if row is None else (int(row[0]), str(row[1]))
+
+    def verify_chain(self) -> list[str]:
+        """Recompute the hash chain; return problems (empty when intact)."""
+        problems: list[str] = []
+        chain = GENESIS
+        expected_seq = None
+        cur = self._con.execute(f"SELECT {', '.join(EVENT_COLUMNS)} FROM events ORDER BY seq")
+        for row in cur:
+            seq = int(row[0])
+            if expected_seq is not None and seq != expected_seq:
+                problems.append(f"ledger: events {expected_seq}..{seq - 1} are missing")
+            expected_seq = seq + 1
+            chain = hashlib.sha256(chain.encode("ascii") + _canonical(row[:-1])).hexdigest()
+            if chain != row[-1]:
+                problems.append(f"ledger: event {seq} does not match its hash chain (edited behind the ledger's back)")
+                chain = row[-1]
+                if len(problems) > 20:
+                    break
+        return problems
+
+    # -- the fold -------------------------------------------------------------------------------
+    def current_labels(self, *, until_seq: int | None = None) -> pd.DataFrame:
+        """Fold the events into the current label of every ingested nucleus.
+
+        Returns a frame indexed by ``nucleus_id`` with columns ``label`` (int), ``status``
+        (:data:`LabelStatus`), ``source_label``, ``candidates`` (tuple of ids from ingest),
+        ``round`` (Int64: round of the accepted proposal or of the decision), ``decided_by``
+        (actor of the deciding event) and ``seq`` (the deciding event).
+        ``until_seq`` folds the ledger as it was at that position.
+        """
+        return fold_labels(self.events(kinds=("ingest", "proposal", "decision"), until_seq=until_seq))
+
+
+def fold_labels(events: pd.DataFrame) -> pd.DataFrame:
+    """The label fold of :meth:`Ledger.current_labels`, on an events frame (see module docstring)."""
+    cols = ["label", "status", "source_label", "candidates", "round", "decided_by", "seq"]
+    ing = events[events["kind"] == "ingest"]
+    if ing.empty:
+        return pd.DataFrame(columns=cols).rename_axis("nucleus_id")
+    ing = ing.drop_duplicates("nucleus_id", keep="last").set_index("nucleus_id")
+    payloads = [json.loads(p) if isinstance(p, str) else {} for p in ing["payload"]]
+    out = pd.DataFrame(
+        {
+            "label": ing["label"].fillna(0).astype("int64"),
+            "status": np.where(ing["label"].fillna(0).to_numpy() > 0, "source", "unresolved"),
+            "source_label": [p.get("source_label", "") for p in payloads],
+            "candidates": [tuple(p.get("candidates", ())) for p in payloads],
+            "round": pd.array([pd.NA] * len(ing), dtype="Int64"),
+            "decided_by": ing["actor"].to_numpy(),
+            "seq": ing["seq"].to_numpy(),
+        },
+        index=ing.index,
+    )
+    out.index.name = "nucleus_id"
+    base_seq = out["seq"]
+
+    # Accepted proposals after the base ingest; the latest wins.
+    prop = events[(events["kind"] == "proposal") & (events["action"] == "auto_accepted")]
+    if not prop.empty:
+        prop = prop[prop["nucleus_id"].isin(out.index)]
+        prop = prop[prop["seq"].to_numpy() > base_seq.reindex(prop["nucleus_id"]).to_numpy()]
+        prop = prop.drop_duplicates("nucleus_id", keep="last").set_index("nucleus_id")
+        idx = prop.index
+        out.loc[idx, "label"] = prop["label"].astype("int64")
+        out.loc[idx, "status"] = "auto"
+        out.loc[idx, "round"] = prop["round"]
+        out.loc[idx, "decided_by"] = prop["actor"]
+        out.loc[idx, "seq"] = prop["seq"]
+
+    dec = events[events["kind"] == "decision"]
+    if not dec.empty:
+        dec = dec[dec["nucleus_id"].isin(out.index)]
+        dec = dec[dec["seq"].to_numpy() > base_seq.reindex(dec["nucleus_id"]).to_numpy()]
+        for nid, group in dec.groupby("nucleus_id", sort=False):
+            result = _fold_decisions(group)
+            if result is None:
+                continue
+            label, status, rnd, actor, seq = result
+            if status == "conflict":
+                out.loc[nid, ["label", "status", "decided_by", "seq"]] = [UNRESOLVED, "conflict", actor, seq]
+            else:
+                out.loc[nid, ["label", "status", "decided_by", "seq"]] = [label, status, actor, seq]
+            out.loc[nid, "round"] = rnd
+    out["label"] = out["label"].astype("int64")
+    out["seq"] = out["seq"].astype("int64")
+    return out
+
+
+def _fold_decisions(group: pd.DataFrame) -> tuple[int, str, Any, str, int] | None:
+    """Fold one nucleus's decisions (seq order). None when no decision has an effect."""
+    stacks: dict[str, list[tuple[int, int, Any]]] = {}  # reviewer -> [(seq, label, round)]
+    adjudications: list[tuple[int, int, Any, str]] = []  # (seq, label, round, actor)
+    for row in group.itertuples(index=False):
+        action = row.action
+        if action == "skip":
+            continue
+        if action == "undo":
+            target = None if pd.isna(row.ref) else int(row.ref)
+            stack = stacks.get(row.actor, [])
+            if target is None and stack:
+                stack.pop()
+            else:
+                stacks[row.actor] = [d for d in stack if d[0] != target]
+                adjudications[:] = [a for a in adjudications if not (a[0] == target and a[3] == row.actor)]
+            continue
+        label = int(row.label) if not pd.isna(row.label) else UNRESOLVED
+        if action == "adjudicate":
+            adjudications.append((int(row.seq), label, row.round, row.actor))
+        else:
+            stacks.setdefault(row.actor, []).append((int(row.seq), label, row.round))
+    if adjudications:
+        seq, label, rnd, actor = adjudications[-1]
+        return label, ("rejected" if label == NOT_A_NUCLEUS else "reviewed"), rnd, actor, seq
+    effective = {r: s[-1] for r, s in stacks.items() if s}
+    if not effective:
+        return None
+    latest_actor, (seq, label, rnd) = max(effective.items(), key=lambda kv: kv[1][0])
+    if len({d[1] for d in effective.values()}) > 1:
+        return UNRESOLVED, "conflict", rnd, latest_actor, seq
+    return label, ("rejected" if label == NOT_A_NUCLEUS else "reviewed"), rnd, latest_actor, seq
+
+
+def conflicts(events: pd.DataFrame) -> pd.DataFrame:
+    """Nuclei whose reviewers disagree (and no adjudication settled it): one row per effective decision."""
+    folded = fold_labels(events)
+    ids = folded.index[folded["status"] == "conflict"]
+    dec = events[(events["kind"] == "decision") & events["nucleus_id"].isin(ids)]
+    dec = dec[~dec["action"].isin(["skip", "undo"])]
+    return dec.drop_duplicates(["nucleus_id", "actor"], keep="last").reset_index(drop=True)

@@ -1,0 +1,591 @@
+"""Read the PanNuke release (``Fold k/images/foldk/images.npy`` ...) as a stream of SourceImage.
+
+Dimensions: N tiles in a fold, H×W = 256×256 pixels, C = 6 mask channels (the first 5 are
+instance maps), n instances in one tile.
+
+Release layout (note the space in ``Fold 1``)::
+
+    <root>/Fold 1/images/fold1/images.npy   (N, 256, 256, 3) float64 holding 0..255
+    <root>/Fold 1/images/fold1/types.npy    (N,) <U13 tissue names
+    <root>/Fold 1/masks/fold1/masks.npy     (N, 256, 256, 6) float64; channels Neoplastic,
+                                            Inflammatory, Connective, Dead, Epithelial, Background
+
+Conversion rules
+----------------
+* Each of channels 0-4 is its own instance map. An instance is the pair (channel, raw id): the
+  same raw id in two channels gives two instances, never one.
+* Instance ids in the output are 1..n, numbered by channel, then by raw id (ascending).
+* **Overlap rule**: a pixel claimed by more than one channel goes to the instance of the
+  *lowest channel index* (Neoplastic > Inflammatory > Connective > Dead > Epithelial).
+  Such pixels are counted in ``report.counts["overlap_pixels"]`` (once per pixel); an instance
+  that loses every pixel this way is dropped and counted in ``"instances_lost_to_overlap"``
+  (with a warning naming the file and tile).
+* Channel 5 (Background) is not used for instances; pixels where it disagrees with the
+  instance map (background flag set on a nucleus pixel, or unset on a background pixel) are
+  counted in ``"background_channel_disagreement_pixels"``.
+* Images are rounded to uint8 (values are integral in the real release; non-integral values are
+  counted in ``"image_values_rounded"``). Empty tiles are kept, with no nuclei.
+* Mask ids must be integral and >= 0, image values within 0..255; anything else raises
+  :class:`~cellcurate.errors.InputFormatError` naming the file and the first offending tile.
+  These checks happen while streaming (the store commits only after a whole fold was read).
+
+Memory: files are opened with ``np.load(..., mmap_mode="r")`` for validation, but tiles are read
+in contiguous batches of ``batch_size`` with positioned reads into one reused buffer. Slicing the
+memmap instead would map every page it touched into the process, so the resident size would grow
+with the fold (~12 GB for a real fold); with batched reads peak memory stays ~ 5 MB × batch_size.
+
+>>> for item in iter_pannuke("/data/pannuke"):  # doctest: +SKIP
+...     item.key, item.tissue, len(item.nuclei)
+('fold1/00000', 'Breast', 8)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import InputFormatError, InputNotFoundError
+from .records import SOURCE_NUCLEI_COLUMNS, IngestReport, SourceImage
+
+__all__ = [
+    "PANNUKE_CHANNELS",
+    "PANNUKE_TISSUES",
+    "PANNUKE_MPP",
+    "FoldArrays",
+    "PannukeFold",
+    "discover_pannuke",
+    "fold_fingerprint",
+    "iter_pannuke",
+    "iter_pannuke_fold",
+    "load_types",
+    "looks_like_pannuke",
+    "open_fold",
+]
+
+#: Names of mask channels 0-4, in file order; channel 5 is Background.
+PANNUKE_CHANNELS: tuple[str, ...] = ("Neoplastic", "Inflammatory", "Connective", "Dead", "Epithelial")
+#: The 19 tissue names as stored in the release's ``types.npy``.
+PANNUKE_TISSUES: tuple[str, ...] = (
+    "Adrenal_gland", "Bile-duct", "Bladder", "Breast", "Cervix", "Colon", "Esophagus", "HeadNeck",
+    "Kidney", "Liver", "Lung", "Ovarian", "Pancreatic", "Prostate", "Skin", "Stomach", "Testis",
+    "Thyroid", "Uterus",
+)
+PANNUKE_MPP = 0.25
+TILE = 256
+N_MASK_CHANNELS = 6
+
+_FOLD_DIR = re.compile(r"^fold[ _]?(\d+)$", re.IGNORECASE)
+_CHANNEL_LABELS = np.array(PANNUKE_CHANNELS, dtype=object)
+_MAX_ID = 2**53  # float64 holds integers exactly up to here
+_TABLE_LIMIT = 1 << 20  # relabel with a lookup table while 8 * (max id + 1) stays below this
+_SAMPLE = 1 << 20  # fingerprint: bytes hashed at the start and at the end of each file
+
+
+# -- discovery --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PannukeFold:
+    """Paths of one fold. ``root`` is the folder that contains ``Fold k``."""
+
+    fold: int
+    images: Path
+    types: Path
+    masks: Path
+    root: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.images.parents[2]
+
+    def rel(self, path: Path) -> str:
+        """``path`` relative to the release root, with forward slashes."""
+        return path.relative_to(self.root).as_posix()
+
+
+def _fold_from_dir(folder: Path, k: int) -> PannukeFold:
+    name = f"fold{k}"
+    return PannukeFold(
+        fold=k,
+        images=folder / "images" / name / "images.npy",
+        types=folder / "images" / name / "types.npy",
+        masks=folder / "masks" / name / "masks.npy",
+        root=folder.parent,
+    )
+
+
+def _fold_number(path: Path) -> int | None:
+    m = _FOLD_DIR.match(path.name)
+    return int(m.group(1)) if m and path.is_dir() else None
+
+
+def discover_pannuke(path: str | os.PathLike[str]) -> list[PannukeFold]:
+    """Find the folds under a release root, or the single fold a ``Fold k`` folder holds.
+
+    Files are not checked here (:func:`open_fold` does), only the folder names.
+
+    Raises
+    ------
+    InputNotFoundError
+        ``path`` does not exist, or holds no ``Fold k`` folder.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputNotFoundError(path, "PanNuke folder not found")
+    if not path.is_dir():
+        raise InputFormatError(path, "expected a PanNuke release folder or a 'Fold k' folder, got a file")
+    k = _fold_number(path)
+    if k is not None:
+        return [_fold_from_dir(path, k)]
+    folds = []
+    for child in path.iterdir():
+        k = _fold_number(child)
+        if k is not None:
+            folds.append(_fold_from_dir(child, k))
+    if not folds:
+        raise InputNotFoundError(path, "holds no PanNuke fold (expected 'Fold 1/images/fold1/images.npy')")
+    folds.sort(key=lambda f: f.fold)
+    seen = [f.fold for f in folds]
+    if len(set(seen)) != len(seen):
+        raise InputFormatError(path, f"holds two folders for the same fold: {sorted(f.folder.name for f in folds)}")
+    return folds
+
+
+def looks_like_pannuke(path: str | os.PathLike[str]) -> bool:
+    """Cheap check: is ``path`` a PanNuke release root or a ``Fold k`` folder?
+
+    True when a ``Fold k`` folder (``path`` itself or a child) has an ``images/`` or ``masks/``
+    subfolder; reads no file.
+    """
+    try:
+        folds = discover_pannuke(path)
+    except (InputNotFoundError, InputFormatError, OSError):
+        return False
+    return any((f.folder / "images").is_dir() or (f.folder / "masks").is_dir() for f in folds)
+
+
+# -- opening and validation -------------------------------------------------------------------
+@dataclass(frozen=True)
+class FoldArrays:
+    """One fold, opened and checked: memmaps of images and masks, and the tissue names.
+
+    Attributes
+    ----------
+    images
+        (N, 256, 256, 3) numeric memmap.
+    masks
+        (N, 256, 256, 6) numeric memmap.
+    types
+        (N,) object array of str (tissue names).
+    """
+
+    fold: PannukeFold
+    images: np.ndarray
+    masks: np.ndarray
+    types: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return int(self.images.shape[0])
+
+
+def _read_header(path: Path) -> tuple[tuple[int, ...], np.dtype, bool]:
+    """Shape, dtype, fortran_order from an npy header, without touching the data."""
+    if not path.is_file():
+        raise InputNotFoundError(path, f"{path.name} not found")
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    except (ValueError, EOFError, OSError, SyntaxError) as exc:
+        raise InputFormatError(path, f"not a valid .npy file ({_one_line(exc)})") from None
+    return tuple(shape), np.dtype(dtype), bool(fortran)
+
+
+def _open_numeric(path: Path, what: str) -> np.ndarray:
+    shape, dtype, _ = _read_header(path)
+    if dtype.hasobject or dtype.kind not in "biuf" or dtype.fields is not None:
+        raise InputFormatError(path, f"{what} must be numeric, got dtype {dtype.str}")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputFormatError(path, f"cannot map {path.name}, truncated? ({_one_line(exc)})") from None
+    if arr.shape != shape:  # pragma: no cover - np.load agrees with the header it parsed
+        raise InputFormatError(path, f"header says shape {shape}, mapped {arr.shape}")
+    return arr
+
+
+def load_types(path: str | os.PathLike[str], *, n: int | None = None) -> np.ndarray:
+    """Read a PanNuke ``types.npy``: the tissue name of every tile.
+
+    Parameters
+    ----------
+    path
+        The ``types.npy`` file: (N,) unicode (``<U13`` in the release) or bytes strings.
+    n
+        Expected length (the fold's N); checked when given.
+
+    Returns
+    -------
+    (N,) object ndarray of str, whitespace stripped.
+    """
+    path = Path(path)
+    shape, dtype, _ = _read_header(path)
+    if dtype.kind not in "US":
+        raise InputFormatError(path, f"types.npy must hold strings, got dtype {dtype.str}")
+    if len(shape) != 1:
+        raise InputFormatError(path, f"types.npy must be 1-D, got shape {shape}")
+    if n is not None and shape[0] != n:
+        raise InputFormatError(path, f"types.npy has {shape[0]} entries, images.npy has {n} tiles")
+    try:
+        raw = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputFormatError(path, f"cannot read types.npy, truncated? ({_one_line(exc)})") from None
+    if raw.dtype.kind == "S":
+        try:
+            names = [s.decode("utf-8").strip() for s in raw.tolist()]
+        except UnicodeDecodeError:
+            raise InputFormatError(path, "types.npy holds bytes that are not UTF-8") from None
+    else:
+        names = [s.strip() for s in raw.tolist()]
+    out = np.empty(len(names), dtype=object)
+    out[:] = names
+    return out
+
+
+def open_fold(fold: PannukeFold) -> FoldArrays:
+    """Open and check one fold's files: existence, npy headers, dtypes, shapes, lengths.
+
+    Only headers and ``types.npy`` are read; the pixel checks (value ranges, integral ids)
+    happen while streaming in :func:`iter_pannuke_fold`.
+
+    Raises
+    ------
+    InputNotFoundError
+        A file is missing.
+    InputFormatError
+        A file is not a valid npy, is truncated, or has the wrong dtype, shape or length.
+    """
+    images = _open_numeric(fold.images, "images.npy")
+    if images.ndim != 4 or images.shape[1:] != (TILE, TILE, 3):
+        raise InputFormatError(fold.images, f"images.npy must be (N, {TILE}, {TILE}, 3), got {images.shape}")
+    masks = _open_numeric(fold.masks, "masks.npy")
+    if masks.ndim != 4 or masks.shape[1:3] != (TILE, TILE):
+        raise InputFormatError(fold.masks, f"masks.npy must be (N, {TILE}, {TILE}, 6), got {masks.shape}")
+    if masks.shape[3] != N_MASK_CHANNELS:
+        raise InputFormatError(fold.masks, f"masks.npy has {masks.shape[3]} channels, expected {N_MASK_CHANNELS}")
+    if masks.shape[0] != images.shape[0]:
+        raise InputFormatError(
+            fold.masks, f"masks.npy has {masks.shape[0]} tiles, images.npy has {images.shape[0]}"
+        )
+    types = load_types(fold.types, n=images.shape[0])
+    return FoldArrays(fold=fold, images=images, masks=masks, types=types)
+
+
+# -- fingerprint ------------------------------------------------------------------------------
+def fold_fingerprint(fold: PannukeFold) -> str:
+    """Cheap content fingerprint of a fold: sha256 over file sizes, the first and last MiB of
+    each file (which hold the npy headers) and 16 evenly spaced 4 KiB blocks in between.
+
+    Reads ~6 MiB whatever the fold size; changes when a file is replaced, resized, re-headed
+    or edited near its ends. Used to make re-ingest of the same files a no-op.
+    """
+    h = hashlib.sha256(b"pannuke-fold-v1")
+    h.update(f"fold{fold.fold}".encode())
+    for role, path in (("images", fold.images), ("types", fold.types), ("masks", fold.masks)):
+        if not path.is_file():
+            raise InputNotFoundError(path, f"{path.name} not found")
+        size = path.stat().st_size
+        h.update(f"|{role}|{size}|".encode())
+        with open(path, "rb") as f:
+            h.update(f.read(_SAMPLE))
+            if size > _SAMPLE:
+                for j in range(1, 17):
+                    f.seek(size * j // 17)
+                    h.update(f.read(4096))
+                f.seek(max(size - _SAMPLE, _SAMPLE))
+                h.update(f.read(_SAMPLE))
+    return h.hexdigest()
+
+
+# -- streaming --------------------------------------------------------------------------------
+class _BatchReader:
+    """Reads contiguous tile ranges of one memmapped npy into a reused buffer."""
+
+    def __init__(self, arr: np.ndarray, path: Path, batch_size: int) -> None:
+        self.arr, self.path = arr, path
+        self.tile_shape = arr.shape[1:]
+        self.tile_bytes = int(np.prod(self.tile_shape)) * arr.dtype.itemsize
+        # a memmap from np.load carries the data offset; fall back to slicing when the file is
+        # Fortran ordered (tiles are then not contiguous on disk)
+        self.offset = getattr(arr, "offset", None)
+        self.contiguous = bool(arr.flags.c_contiguous) and self.offset is not None
+        self.buf = np.empty((batch_size, *self.tile_shape), dtype=arr.dtype)
+        self.file = open(path, "rb", buffering=0) if self.contiguous else None
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        b = stop - start
+        if not self.contiguous:
+            return np.ascontiguousarray(self.arr[start:stop])
+        out = self.buf[:b]
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        pos, total = self.offset + start * self.tile_bytes, b * self.tile_bytes
+        self.file.seek(pos)
+        done = 0
+        while done < total:
+            got = self.file.readinto(view[done:])
+            if not got:
+                raise InputFormatError(self.path, f"{self.path.name} ends inside tile {start + done // self.tile_bytes}")
+            done += got
+        return out
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _empty_nuclei() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series([], dtype=t) for c, t in SOURCE_NUCLEI_COLUMNS.items()})
+
+
+def _unique_sorted(keys: np.ndarray, size: int) -> np.ndarray:
+    """Sorted unique values of non-negative int64 ``keys`` (a lookup table when ``size`` is small)."""
+    if size <= _TABLE_LIMIT:
+        table = np.zeros(size, dtype=bool)
+        table[keys] = True
+        return np.flatnonzero(table)
+    return np.unique(keys)
+
+
+@dataclass
+class _TileResult:
+    instances: np.ndarray  # (H, W) int32
+    channels: np.ndarray  # (n,) int16
+    raw_ids: np.ndarray  # (n,) int64
+    overlap_pixels: int
+    lost: list[tuple[int, int]]  # (channel, raw id) of instances that lost all their pixels
+    bg_disagreement: int
+
+
+def _check_ids(vals: np.ndarray, ints: np.ndarray) -> bool:
+    """True when the nonzero mask values ``vals`` are integral, positive and below 2**53."""
+    if vals.size == 0:
+        return True
+    if vals.dtype.kind == "f":
+        if not np.array_equal(ints, vals):  # NaN, inf and fractions differ from their int cast
+            return False
+    return bool(ints.min() > 0) and bool(vals.max() < _MAX_ID)
+
+
+def _convert_mask(tile: np.ndarray) -> _TileResult | None:
+    """Instance map of one (H, W, 6) mask tile; None when its ids are not integral and >= 0."""
+    h, w = tile.shape[:2]
+    masks, vals = [], []
+    with np.errstate(invalid="ignore"):
+        for c in range(len(PANNUKE_CHANNELS)):
+            plane = tile[..., c]
+            m = plane != 0
+            masks.append(m)
+            vals.append(plane[m])
+        allv = np.concatenate(vals)
+        ints = allv.astype(np.int64)
+    if not _check_ids(allv, ints):
+        return None
+    bg = tile[..., N_MASK_CHANNELS - 1] > 0
+    if ints.size == 0:
+        return _TileResult(np.zeros((h, w), np.int32), np.zeros(0, np.int16), np.zeros(0, np.int64), 0, [],
+                           int(np.count_nonzero(~bg)))
+    # key = raw id * 8 + channel: unique per (channel, id) instance; lower channels written last win
+    chan = np.repeat(np.arange(len(vals), dtype=np.int64), [v.size for v in vals])
+    keys = ints * 8 + chan
+    size = int(keys.max()) + 1
+    key_map = np.zeros((h, w), dtype=np.int64)
+    bounds = np.cumsum([0] + [v.size for v in vals])
+    for c in reversed(range(len(vals))):
+        if vals[c].size:
+            key_map[masks[c]] = keys[bounds[c]:bounds[c + 1]]
+    fg = key_map != 0
+    covered = int(np.count_nonzero(fg))
+    claimed = _unique_sorted(keys, size)
+    overlap, lost = 0, []
+    present = claimed
+    if covered != keys.size:  # some pixel is claimed twice
+        n_claims = np.zeros((h, w), dtype=np.uint8)
+        for m in masks:
+            n_claims += m
+        overlap = int(np.count_nonzero(n_claims > 1))
+        present = _unique_sorted(key_map[fg], size)
+        if present.size != claimed.size:
+            gone = np.setdiff1d(claimed, present, assume_unique=True)
+            lost = [(int(k & 7), int(k >> 3)) for k in gone]
+    # number instances by (channel, raw id)
+    p_chan, p_id = present & 7, present >> 3
+    order = np.lexsort((p_id, p_chan))
+    present, p_chan, p_id = present[order], p_chan[order], p_id[order]
+    labels = np.arange(1, present.size + 1, dtype=np.int32)
+    if size <= _TABLE_LIMIT:
+        lut = np.zeros(size, dtype=np.int32)
+        lut[present] = labels
+        instances = lut[key_map]
+    else:
+        by_key = np.argsort(present)
+        sorted_keys, rank = present[by_key], labels[by_key]
+        instances = np.zeros((h, w), dtype=np.int32)
+        instances[fg] = rank[np.searchsorted(sorted_keys, key_map[fg])]
+    bg_dis = int(np.count_nonzero(bg == fg))
+    return _TileResult(instances, p_chan.astype(np.int16), p_id, overlap, lost, bg_dis)
+
+
+def _nuclei_table(res: _TileResult) -> pd.DataFrame:
+    n = res.channels.size
+    if n == 0:
+        return _empty_nuclei()
+    return pd.DataFrame({
+        "instance_id": np.arange(1, n + 1, dtype=np.int32),
+        "kind": np.full(n, "nucleus", dtype=object),
+        "source_label": _CHANNEL_LABELS[res.channels],
+        "origin_channel": res.channels,
+        "origin_instance": res.raw_ids,
+        "origin_region": np.full(n, "", dtype=object),
+    })
+
+
+def _image_ranges(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    flat = batch.reshape(batch.shape[0], -1)
+    return flat.min(axis=1), flat.max(axis=1)
+
+
+def iter_pannuke_fold(
+    fold: PannukeFold | FoldArrays,
+    *,
+    report: IngestReport | None = None,
+    batch_size: int = 32,
+    start: int = 0,
+    stop: int | None = None,
+) -> Iterator[SourceImage]:
+    """Stream the tiles ``start:stop`` of one fold as :class:`SourceImage` (rules: module doc).
+
+    Parameters
+    ----------
+    fold
+        A fold from :func:`discover_pannuke`, or one already opened with :func:`open_fold`.
+    report
+        Collects counters (``images``, ``images_without_nuclei``, ``nuclei``, ``overlap_pixels``,
+        ``instances_lost_to_overlap``, ``background_channel_disagreement_pixels``,
+        ``image_values_rounded``) and warnings.
+    batch_size
+        Tiles read per positioned read; memory grows by ~4.7 MB per tile of batch (float64).
+    start, stop
+        Tile range (Python slice semantics, no negative indices).
+
+    Raises
+    ------
+    InputFormatError
+        On the first tile whose image values leave 0..255 or whose mask ids are not integral and
+        >= 0 (the message names the file and the tile index), or any check of :func:`open_fold`.
+    """
+    arrays = fold if isinstance(fold, FoldArrays) else open_fold(fold)
+    pf = arrays.fold
+    report = report if report is not None else IngestReport()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = arrays.n
+    stop = n if stop is None else min(stop, n)
+    if start < 0 or start > stop:
+        raise ValueError(f"start must be in 0..{stop}, got {start}")
+    images_rel, masks_rel = pf.rel(pf.images), pf.rel(pf.masks)
+    split = f"fold{pf.fold}"
+    known = set(PANNUKE_TISSUES)
+    for name in sorted(set(arrays.types[start:stop].tolist()) - known):
+        report.warn(f"{pf.rel(pf.types)}: unknown tissue name {name!r} (kept as written)")
+
+    img_reader = _BatchReader(arrays.images, pf.images, batch_size)
+    msk_reader = _BatchReader(arrays.masks, pf.masks, batch_size)
+    img_float = arrays.images.dtype.kind == "f"
+    try:
+        for s in range(start, stop, batch_size):
+            e = min(s + batch_size, stop)
+            imgs = img_reader.read(s, e)
+            if arrays.images.dtype != np.uint8:
+                lo, hi = _image_ranges(imgs)
+                with np.errstate(invalid="ignore"):
+                    ok = (lo >= 0) & (hi <= 255)  # False for NaN
+                if not ok.all():
+                    j = int(np.argmin(ok))
+                    raise InputFormatError(
+                        pf.images,
+                        f"images.npy tile {s + j} holds values outside 0..255 "
+                        f"(min {lo[j]}, max {hi[j]})",
+                    )
+            masks = msk_reader.read(s, e)
+            for j in range(e - s):
+                i = s + j
+                res = _convert_mask(masks[j])
+                if res is None:
+                    raise InputFormatError(
+                        pf.masks, f"masks.npy tile {i} holds mask ids that are not integers >= 0 in channels 0-4"
+                    )
+                tile = imgs[j]
+                if img_float:
+                    rounded = np.rint(tile)
+                    nonint = int(np.count_nonzero(rounded != tile))
+                    if nonint:
+                        report.count("image_values_rounded", nonint)
+                    image = rounded.astype(np.uint8)
+                else:
+                    image = tile.astype(np.uint8)
+                if res.overlap_pixels:
+                    report.count("overlap_pixels", res.overlap_pixels)
+                if res.lost:
+                    report.count("instances_lost_to_overlap", len(res.lost))
+                    lost = ", ".join(f"{PANNUKE_CHANNELS[c]} id {r}" for c, r in res.lost[:5])
+                    report.warn(
+                        f"{masks_rel}: tile {i}: {len(res.lost)} instance(s) lost all pixels "
+                        f"to a lower channel and were dropped ({lost})"
+                    )
+                if res.bg_disagreement:
+                    report.count("background_channel_disagreement_pixels", res.bg_disagreement)
+                nuclei = _nuclei_table(res)
+                report.count("images")
+                report.count("nuclei", len(nuclei))
+                if not len(nuclei):
+                    report.count("images_without_nuclei")
+                tissue = arrays.types[i]
+                yield SourceImage(
+                    key=f"{split}/{i:05d}",
+                    split=split,
+                    image=image,
+                    instances=res.instances,
+                    nuclei=nuclei,
+                    origin_file=images_rel,
+                    origin_index=i,
+                    mpp=PANNUKE_MPP,
+                    patient_id=None,
+                    tissue=tissue or None,
+                    annotation_file=masks_rel,
+                )
+    finally:
+        img_reader.close()
+        msk_reader.close()
+
+
+def iter_pannuke(path: str | os.PathLike[str], *, report: IngestReport | None = None) -> Iterator[SourceImage]:
+    """Stream every fold under ``path`` (a release root or one ``Fold k`` folder), fold by fold.
+
+    All folds are opened (headers checked) before the first tile is yielded.
+    """
+    arrays = [open_fold(f) for f in discover_pannuke(path)]
+    for a in arrays:
+        yield from iter_pannuke_fold(a, report=report)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

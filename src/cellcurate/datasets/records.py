@@ -1,0 +1,117 @@
+"""What a source reader yields, and what it reports.
+
+Readers (``pannuke``, ``monusac``, later others) turn a source's release files into a stream
+of :class:`SourceImage`; the store writer (``store.UnitWriter``) computes the geometry of every
+instance (bbox, centroid, area) and gives nuclei their stable ids. Readers never touch the store.
+
+Dimensions: H×W pixels, n instances in one image.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+NucleusKind = Literal["nucleus", "ignore"]
+NUCLEUS_KINDS: tuple[str, ...] = ("nucleus", "ignore")
+
+#: Columns of :attr:`SourceImage.nuclei`, with their dtypes.
+SOURCE_NUCLEI_COLUMNS: dict[str, str] = {
+    "instance_id": "int32",  # id in SourceImage.instances, 1..n, contiguous
+    "kind": "object",  # "nucleus" or "ignore" (e.g. MoNuSAC Ambiguous)
+    "source_label": "object",  # class name as the source wrote it, e.g. "Inflammatory"
+    "origin_channel": "int16",  # PanNuke mask channel 0-4; -1 when not applicable
+    "origin_instance": "int64",  # raw instance id in the source mask; -1 when not applicable
+    "origin_region": "object",  # MoNuSAC XML Region Id (as text); "" when not applicable
+}
+
+
+@dataclass
+class SourceImage:
+    """One image of a source, converted to the store's conventions.
+
+    Attributes
+    ----------
+    key
+        Unique within the ingest unit and stable across re-ingests, e.g. ``"fold1/000012"``
+        or ``"TCGA-KK-A6E0-01Z-00-DX1-5"``. Becomes part of the image id.
+    split
+        The source's own split: ``"fold1"``/``"fold2"``/``"fold3"`` or ``"train"``/``"test"``.
+    image
+        (H, W, 3) uint8 RGB.
+    instances
+        (H, W) int32, 0 = background, 1..n = one id per row of ``nuclei``.
+    nuclei
+        One row per instance, columns :data:`SOURCE_NUCLEI_COLUMNS`.
+    origin_file
+        Path of the file the pixels came from, relative to the source root given by the user.
+    origin_index
+        Index of the image inside ``origin_file`` (PanNuke); -1 when the file holds one image.
+    mpp
+        Microns per pixel.
+    patient_id, tissue
+        Where known, else ``None``.
+    """
+
+    key: str
+    split: str
+    image: np.ndarray
+    instances: np.ndarray
+    nuclei: pd.DataFrame
+    origin_file: str
+    origin_index: int = -1
+    mpp: float = 0.25
+    patient_id: str | None = None
+    tissue: str | None = None
+    annotation_file: str | None = None
+
+    def validate(self) -> None:
+        """Check shapes/dtypes and that ``nuclei`` lists exactly the ids in ``instances``."""
+        if self.image.ndim != 3 or self.image.shape[2] != 3 or self.image.dtype != np.uint8:
+            raise ValueError(
+                f"{self.key}: image must be (H, W, 3) uint8, got {self.image.shape} {self.image.dtype}"
+            )
+        if self.instances.shape != self.image.shape[:2] or self.instances.dtype != np.int32:
+            raise ValueError(
+                f"{self.key}: instances must be {self.image.shape[:2]} int32, "
+                f"got {self.instances.shape} {self.instances.dtype}"
+            )
+        n = len(self.nuclei)
+        ids = self.nuclei["instance_id"].to_numpy()
+        if n and not np.array_equal(np.sort(ids), np.arange(1, n + 1)):
+            raise ValueError(f"{self.key}: nuclei instance ids must be 1..{n}")
+        if int(self.instances.max(initial=0)) > n:
+            raise ValueError(f"{self.key}: instance map holds ids above {n}")
+
+
+@dataclass
+class IngestReport:
+    """Counters and warnings a reader collects while converting; printed in the ingest summary.
+
+    ``counts`` holds named counters (e.g. ``"overlap_pixels"``, ``"regions_skipped_degenerate"``,
+    ``"area_mismatches"``); ``warnings`` holds one-line messages that name the file.
+    """
+
+    counts: Counter[str] = field(default_factory=Counter)
+    warnings: list[str] = field(default_factory=list)
+    max_warnings: int = 200
+
+    def count(self, name: str, n: int = 1) -> None:
+        self.counts[name] += int(n)
+
+    def warn(self, message: str) -> None:
+        self.counts["warnings"] += 1
+        if len(self.warnings) < self.max_warnings:
+            self.warnings.append(message)
+
+    def merge(self, other: "IngestReport") -> None:
+        self.counts.update(other.counts)
+        room = self.max_warnings - len(self.warnings)
+        self.warnings.extend(other.warnings[: max(room, 0)])
+
+    def as_dict(self) -> dict[str, object]:
+        return {"counts": dict(sorted(self.counts.items())), "warnings": list(self.warnings)}

@@ -1,0 +1,652 @@
+"""The cellcurate store: one directory holding every ingested image, nucleus and event.
+
+Layout::
+
+    STORE/
+      store.json                  format marker and version
+      taxonomy.json               the unified taxonomy + source mappings (hash in the ledger meta)
+      ledger.sqlite               append-only events + the catalog of ingest units (one SQLite file)
+      units/<unit>-<token>/       one folder per ingest unit (a PanNuke fold, a MoNuSAC patient folder)
+          arrays.zarr/            zarr v3: images and instance maps
+          images.parquet          one row per image   (columns: IMAGE_COLUMNS)
+          nuclei.parquet          one row per nucleus (columns: NUCLEUS_COLUMNS)
+          report.json             what the converter counted and warned about
+      features/, rounds/          written by relabeling (see cellcurate.relabel)
+
+Ingest units are written into a temporary folder, renamed into place, and only then registered
+in the ledger's ``units`` table in the same SQLite transaction as their ingest events: that
+transaction is the commit point. A crash leaves either the old state or the new one; folders not
+registered (left by a crash) are ignored by readers and removed by the next ingest.
+
+Arrays (chunking measured in ``benchmarks/bench_ingest.py``, see docs/STORE.md):
+
+* fixed-size tiles (PanNuke) are stacked per unit: ``images`` (N, 256, 256, 3) uint8 and
+  ``instances`` (N, 256, 256) int32, one chunk per tile, grouped into shards of
+  :data:`TILES_PER_SHARD` tiles so a fold is a few hundred files, not tens of thousands;
+* images of their own size (MoNuSAC) keep their native size: ``img/<i>`` (H, W, 3) and
+  ``ins/<i>`` (H, W), chunks of :data:`NATIVE_CHUNK` pixels. No nucleus is ever cut.
+
+Dimensions: N images, M nuclei, H×W pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError, StoreError
+from .ledger import Ledger
+from .records import IngestReport, SourceImage
+from .taxonomy import Taxonomy
+
+STORE_FORMAT = "cellcurate-store"
+STORE_FORMAT_VERSION = 1
+TILES_PER_SHARD = 64
+NATIVE_CHUNK = 512
+
+IMAGE_COLUMNS: dict[str, str] = {
+    "image_id": "string",  # "<source>/<key>", e.g. "pannuke/fold1/00012"
+    "source": "string",
+    "unit": "string",
+    "split": "string",  # the source's own split: fold1..fold3, train, test
+    "patient_id": "string",  # MoNuSAC: TCGA barcode's first 12 characters; PanNuke: <NA>
+    "tissue": "string",
+    "mpp": "float64",  # microns per pixel
+    "height": "int32",
+    "width": "int32",
+    "n_nuclei": "int32",
+    "origin_file": "string",  # pixels' file, relative to the source root
+    "origin_index": "int32",  # index in origin_file (PanNuke), else -1
+    "annotation_file": "string",  # labels' file, relative to the source root
+    "zarr_path": "string",  # array inside the unit's arrays.zarr: "images" or "img/<i>"
+    "zarr_index": "int32",  # index along the first axis of a stacked array, else -1
+}
+
+NUCLEUS_COLUMNS: dict[str, str] = {
+    "nucleus_id": "int64",  # stable: hash of source + origin reference
+    "image_id": "string",
+    "source": "string",
+    "kind": "string",  # "nucleus" | "ignore"
+    "instance_id": "int32",  # id in the image's instance map
+    "bbox_y0": "int32",
+    "bbox_x0": "int32",
+    "bbox_y1": "int32",  # exclusive
+    "bbox_x1": "int32",  # exclusive
+    "centroid_y": "float32",
+    "centroid_x": "float32",
+    "area": "int32",  # pixels
+    "source_label": "string",
+    "unified_label": "int16",  # resolved class id, 0 when several candidates remain
+    "candidates": "string",  # candidate class ids, "|"-joined, e.g. "2|6|7"; "" for ignore regions
+    "origin_file": "string",  # annotation file, relative to the source root
+    "origin_index": "int32",
+    "origin_channel": "int16",
+    "origin_instance": "int64",
+    "origin_region": "string",
+}
+
+
+def nucleus_id(source: str, origin_file: str, origin_index: int, origin_channel: int,
+               origin_instance: int, origin_region: str) -> int:
+    """Stable 63-bit id of a nucleus from its origin reference (survives re-ingest)."""
+    key = f"{source}|{origin_file}|{origin_index}|{origin_channel}|{origin_instance}|{origin_region}"
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") & (2**63 - 1)
+
+
+def instance_geometry(instances: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Bbox, centroid and area of instance ids 1..n, vectorised over the whole map.
+
+    Parameters
+    ----------
+    instances
+        (H, W) int32 instance map.
+    n
+        Number of instances (ids 1..n).
+    """
+    from scipy import ndimage
+
+    flat = instances.ravel()
+    area = np.bincount(flat, minlength=n + 1)[1 : n + 1]
+    h, w = instances.shape
+    yy, xx = np.divmod(np.arange(flat.size, dtype=np.int64), w)
+    sy = np.bincount(flat, weights=yy, minlength=n + 1)[1 : n + 1]
+    sx = np.bincount(flat, weights=xx, minlength=n + 1)[1 : n + 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy = sy / area
+        cx = sx / area
+    boxes = ndimage.find_objects(instances, max_label=n)
+    bbox = np.full((n, 4), 0, dtype=np.int32)
+    for i, sl in enumerate(boxes):
+        if sl is not None:
+            bbox[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
+    return {"area": area.astype(np.int32), "cy": cy.astype(np.float32), "cx": cx.astype(np.float32), "bbox": bbox}
+
+
+@dataclass
+class UnitSummary:
+    unit: str
+    source: str
+    status: str  # "ingested" | "unchanged" | "replaced"
+    n_images: int = 0
+    n_nuclei: int = 0
+    report: IngestReport = field(default_factory=IngestReport)
+
+
+@dataclass
+class PreparedUnit:
+    """A unit written and renamed into place, waiting for :meth:`Store.commit`."""
+
+    row: dict[str, Any]
+    events: pd.DataFrame
+    nucleus_ids: np.ndarray
+    folder: Path
+    report: IngestReport
+
+
+class Store:
+    """A cellcurate store directory. Open with :meth:`open`, create with :meth:`create`.
+
+    Reads are lazy and cached: tables are read once, zarr arrays opened once per unit.
+
+    >>> store = Store.create("demo_store")              # doctest: +SKIP
+    >>> image, instances = store.read("pannuke/fold1/00000")  # doctest: +SKIP
+    """
+
+    def __init__(self, path: Path, *, readonly: bool) -> None:
+        self.path = path
+        self.readonly = readonly
+        self.taxonomy = Taxonomy.load(path / "taxonomy.json")
+        self.ledger = Ledger(path / "ledger.sqlite", readonly=readonly)
+        self._tables: tuple[pd.DataFrame, pd.DataFrame] | None = None
+        self._tables_key: Any = None
+        self._arrays: OrderedDict[tuple[str, str], Any] = OrderedDict()
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, *, taxonomy: Taxonomy | None = None, exist_ok: bool = False) -> "Store":
+        path = Path(path)
+        if (path / "store.json").exists():
+            if not exist_ok:
+                raise StoreError("a store already exists here", path=path)
+            store = cls.open(path, mode="a")
+            if taxonomy is not None and taxonomy != store.taxonomy:
+                raise ConfigError(
+                    f"{path}: the store uses taxonomy {store.taxonomy.hash[:12]}, "
+                    f"not the given {taxonomy.hash[:12]}; use a new store for another taxonomy"
+                )
+            return store
+        if path.exists() and any(path.iterdir()):
+            raise StoreError("folder exists and is not an empty cellcurate store", path=path)
+        taxonomy = taxonomy or Taxonomy.default()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "units").mkdir(exist_ok=True)
+            _atomic_write_text(path / "taxonomy.json", taxonomy.to_json())
+            ledger = Ledger(path / "ledger.sqlite")
+            ledger.set_meta("taxonomy_hash", taxonomy.hash)
+            ledger.set_meta("created", _now())
+            ledger.close()
+            from .. import __version__
+
+            meta = {"format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION,
+                    "created": _now(), "cellcurate_version": __version__}
+            _atomic_write_text(path / "store.json", json.dumps(meta, indent=2) + "\n")  # written last
+        except OSError as exc:
+            raise StoreError(f"cannot create the store: {exc.strerror or exc}", path=path) from None
+        return cls(path, readonly=False)
+
+    @classmethod
+    def open(cls, path: str | Path, *, mode: str = "r") -> "Store":
+        """Open an existing store; ``mode`` "r" (read-only) or "a" (read-write)."""
+        if mode not in ("r", "a"):
+            raise ConfigError(f"mode must be 'r' or 'a', got {mode!r}")
+        path = Path(path)
+        marker = path / "store.json"
+        if not path.is_dir():
+            raise StoreError("no such store folder", path=path)
+        if not marker.exists():
+            raise StoreError("not a cellcurate store (no store.json); create one with `curate ingest`", path=path)
+        try:
+            meta = json.loads(marker.read_text("utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StoreError(f"store.json is unreadable ({exc})", path=path) from None
+        if meta.get("format") != STORE_FORMAT:
+            raise StoreError(f"store.json says format {meta.get('format')!r}, expected {STORE_FORMAT!r}", path=path)
+        if int(meta.get("format_version", 0)) > STORE_FORMAT_VERSION:
+            raise StoreError(
+                f"store format {meta.get('format_version')} is newer than this cellcurate understands "
+                f"({STORE_FORMAT_VERSION}); upgrade cellcurate", path=path,
+            )
+        return cls(path, readonly=(mode == "r"))
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- locking --------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def write_lock(self, what: str) -> Iterator[None]:
+        """Exclusive lock for bulk writers (ingest, relabel). Review decisions do not need it."""
+        if self.readonly:
+            raise StoreError("the store is open read-only", path=self.path)
+        lock_path = self.path / ".lock"
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot lock the store: {exc.strerror}", path=self.path) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreError(f"another process is writing this store; {what} waits for it to finish",
+                                 path=self.path) from None
+            yield
+        finally:
+            os.close(fd)
+
+    # -- tables ---------------------------------------------------------------------------------
+    def units(self) -> pd.DataFrame:
+        return self.ledger.units()
+
+    def _load_tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        units = self.units()
+        key = tuple(units["dir"]) if len(units) else ()
+        if self._tables is not None and self._tables_key == key:
+            return self._tables
+        imgs, nucs = [], []
+        for d in units["dir"]:
+            udir = self.path / d
+            try:
+                imgs.append(pd.read_parquet(udir / "images.parquet"))
+                nucs.append(pd.read_parquet(udir / "nuclei.parquet"))
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"unit {d}: cannot read its tables ({exc})", path=self.path) from None
+        images = pd.concat(imgs, ignore_index=True) if imgs else _empty(IMAGE_COLUMNS)
+        nuclei = pd.concat(nucs, ignore_index=True) if nucs else _empty(NUCLEUS_COLUMNS)
+        self._tables, self._tables_key = (images, nuclei), key
+        return self._tables
+
+    def images(self) -> pd.DataFrame:
+        """All images (columns :data:`IMAGE_COLUMNS`)."""
+        return self._load_tables()[0]
+
+    def nuclei(self, *, include_ignore: bool = True) -> pd.DataFrame:
+        """All nuclei (columns :data:`NUCLEUS_COLUMNS`); ``include_ignore=False`` drops ignore regions."""
+        nuc = self._load_tables()[1]
+        return nuc if include_ignore else nuc[nuc["kind"] == "nucleus"].reset_index(drop=True)
+
+    def current_labels(self) -> pd.DataFrame:
+        """The nuclei table joined with the ledger fold (``label``, ``status``, ``round``, ...)."""
+        nuc = self.nuclei()
+        folded = self.ledger.current_labels()
+        return nuc.join(folded.drop(columns=["source_label", "candidates"]), on="nucleus_id")
+
+    # -- arrays ---------------------------------------------------------------------------------
+    def _image_row(self, image_id: str) -> pd.Series:
+        images = self.images()
+        if getattr(self, "_image_index_key", None) is not self._tables:
+            self._image_index = pd.Index(images["image_id"])
+            self._image_index_key = self._tables
+        try:
+            pos = self._image_index.get_loc(image_id)
+        except KeyError:
+            raise StoreError(f"no image {image_id!r} in the store", path=self.path) from None
+        return images.iloc[pos]
+
+    def _array(self, unit: str, name: str) -> Any:
+        import zarr
+
+        key = (unit, name)
+        arr = self._arrays.get(key)
+        if arr is None:
+            udir = self.ledger.unit(unit)
+            if udir is None:
+                raise StoreError(f"unit {unit!r} is not in the store", path=self.path)
+            arr = zarr.open_array(str(self.path / udir["dir"] / "arrays.zarr" / name), mode="r")
+            self._arrays[key] = arr
+            if len(self._arrays) > 256:
+                self._arrays.popitem(last=False)
+        else:
+            self._arrays.move_to_end(key)
+        return arr
+
+    def read_image(self, image_id: str) -> np.ndarray:
+        """(H, W, 3) uint8 RGB."""
+        row = self._image_row(image_id)
+        return self._read(row, "image")
+
+    def read_instances(self, image_id: str) -> np.ndarray:
+        """(H, W) int32 instance map; ids match ``nuclei().instance_id`` of that image."""
+        row = self._image_row(image_id)
+        return self._read(row, "instances")
+
+    def read(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        row = self._image_row(image_id)
+        return self._read(row, "image"), self._read(row, "instances")
+
+    def read_region(self, image_id: str, y0: int, x0: int, y1: int, x1: int) -> tuple[np.ndarray, np.ndarray]:
+        """A window (clipped to the image) of the image and its instance map; reads only the chunks needed."""
+        row = self._image_row(image_id)
+        y0, x0 = max(0, y0), max(0, x0)
+        y1, x1 = min(int(row["height"]), y1), min(int(row["width"]), x1)
+        return self._read(row, "image", (slice(y0, y1), slice(x0, x1))), self._read(
+            row, "instances", (slice(y0, y1), slice(x0, x1))
+        )
+
+    def _read(self, row: pd.Series, what: str, window: tuple[slice, slice] | None = None) -> np.ndarray:
+        path = str(row["zarr_path"])
+        if what == "instances":
+            path = "instances" if path == "images" else path.replace("img/", "ins/", 1)
+        arr = self._array(str(row["unit"]), path)
+        sl: tuple[Any, ...] = window or (slice(None), slice(None))
+        idx = int(row["zarr_index"])
+        return np.asarray(arr[(idx, *sl)] if idx >= 0 else arr[sl])
+
+    # -- writing --------------------------------------------------------------------------------
+    def unit_writer(self, unit: str, source: str, *, fingerprint: str, origin: str,
+                    stacked: tuple[int, int, int] | None = None, overwrite: bool = False) -> "UnitWriter":
+        """Start writing an ingest unit. Commit with :meth:`UnitWriter.commit`; an exception inside a
+        ``with`` block discards everything written."""
+        if self.readonly:
+            raise StoreError("the store is open read-only", path=self.path)
+        return UnitWriter(self, unit, source, fingerprint=fingerprint, origin=origin,
+                          stacked=stacked, overwrite=overwrite)
+
+    def commit(self, prepared: list[PreparedUnit]) -> list[UnitSummary]:
+        """Make prepared units visible: one ledger transaction registers them all with their
+        ingest events. On any error nothing is registered and the prepared folders are removed."""
+        try:
+            names = {p.row["unit"] for p in prepared}
+            images, nuclei = self.images(), self.nuclei()
+            keep = ~nuclei["image_id"].isin(images.loc[images["unit"].isin(names), "image_id"])
+            seen = nuclei.loc[keep, "nucleus_id"].to_numpy()
+            for p in prepared:
+                clash = np.intersect1d(seen, p.nucleus_ids)
+                if clash.size:
+                    raise StoreError(f"unit {p.row['unit']}: {clash.size} nucleus ids already belong to other units",
+                                     path=self.path)
+                seen = np.concatenate([seen, p.nucleus_ids])
+            old = {p.row["unit"]: self.ledger.unit(p.row["unit"]) for p in prepared}
+            self.ledger.commit_units([(p.row, p.events) for p in prepared])
+        except BaseException:
+            for p in prepared:
+                shutil.rmtree(p.folder, ignore_errors=True)
+            raise
+        summaries = []
+        for p in prepared:
+            o = old[p.row["unit"]]
+            if o is not None and o["dir"] != p.row["dir"]:
+                shutil.rmtree(self.path / o["dir"], ignore_errors=True)
+            summaries.append(UnitSummary(p.row["unit"], p.row["source"], "replaced" if o is not None else "ingested",
+                                         p.row["n_images"], p.row["n_nuclei"], p.report))
+        self.invalidate()
+        return summaries
+
+    def unit_status(self, unit: str, fingerprint: str) -> str:
+        """"new", "unchanged" (same files and taxonomy) or "changed"."""
+        row = self.ledger.unit(unit)
+        if row is None:
+            return "new"
+        if row["fingerprint"] == fingerprint and row["taxonomy_hash"] == self.taxonomy.hash:
+            return "unchanged"
+        return "changed"
+
+    def remove_orphans(self) -> list[str]:
+        """Delete unit folders that no committed unit points to (left by an interrupted ingest)."""
+        registered = set(self.units()["dir"])
+        removed = []
+        for d in sorted((self.path / "units").iterdir()):
+            rel = f"units/{d.name}"
+            if rel not in registered:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(rel)
+        return removed
+
+    def invalidate(self) -> None:
+        self._tables = None
+        self._arrays.clear()
+
+
+class UnitWriter:
+    """Writes one ingest unit into a temporary folder; :meth:`commit` makes it visible atomically."""
+
+    def __init__(self, store: Store, unit: str, source: str, *, fingerprint: str, origin: str,
+                 stacked: tuple[int, int, int] | None, overwrite: bool) -> None:
+        import zarr
+        from zarr.codecs import BloscCodec
+
+        self.store, self.unit, self.source = store, unit, source
+        self.fingerprint, self.origin, self.overwrite = fingerprint, origin, overwrite
+        self.token = secrets.token_hex(4)
+        self.final_dir = store.path / "units" / f"{unit}-{self.token}"
+        self.tmp_dir = store.path / "units" / f".tmp-{unit}-{self.token}"
+        self.tmp_dir.mkdir(parents=True)
+        self.group = zarr.open_group(str(self.tmp_dir / "arrays.zarr"), mode="w", zarr_format=3)
+        self._img_codec = [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")]
+        self._ins_codec = [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")]
+        self.stacked = stacked
+        self._stack_img: Any = None
+        self._stack_ins: Any = None
+        if stacked is not None:
+            n, h, w = stacked
+            shard = min(TILES_PER_SHARD, max(n, 1))
+            self._stack_img = self.group.create_array(
+                "images", shape=(n, h, w, 3), dtype="uint8", chunks=(1, h, w, 3),
+                shards=(shard, h, w, 3), compressors=self._img_codec, fill_value=0,
+            )
+            self._stack_ins = self.group.create_array(
+                "instances", shape=(n, h, w), dtype="int32", chunks=(1, h, w),
+                shards=(shard, h, w), compressors=self._ins_codec, fill_value=0,
+            )
+            self._buf_img: list[np.ndarray] = []
+            self._buf_ins: list[np.ndarray] = []
+            self._buf_start = 0
+        self._image_rows: list[dict[str, Any]] = []
+        self._nuclei_parts: list[pd.DataFrame] = []
+        self._n = 0
+        self.report = IngestReport()
+        self._done = False
+
+    def __enter__(self) -> "UnitWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not self._done:
+            self.abort()
+
+    def add(self, item: SourceImage) -> None:
+        """Add one image with its instances and nuclei."""
+        item.validate()
+        tax = self.store.taxonomy
+        i = self._n
+        image_id = f"{self.source}/{item.key}"
+        h, w = item.instances.shape
+        if self.stacked is not None:
+            if (h, w) != self.stacked[1:]:
+                raise StoreError(f"{item.origin_file}: image {item.key} is {h}x{w}, expected {self.stacked[1:]}")
+            if i >= self.stacked[0]:
+                raise StoreError(f"{item.origin_file}: more images than announced ({self.stacked[0]})")
+            self._buf_img.append(item.image)
+            self._buf_ins.append(item.instances)
+            if len(self._buf_img) >= TILES_PER_SHARD or (self._buf_start + len(self._buf_img)) % TILES_PER_SHARD == 0:
+                self._flush()
+            zarr_path, zarr_index = "images", i
+        else:
+            chunks = (min(NATIVE_CHUNK, h), min(NATIVE_CHUNK, w))
+            self.group.create_array(f"img/{i}", data=item.image, chunks=(*chunks, 3),
+                                    compressors=self._img_codec, fill_value=0)
+            self.group.create_array(f"ins/{i}", data=item.instances, chunks=chunks,
+                                    compressors=self._ins_codec, fill_value=0)
+            zarr_path, zarr_index = f"img/{i}", -1
+
+        nuc = item.nuclei.sort_values("instance_id")
+        n = len(nuc)
+        geo = instance_geometry(item.instances, n)
+        if n and (geo["area"] == 0).any():
+            missing = nuc["instance_id"].to_numpy()[geo["area"] == 0]
+            raise StoreError(f"{item.origin_file}: image {item.key}: instances {missing[:5].tolist()} have no pixels")
+        annotation_file = item.annotation_file or item.origin_file
+        labels = nuc["source_label"].astype(str).to_numpy()
+        cand_of: dict[str, tuple[int, ...]] = {}
+        for lab in np.unique(labels):
+            try:
+                cand_of[lab] = tax.candidates(self.source, lab)
+            except ConfigError as exc:
+                raise StoreError(f"{annotation_file}: {exc}") from None
+        cands = [cand_of[lab] for lab in labels]
+        kinds = nuc["kind"].astype(str).to_numpy()
+        ch = nuc["origin_channel"].to_numpy()
+        oi = nuc["origin_instance"].to_numpy()
+        reg = nuc["origin_region"].astype(str).to_numpy()
+        ids = [nucleus_id(self.source, annotation_file, item.origin_index, int(c), int(o), r)
+               for c, o, r in zip(ch, oi, reg)]
+        part = pd.DataFrame({
+            "nucleus_id": np.asarray(ids, dtype=np.int64),
+            "image_id": image_id,
+            "source": self.source,
+            "kind": kinds,
+            "instance_id": nuc["instance_id"].to_numpy(np.int32),
+            "bbox_y0": geo["bbox"][:, 0], "bbox_x0": geo["bbox"][:, 1],
+            "bbox_y1": geo["bbox"][:, 2], "bbox_x1": geo["bbox"][:, 3],
+            "centroid_y": geo["cy"], "centroid_x": geo["cx"],
+            "area": geo["area"],
+            "source_label": labels,
+            "unified_label": np.array([c[0] if len(c) == 1 else 0 for c in cands], dtype=np.int16),
+            "candidates": ["|".join(map(str, c)) for c in cands],
+            "origin_file": annotation_file,
+            "origin_index": item.origin_index,
+            "origin_channel": ch.astype(np.int16),
+            "origin_instance": oi.astype(np.int64),
+            "origin_region": reg,
+        })
+        self._nuclei_parts.append(part)
+        self._image_rows.append({
+            "image_id": image_id, "source": self.source, "unit": self.unit, "split": item.split,
+            "patient_id": item.patient_id, "tissue": item.tissue, "mpp": float(item.mpp),
+            "height": h, "width": w, "n_nuclei": int((kinds == "nucleus").sum()),
+            "origin_file": item.origin_file, "origin_index": item.origin_index,
+            "annotation_file": annotation_file, "zarr_path": zarr_path, "zarr_index": zarr_index,
+        })
+        self._n += 1
+
+    def _flush(self) -> None:
+        if not self._buf_img:
+            return
+        s = self._buf_start
+        e = s + len(self._buf_img)
+        self._stack_img[s:e] = np.stack(self._buf_img)
+        self._stack_ins[s:e] = np.stack(self._buf_ins)
+        self._buf_start = e
+        self._buf_img, self._buf_ins = [], []
+
+    def prepare(self, report: IngestReport | None = None) -> "PreparedUnit":
+        """Write the tables and rename the unit folder into place (not yet visible: see
+        :meth:`Store.commit`)."""
+        store = self.store
+        if self.stacked is not None:
+            self._flush()
+            if self._n != self.stacked[0]:
+                raise StoreError(f"unit {self.unit}: {self._n} images written, {self.stacked[0]} announced")
+        images = _typed(pd.DataFrame(self._image_rows), IMAGE_COLUMNS)
+        nuclei = _typed(
+            pd.concat(self._nuclei_parts, ignore_index=True) if self._nuclei_parts else _empty(NUCLEUS_COLUMNS),
+            NUCLEUS_COLUMNS,
+        )
+        dup = nuclei["nucleus_id"].duplicated()
+        if dup.any():
+            raise StoreError(f"unit {self.unit}: {int(dup.sum())} nuclei share an id (duplicate origin references)")
+        report = report or self.report
+        images.to_parquet(self.tmp_dir / "images.parquet", index=False)
+        nuclei.to_parquet(self.tmp_dir / "nuclei.parquet", index=False)
+        _atomic_write_text(self.tmp_dir / "report.json", json.dumps(report.as_dict(), indent=2) + "\n")
+        _fsync_tree(self.tmp_dir)
+        os.replace(self.tmp_dir, self.final_dir)
+        self._done = True
+        events = pd.DataFrame({
+            "kind": "ingest",
+            "nucleus_id": nuclei["nucleus_id"].to_numpy(),
+            "actor": f"ingest:{self.source}",
+            "action": "ingest",
+            "label": nuclei["unified_label"].to_numpy(np.int64),
+            "payload": [
+                json.dumps({"source_label": s, "candidates": [int(x) for x in c.split("|")] if c else [],
+                            "kind": k, "unit": self.unit}, separators=(",", ":"))
+                for s, c, k in zip(nuclei["source_label"], nuclei["candidates"], nuclei["kind"])
+            ],
+        })
+        unit_row = {
+            "unit": self.unit, "source": self.source, "dir": f"units/{self.final_dir.name}",
+            "fingerprint": self.fingerprint, "taxonomy_hash": store.taxonomy.hash, "n_images": len(images),
+            "n_nuclei": int((nuclei["kind"] == "nucleus").sum()), "origin": self.origin, "time": _now(),
+        }
+        return PreparedUnit(unit_row, events, nuclei["nucleus_id"].to_numpy(), self.final_dir, report)
+
+    def commit(self, report: IngestReport | None = None) -> UnitSummary:
+        """Prepare and commit this unit alone."""
+        return self.store.commit([self.prepare(report)])[0]
+
+    def abort(self) -> None:
+        self._done = True
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _empty(columns: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
+
+
+def _typed(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    if df.empty:
+        return _empty(columns)
+    return df[list(columns)].astype(columns)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (temp file in the same folder, fsync, rename)."""
+    _atomic_write_text(Path(path), text)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush the files of a freshly written folder so a rename never exposes half-written data."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

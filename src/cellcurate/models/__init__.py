@@ -1,0 +1,1 @@
+"""Encoders, teacher, student, losses, distillation, post-processing, metrics, model export."""

@@ -1,0 +1,1 @@
+"""Per-nucleus features, cross-validated classifiers, relabeling rounds, issue detection, reports."""
