@@ -109,3 +109,21 @@ def test_readonly_ledger_refuses_writes(tmp_path):
     with pytest.raises(StoreError, match="read-only"):
         ro.append([ingest(1, 1)])
     assert isinstance(ro.events(), pd.DataFrame)
+
+
+def test_superseded_run_no_longer_counts(ledger):
+    ledger.append([ingest(1, 0, (2, 6, 7)), ingest(2, 0, (2, 6, 7))])
+    run1 = ledger.append([{"kind": "round", "round": 1, "actor": "relabel", "action": "started"}])[0]
+    ledger.append([
+        {"kind": "proposal", "nucleus_id": 1, "actor": "relabel:r1", "action": "auto_accepted", "label": 2, "round": 1, "ref": run1},
+        {"kind": "proposal", "nucleus_id": 2, "actor": "relabel:r1", "action": "auto_accepted", "label": 6, "round": 1, "ref": run1},
+    ])
+    assert ledger.current_labels()["label"].tolist() == [2, 6]
+    run2 = ledger.append([{"kind": "round", "round": 1, "actor": "relabel", "action": "started"}])[0]
+    ledger.append([
+        {"kind": "round", "round": 1, "actor": "relabel", "action": "superseded", "ref": run1},
+        {"kind": "proposal", "nucleus_id": 1, "actor": "relabel:r1", "action": "auto_accepted", "label": 7, "round": 1, "ref": run2},
+    ])
+    f = ledger.current_labels()
+    assert (f.loc[1, "label"], f.loc[2, "label"], f.loc[2, "status"]) == (7, 0, "unresolved")
+    assert ledger.count("proposal") == 3  # history kept

@@ -17,7 +17,11 @@ The current label of a nucleus is a fold over its events in order:
 Labels: -1 = not a nucleus (rejected in review), 0 = unresolved, 1..K = unified class ids.
 
 Events also carry ``flag`` rows (cleanlab issues: ``action`` = reason, ``score`` = issue score,
-``label`` = suggested class) and ``round`` rows (a round started/finished; ``nucleus_id`` NULL).
+``label`` = suggested class) and ``round`` rows (``nucleus_id`` NULL; ``action`` "started",
+"finished" or "superseded"). Every ``proposal`` and ``flag`` event of a run has ``ref`` = the seq of
+that run's ``round``/"started" event; a later ``round``/"superseded" event with the same ``ref``
+(``curate relabel --overwrite``) retires that run: its proposals no longer count in the fold and
+its flags leave the review queue, while the events themselves stay in the history.
 
 Each event row stores ``chain`` = sha256(previous chain + the row's canonical content), so
 :meth:`Ledger.verify_chain` detects any edit made behind the ledger's back, and a release records
@@ -366,7 +370,7 @@ class Ledger:
         (actor of the deciding event) and ``seq`` (the deciding event).
         ``until_seq`` folds the ledger as it was at that position.
         """
-        return fold_labels(self.events(kinds=("ingest", "proposal", "decision"), until_seq=until_seq))
+        return fold_labels(self.events(kinds=("ingest", "proposal", "decision", "round"), until_seq=until_seq))
 
 
 def fold_labels(events: pd.DataFrame) -> pd.DataFrame:
@@ -394,6 +398,9 @@ def fold_labels(events: pd.DataFrame) -> pd.DataFrame:
 
     # Accepted proposals after the base ingest; the latest wins.
     prop = events[(events["kind"] == "proposal") & (events["action"] == "auto_accepted")]
+    retired = superseded_runs(events)
+    if retired:
+        prop = prop[~prop["ref"].isin(retired)]
     if not prop.empty:
         prop = prop[prop["nucleus_id"].isin(out.index)]
         prop = prop[prop["seq"].to_numpy() > base_seq.reindex(prop["nucleus_id"]).to_numpy()]
@@ -422,6 +429,12 @@ def fold_labels(events: pd.DataFrame) -> pd.DataFrame:
     out["label"] = out["label"].astype("int64")
     out["seq"] = out["seq"].astype("int64")
     return out
+
+
+def superseded_runs(events: pd.DataFrame) -> set[int]:
+    """Seqs of the ``round``/"started" events of runs retired by a later "superseded" event."""
+    sup = events[(events["kind"] == "round") & (events["action"] == "superseded")]
+    return {int(r) for r in sup["ref"].dropna()}
 
 
 def _fold_decisions(group: pd.DataFrame) -> tuple[int, str, Any, str, int] | None:

@@ -52,8 +52,8 @@ Counters written to :class:`IngestReport`: ``images``, ``images_from_svs``, ``im
 >>> from cellcurate.datasets.records import IngestReport
 >>> report = IngestReport()
 >>> for img in iter_monusac("MoNuSAC_images_and_annotations", report=report):  # doctest: +SKIP
-...     print(img.key, img.image.shape, len(img.nuclei), img.mpp)
-TCGA-5P-A9K0-01Z-00-DX1_1 (1048, 1120, 3) 342 0.2527
+...     img.key, img.image.shape, len(img.nuclei), img.mpp  # "TCGA-…_1", (H, W, 3), n, mpp of its XML
+>>> report.as_dict()["counts"]["overlap_pixels"]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -202,6 +202,11 @@ def _distinct_ring(v: np.ndarray) -> tuple[np.ndarray, int, int]:
         ring = ring[:-1]
         closing = 1
     return ring, n_dup, closing
+
+
+def _two_points(ring: np.ndarray) -> bool:
+    """True when a ring (U ≥ 2, no consecutive duplicates) has only 2 distinct vertices (A, B, A, B...)."""
+    return bool(np.all(np.all(ring == ring[0], axis=1) | np.all(ring == ring[1], axis=1)))
 
 
 def _drop_straight_vertices(ring: np.ndarray) -> np.ndarray:
@@ -355,7 +360,7 @@ def parse_annotation_xml(path: PathArg, *, report: IngestReport | None = None) -
             ring, n_dup, closing = _distinct_ring(v)
             report.count("duplicate_vertices_dropped", n_dup)
             report.count("closing_vertices_dropped", closing)
-            if len(ring) < 3 or len(np.unique(ring, axis=0)) < 3:
+            if len(ring) < 3 or _two_points(ring):
                 report.count("regions_skipped_degenerate")
                 report.warn(f"{where}: fewer than 3 distinct vertices ({len(v)} written), skipped")
                 continue
@@ -415,7 +420,7 @@ def rasterize_regions(
     for k, reg in enumerate(regions):
         ring = _distinct_ring(np.asarray(reg.vertices, dtype=np.float64))[0]
         name = f"{source}: {reg.label} region Id={reg.region_id} (Annotation {reg.annotation_id})"
-        if len(ring) < 3:
+        if len(ring) < 3 or _two_points(ring):
             report.count("regions_skipped_degenerate")
             report.warn(f"{name}: fewer than 3 distinct vertices, skipped")
             continue
@@ -523,6 +528,7 @@ def read_monusac_image(item: MonusacItem, *, report: IngestReport | None = None)
             "origin_channel": np.full(n, -1, dtype=np.int16),
             "origin_instance": np.full(n, -1, dtype=np.int64),
             "origin_region": pd.Series([str(r.region_id) for r in regs], dtype=object),
+            "origin_annotation": pd.Series([str(r.annotation_id) for r in regs], dtype=object),
         },
         columns=list(SOURCE_NUCLEI_COLUMNS),
     )

@@ -27,7 +27,10 @@ SOURCE_NUCLEI_COLUMNS: dict[str, str] = {
     "origin_channel": "int16",  # PanNuke mask channel 0-4; -1 when not applicable
     "origin_instance": "int64",  # raw instance id in the source mask; -1 when not applicable
     "origin_region": "object",  # MoNuSAC XML Region Id (as text); "" when not applicable
+    "origin_annotation": "object",  # MoNuSAC XML Annotation Id (Region Ids restart per block); "" otherwise
 }
+#: Columns a reader may leave out; the store fills them with these defaults.
+OPTIONAL_SOURCE_COLUMNS: dict[str, object] = {"origin_annotation": ""}
 
 
 @dataclass

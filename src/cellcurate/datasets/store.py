@@ -97,13 +97,16 @@ NUCLEUS_COLUMNS: dict[str, str] = {
     "origin_channel": "int16",
     "origin_instance": "int64",
     "origin_region": "string",
+    "origin_annotation": "string",  # MoNuSAC Annotation Id ("" otherwise): Region Ids restart per block
 }
 
 
 def nucleus_id(source: str, origin_file: str, origin_index: int, origin_channel: int,
-               origin_instance: int, origin_region: str) -> int:
+               origin_instance: int, origin_region: str, origin_annotation: str = "") -> int:
     """Stable 63-bit id of a nucleus from its origin reference (survives re-ingest)."""
     key = f"{source}|{origin_file}|{origin_index}|{origin_channel}|{origin_instance}|{origin_region}"
+    if origin_annotation:
+        key += f"|{origin_annotation}"
     return int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") & (2**63 - 1)
 
 
@@ -517,8 +520,10 @@ class UnitWriter:
         ch = nuc["origin_channel"].to_numpy()
         oi = nuc["origin_instance"].to_numpy()
         reg = nuc["origin_region"].astype(str).to_numpy()
-        ids = [nucleus_id(self.source, annotation_file, item.origin_index, int(c), int(o), r)
-               for c, o, r in zip(ch, oi, reg)]
+        ann = (nuc["origin_annotation"].fillna("").astype(str).to_numpy() if "origin_annotation" in nuc
+               else np.full(n, "", dtype=object))
+        ids = [nucleus_id(self.source, annotation_file, item.origin_index, int(c), int(o), r, a)
+               for c, o, r, a in zip(ch, oi, reg, ann)]
         part = pd.DataFrame({
             "nucleus_id": np.asarray(ids, dtype=np.int64),
             "image_id": image_id,
@@ -537,6 +542,7 @@ class UnitWriter:
             "origin_channel": ch.astype(np.int16),
             "origin_instance": oi.astype(np.int64),
             "origin_region": reg,
+            "origin_annotation": ann,
         })
         self._nuclei_parts.append(part)
         self._image_rows.append({
