@@ -33,3 +33,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_sample(tmp_path_factory: pytest.TempPathFactory):
+    """The `tiny` synthetic sample (PanNuke + MoNuSAC release formats + truth.parquet). Read-only."""
+    from cellcurate.datasets.synthetic import write_sample
+
+    return write_sample(tmp_path_factory.mktemp("sample") / "sample", preset="tiny", seed=0, flip_fraction=0.10)
+
+
+@pytest.fixture(scope="session")
+def tiny_store_path(tiny_sample, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store with both sources of the tiny sample ingested. Treat as read-only: copy it to modify
+    (``shutil.copytree(tiny_store_path, tmp_path / "store")``)."""
+    from cellcurate.datasets.ingest import ingest_monusac, ingest_pannuke
+    from cellcurate.datasets.store import Store
+
+    path = tmp_path_factory.mktemp("store") / "store"
+    with Store.create(path) as store:
+        ingest_pannuke(store, tiny_sample.pannuke_root, progress=False)
+        ingest_monusac(store, tiny_sample.monusac_root, progress=False)
+    return path

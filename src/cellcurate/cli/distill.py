@@ -1,0 +1,67 @@
+"""``curate distill``: distil the lightweight student from a trained teacher.
+
+Heavy imports (torch, timm) happen inside the command so ``curate --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command(name="distill")
+@click.option("--teacher", "teacher", required=True, type=click.Path(path_type=Path),
+              help="Teacher checkpoint folder (curate train teacher --out).")
+@click.option("--release", "release", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Release folder (curate export).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path, file_okay=False),
+              help="Student checkpoint folder to write.")
+@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
+              help="The teacher's encoder weights, if moved since training.")
+@click.option("--split", default="train", show_default=True, help="Release split to train on.")
+@click.option("--epochs", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=1e-3, show_default=True, type=float)
+@click.option("--tile-size", default=256, show_default=True, type=click.IntRange(min=32))
+@click.option("--temperature", default=2.0, show_default=True, type=float, help="Distillation temperature.")
+@click.option("--alpha", "tversky_alpha", default=0.3, show_default=True, type=float, help="Tversky α (false positives).")
+@click.option("--beta", "tversky_beta", default=0.7, show_default=True, type=float, help="Tversky β (false negatives).")
+@click.option("--consistency", default=0.5, show_default=True, type=float, help="Weight of the consistency loss.")
+@click.option("--dropout", default=0.2, show_default=True, type=float, help="Layer-wise dropout at the bottleneck.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--amp/--no-amp", default=True, show_default=True, help="Mixed precision on CUDA.")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Keep the teacher's predictions on disk here (default: in memory).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
+@click.option("--tiny", is_flag=True, help="Tiny student (demo/tests).")
+def command(teacher: Path, release: Path, out: Path, weights: Path | None, split: str, epochs: int,
+            batch_size: int, lr: float, tile_size: int, temperature: float, tversky_alpha: float,
+            tversky_beta: float, consistency: float, dropout: float, seed: int, device: str, amp: bool,
+            cache_dir: Path | None, resume: bool, tiny: bool) -> None:
+    """Distil a student from TEACHER: soft targets + ground truth, consistency, layer-wise dropout."""
+    from cellcurate.datasets.release import load_release
+    from cellcurate.models.checkpoint import read_config
+    from cellcurate.models.losses import LossConfig
+    from cellcurate.models.student import TINY_STUDENT_CHANNELS, StudentConfig
+    from cellcurate.models.train import TrainConfig, distill
+
+    loss = LossConfig(temperature=temperature, tversky_alpha=tversky_alpha, tversky_beta=tversky_beta,
+                      consistency=consistency)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,  # type: ignore[arg-type]
+                      amp=amp, tile_size=tile_size, loss=loss,
+                      cache_dir=None if cache_dir is None else str(cache_dir))
+    tmeta = read_config(teacher).get("meta", {})
+    norm = {k: tuple(tmeta[k]) for k in ("mean", "std") if k in tmeta}
+    scfg = StudentConfig(dropout=dropout, tile_size=tile_size, **norm)
+    if tiny:
+        scfg = StudentConfig(channels=TINY_STUDENT_CHANNELS, dropout=dropout, tile_size=tile_size, **norm)
+    base = load_release(release, split=split)
+    result = distill(teacher, base, out_dir=out, student_config=scfg, config=cfg, resume=resume,
+                     encoder_weights=weights)
+    last = result.history[-1] if result.history else {}
+    click.echo(
+        f"student: {result.parameters:,} parameters, {len(result.history)} epochs, "
+        f"loss {last.get('loss', float('nan')):.4f} -> {result.out_dir}"
+    )
