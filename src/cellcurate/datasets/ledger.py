@@ -111,7 +111,9 @@ def utc_now() -> str:
 
 
 def _canonical(row: Sequence[Any]) -> bytes:
-    return json.dumps(list(row), separators=(",", ":"), default=_json_default).encode("utf-8")
+    """The bytes a row's chain hash covers: fields joined by the unit separator (NULL as "\x00")."""
+    return "\x1f".join("\x00" if v is None else repr(v) if isinstance(v, float) else str(v)
+                       for v in row).encode("utf-8")
 
 
 def _json_default(o: Any) -> Any:
@@ -322,7 +324,13 @@ class Ledger:
                 where.append(f"nucleus_id IN ({', '.join('?' * len(ids))})")
                 params.extend(ids)
         sql = "SELECT * FROM events" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq"
-        df = pd.read_sql_query(sql, self._con, params=params)
+        # numpy_nullable keeps 63-bit nucleus ids exact when the column holds NULLs (round events);
+        # the default backend would pass them through float64 and round them.
+        df = pd.read_sql_query(sql, self._con, params=params, dtype_backend="numpy_nullable")
+        for col in ("time", "kind", "actor", "action", "payload", "chain"):
+            df[col] = df[col].astype(object).where(df[col].notna(), None)
+        df["score"] = df["score"].astype("float64")
+        df["seq"] = df["seq"].astype("int64")
         if ids is not None and len(ids) > 500:
             df = df[df["nucleus_id"].isin(ids)].reset_index(drop=True)
         for col in ("nucleus_id", "round", "label", "prev_label", "ref"):

@@ -42,6 +42,7 @@ with the fold (~12 GB for a real fold); with batched reads peak memory stays ~ 5
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import re
 from collections.abc import Iterator
@@ -52,7 +53,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputFormatError, InputNotFoundError
-from .records import SOURCE_NUCLEI_COLUMNS, IngestReport, SourceImage
+from .records import OPTIONAL_SOURCE_COLUMNS, SOURCE_NUCLEI_COLUMNS, IngestReport, SourceImage
 
 __all__ = [
     "PANNUKE_CHANNELS",
@@ -318,28 +319,46 @@ def fold_fingerprint(fold: PannukeFold) -> str:
 
 # -- streaming --------------------------------------------------------------------------------
 class _BatchReader:
-    """Reads contiguous tile ranges of one memmapped npy into a reused buffer."""
+    """Contiguous tile ranges of one C-ordered npy, read with bounded resident memory.
+
+    Where the platform has ``madvise(MADV_DONTNEED)`` the file is mapped once and each batch is
+    a zero-copy view; :meth:`release` drops the batch's pages from this process after use (they
+    stay in the OS page cache), so the resident size never grows with the file. Elsewhere each
+    batch is copied into one reused buffer with ``readinto``.
+    """
 
     def __init__(self, arr: np.ndarray, path: Path, batch_size: int) -> None:
-        self.arr, self.path = arr, path
-        self.tile_shape = arr.shape[1:]
+        self.path = path
+        self.n = int(arr.shape[0])
+        self.tile_shape = tuple(arr.shape[1:])
+        self.dtype = arr.dtype
         self.tile_bytes = int(np.prod(self.tile_shape)) * arr.dtype.itemsize
-        # a memmap from np.load carries the data offset; fall back to slicing when the file is
-        # Fortran ordered (tiles are then not contiguous on disk)
-        self.offset = getattr(arr, "offset", None)
-        self.contiguous = bool(arr.flags.c_contiguous) and self.offset is not None
-        self.buf = np.empty((batch_size, *self.tile_shape), dtype=arr.dtype)
-        self.file = open(path, "rb", buffering=0) if self.contiguous else None
+        offset = getattr(arr, "offset", None)
+        if offset is None or not (arr.flags.c_contiguous or self.n <= 1):
+            raise InputFormatError(path, f"{path.name} is Fortran-ordered; re-save it in C order to stream it")
+        self.offset = int(offset)
+        self.view: np.ndarray | None = None
+        self.buf: np.ndarray | None = None
+        self.file = None
+        if hasattr(mmap, "MADV_DONTNEED") and self.n:
+            with open(path, "rb") as f:  # the mapping keeps its own handle
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            flat = np.frombuffer(self.mm, dtype=self.dtype, count=self.n * (self.tile_bytes // self.dtype.itemsize),
+                                 offset=self.offset)
+            self.view = flat.reshape(self.n, *self.tile_shape)
+        else:
+            self.buf = np.empty((min(batch_size, self.n), *self.tile_shape), dtype=self.dtype)
+            self.file = open(path, "rb", buffering=0)
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        b = stop - start
-        if not self.contiguous:
-            return np.ascontiguousarray(self.arr[start:stop])
-        out = self.buf[:b]
+        """(stop - start, *tile_shape) tiles; valid until the next call."""
+        if self.view is not None:
+            return self.view[start:stop]
+        assert self.buf is not None and self.file is not None
+        out = self.buf[: stop - start]
         view = memoryview(out.reshape(-1).view(np.uint8))
-        pos, total = self.offset + start * self.tile_bytes, b * self.tile_bytes
-        self.file.seek(pos)
-        done = 0
+        self.file.seek(self.offset + start * self.tile_bytes)
+        done, total = 0, (stop - start) * self.tile_bytes
         while done < total:
             got = self.file.readinto(view[done:])
             if not got:
@@ -347,7 +366,18 @@ class _BatchReader:
             done += got
         return out
 
+    def release(self, start: int, stop: int) -> None:
+        """Drop the pages of tiles ``start:stop`` from this process (mapped mode only)."""
+        if self.view is None:
+            return
+        page = mmap.PAGESIZE
+        lo = (self.offset + start * self.tile_bytes) // page * page
+        hi = min(self.offset + stop * self.tile_bytes, len(self.mm))
+        if hi > lo:
+            self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def close(self) -> None:
+        self.view = None  # the mapping closes when the last view of it is gone
         if self.file is not None:
             self.file.close()
 
@@ -375,54 +405,44 @@ class _TileResult:
     bg_disagreement: int
 
 
-def _check_ids(vals: np.ndarray, ints: np.ndarray) -> bool:
-    """True when the nonzero mask values ``vals`` are integral, positive and below 2**53."""
-    if vals.size == 0:
-        return True
-    if vals.dtype.kind == "f":
-        if not np.array_equal(ints, vals):  # NaN, inf and fractions differ from their int cast
-            return False
-    return bool(ints.min() > 0) and bool(vals.max() < _MAX_ID)
-
-
 def _convert_mask(tile: np.ndarray) -> _TileResult | None:
-    """Instance map of one (H, W, 6) mask tile; None when its ids are not integral and >= 0."""
-    h, w = tile.shape[:2]
-    masks, vals = [], []
-    with np.errstate(invalid="ignore"):
-        for c in range(len(PANNUKE_CHANNELS)):
-            plane = tile[..., c]
-            m = plane != 0
-            masks.append(m)
-            vals.append(plane[m])
-        allv = np.concatenate(vals)
-        ints = allv.astype(np.int64)
-    if not _check_ids(allv, ints):
-        return None
-    bg = tile[..., N_MASK_CHANNELS - 1] > 0
-    if ints.size == 0:
+    """Instance map of one C-contiguous (H, W, 6) mask tile; None when an id in channels 0-4 is
+    not an integer >= 0.
+
+    One contiguous pass finds the nonzero entries of channels 0-4; everything after works on
+    those sparse entries only. Entries come sorted by (pixel, channel), so the first entry of
+    each pixel is its lowest channel: the overlap winner.
+    """
+    h, w, c6 = tile.shape
+    flat = tile.reshape(-1)
+    nz = flat != 0  # NaN counts as nonzero and fails the checks below
+    nz.reshape(-1, c6)[:, c6 - 1] = False  # channel 5 (Background) holds no instances
+    idx = np.flatnonzero(nz)
+    bg = flat[c6 - 1 :: c6] != 0
+    if idx.size == 0:
         return _TileResult(np.zeros((h, w), np.int32), np.zeros(0, np.int16), np.zeros(0, np.int64), 0, [],
-                           int(np.count_nonzero(~bg)))
-    # key = raw id * 8 + channel: unique per (channel, id) instance; lower channels written last win
-    chan = np.repeat(np.arange(len(vals), dtype=np.int64), [v.size for v in vals])
-    keys = ints * 8 + chan
+                           int(h * w - np.count_nonzero(bg)))
+    vals = flat[idx]
+    with np.errstate(invalid="ignore"):
+        ints = vals.astype(np.int64)
+    if vals.dtype.kind == "f" and not np.array_equal(ints, vals):  # fractions, NaN, inf
+        return None
+    if ints.min() <= 0 or vals.max() >= _MAX_ID:
+        return None
+    pix, chan = np.divmod(idx, c6)
+    first = np.empty(idx.size, dtype=bool)
+    first[0] = True
+    np.not_equal(pix[1:], pix[:-1], out=first[1:])
+    keys = ints * 8 + chan  # one key per (channel, raw id) instance
     size = int(keys.max()) + 1
-    key_map = np.zeros((h, w), dtype=np.int64)
-    bounds = np.cumsum([0] + [v.size for v in vals])
-    for c in reversed(range(len(vals))):
-        if vals[c].size:
-            key_map[masks[c]] = keys[bounds[c]:bounds[c + 1]]
-    fg = key_map != 0
-    covered = int(np.count_nonzero(fg))
     claimed = _unique_sorted(keys, size)
-    overlap, lost = 0, []
-    present = claimed
-    if covered != keys.size:  # some pixel is claimed twice
-        n_claims = np.zeros((h, w), dtype=np.uint8)
-        for m in masks:
-            n_claims += m
-        overlap = int(np.count_nonzero(n_claims > 1))
-        present = _unique_sorted(key_map[fg], size)
+    if first.all():  # no pixel claimed twice
+        overlap, lost, win_keys, win_pix, present = 0, [], keys, pix, claimed
+    else:
+        overlap = int(np.count_nonzero(first[:-1] & ~first[1:]))
+        win_keys, win_pix = keys[first], pix[first]
+        present = _unique_sorted(win_keys, size)
+        lost = []
         if present.size != claimed.size:
             gone = np.setdiff1d(claimed, present, assume_unique=True)
             lost = [(int(k & 7), int(k >> 3)) for k in gone]
@@ -431,31 +451,37 @@ def _convert_mask(tile: np.ndarray) -> _TileResult | None:
     order = np.lexsort((p_id, p_chan))
     present, p_chan, p_id = present[order], p_chan[order], p_id[order]
     labels = np.arange(1, present.size + 1, dtype=np.int32)
+    instances = np.zeros(h * w, dtype=np.int32)
     if size <= _TABLE_LIMIT:
         lut = np.zeros(size, dtype=np.int32)
         lut[present] = labels
-        instances = lut[key_map]
+        instances[win_pix] = lut[win_keys]
     else:
         by_key = np.argsort(present)
-        sorted_keys, rank = present[by_key], labels[by_key]
-        instances = np.zeros((h, w), dtype=np.int32)
-        instances[fg] = rank[np.searchsorted(sorted_keys, key_map[fg])]
-    bg_dis = int(np.count_nonzero(bg == fg))
-    return _TileResult(instances, p_chan.astype(np.int16), p_id, overlap, lost, bg_dis)
+        instances[win_pix] = labels[by_key][np.searchsorted(present[by_key], win_keys)]
+    n_fg = win_pix.size
+    bg_on_fg = int(np.count_nonzero(bg[win_pix]))
+    bg_dis = bg_on_fg + (h * w - n_fg) - (int(np.count_nonzero(bg)) - bg_on_fg)
+    return _TileResult(instances.reshape(h, w), p_chan.astype(np.int16), p_id, overlap, lost, bg_dis)
 
 
 def _nuclei_table(res: _TileResult) -> pd.DataFrame:
     n = res.channels.size
     if n == 0:
         return _empty_nuclei()
-    return pd.DataFrame({
+    blank = pd.Series(np.full(n, "", dtype=object), dtype=object)
+    cols = {
         "instance_id": np.arange(1, n + 1, dtype=np.int32),
-        "kind": np.full(n, "nucleus", dtype=object),
-        "source_label": _CHANNEL_LABELS[res.channels],
+        "kind": pd.Series(np.full(n, "nucleus", dtype=object), dtype=object),
+        "source_label": pd.Series(_CHANNEL_LABELS[res.channels], dtype=object),
         "origin_channel": res.channels,
         "origin_instance": res.raw_ids,
-        "origin_region": np.full(n, "", dtype=object),
-    })
+        "origin_region": blank,
+    }
+    for name, default in OPTIONAL_SOURCE_COLUMNS.items():  # e.g. origin_annotation: ""
+        if name in SOURCE_NUCLEI_COLUMNS and name not in cols:
+            cols[name] = blank if default == "" else pd.Series(np.full(n, default, dtype=object), dtype=object)
+    return pd.DataFrame({c: cols[c] for c in SOURCE_NUCLEI_COLUMNS if c in cols})
 
 
 def _image_ranges(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -503,6 +529,8 @@ def iter_pannuke_fold(
         raise ValueError(f"start must be in 0..{stop}, got {start}")
     images_rel, masks_rel = pf.rel(pf.images), pf.rel(pf.masks)
     split = f"fold{pf.fold}"
+    if n == 0:
+        report.warn(f"{images_rel}: images.npy holds no tiles")
     known = set(PANNUKE_TISSUES)
     for name in sorted(set(arrays.types[start:stop].tolist()) - known):
         report.warn(f"{pf.rel(pf.types)}: unknown tissue name {name!r} (kept as written)")
@@ -572,6 +600,9 @@ def iter_pannuke_fold(
                     tissue=tissue or None,
                     annotation_file=masks_rel,
                 )
+            imgs = masks = None
+            img_reader.release(s, e)
+            msk_reader.release(s, e)
     finally:
         img_reader.close()
         msk_reader.close()

@@ -24,7 +24,8 @@ Arrays (chunking measured in ``benchmarks/bench_ingest.py``, see docs/STORE.md):
   ``instances`` (N, 256, 256) int32, one chunk per tile, grouped into shards of
   :data:`TILES_PER_SHARD` tiles so a fold is a few hundred files, not tens of thousands;
 * images of their own size (MoNuSAC) keep their native size: ``img/<i>`` (H, W, 3) and
-  ``ins/<i>`` (H, W), chunks of :data:`NATIVE_CHUNK` pixels. No nucleus is ever cut.
+  ``ins/<i>`` (H, W), chunks of :data:`NATIVE_CHUNK` pixels (so a review window reads only what it
+  shows) inside one shard per image (one file per array). No nucleus is ever cut.
 
 Dimensions: N images, M nuclei, H×W pixels.
 """
@@ -122,17 +123,16 @@ def instance_geometry(instances: np.ndarray, n: int) -> dict[str, np.ndarray]:
     """
     from scipy import ndimage
 
-    flat = instances.ravel()
-    area = np.bincount(flat, minlength=n + 1)[1 : n + 1]
-    h, w = instances.shape
-    yy, xx = np.divmod(np.arange(flat.size, dtype=np.int64), w)
-    sy = np.bincount(flat, weights=yy, minlength=n + 1)[1 : n + 1]
-    sx = np.bincount(flat, weights=xx, minlength=n + 1)[1 : n + 1]
+    ys, xs = np.nonzero(instances)
+    ids = instances[ys, xs]
+    area = np.bincount(ids, minlength=n + 1)[1 : n + 1]
+    sy = np.bincount(ids, weights=ys, minlength=n + 1)[1 : n + 1]
+    sx = np.bincount(ids, weights=xs, minlength=n + 1)[1 : n + 1]
     with np.errstate(invalid="ignore", divide="ignore"):
         cy = sy / area
         cx = sx / area
     boxes = ndimage.find_objects(instances, max_label=n)
-    bbox = np.full((n, 4), 0, dtype=np.int32)
+    bbox = np.zeros((n, 4), dtype=np.int32)
     for i, sl in enumerate(boxes):
         if sl is not None:
             bbox[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
@@ -464,7 +464,11 @@ class UnitWriter:
             self._buf_ins: list[np.ndarray] = []
             self._buf_start = 0
         self._image_rows: list[dict[str, Any]] = []
-        self._nuclei_parts: list[pd.DataFrame] = []
+        self._cols: dict[str, list[np.ndarray]] = {k: [] for k in (
+            "nucleus_id", "image_id", "kind", "instance_id", "bbox", "centroid_y", "centroid_x", "area",
+            "source_label", "unified_label", "candidates", "origin_file", "origin_index", "origin_channel",
+            "origin_instance", "origin_region", "origin_annotation")}
+        self._cand_cache: dict[str, tuple[int, ...]] = {}
         self._n = 0
         self.report = IngestReport()
         self._done = False
@@ -495,56 +499,62 @@ class UnitWriter:
             zarr_path, zarr_index = "images", i
         else:
             chunks = (min(NATIVE_CHUNK, h), min(NATIVE_CHUNK, w))
-            self.group.create_array(f"img/{i}", data=item.image, chunks=(*chunks, 3),
+            shards = (-(-h // chunks[0]) * chunks[0], -(-w // chunks[1]) * chunks[1])  # one shard file per image
+            self.group.create_array(f"img/{i}", data=item.image, chunks=(*chunks, 3), shards=(*shards, 3),
                                     compressors=self._img_codec, fill_value=0)
-            self.group.create_array(f"ins/{i}", data=item.instances, chunks=chunks,
+            self.group.create_array(f"ins/{i}", data=item.instances, chunks=chunks, shards=shards,
                                     compressors=self._ins_codec, fill_value=0)
             zarr_path, zarr_index = f"img/{i}", -1
 
-        nuc = item.nuclei.sort_values("instance_id")
-        n = len(nuc)
+        nuc = item.nuclei
+        order = np.argsort(nuc["instance_id"].to_numpy(), kind="stable")
+        n = len(order)
+
+        def col(name: str) -> np.ndarray:
+            return np.asarray(nuc[name].to_numpy())[order]
+
         geo = instance_geometry(item.instances, n)
         if n and (geo["area"] == 0).any():
-            missing = nuc["instance_id"].to_numpy()[geo["area"] == 0]
+            missing = col("instance_id")[geo["area"] == 0]
             raise StoreError(f"{item.origin_file}: image {item.key}: instances {missing[:5].tolist()} have no pixels")
         annotation_file = item.annotation_file or item.origin_file
-        labels = nuc["source_label"].astype(str).to_numpy()
-        cand_of: dict[str, tuple[int, ...]] = {}
+        labels = col("source_label").astype(str)
+        kinds = col("kind").astype(str)
+        ch = col("origin_channel").astype(np.int16)
+        oi = col("origin_instance").astype(np.int64)
+        reg = col("origin_region").astype(str)
+        if "origin_annotation" in nuc:
+            ann = np.asarray(nuc["origin_annotation"].fillna("").to_numpy())[order].astype(str)
+        else:
+            ann = np.full(n, "", dtype=str)
+        unified = np.zeros(n, np.int16)
+        cand_text = np.empty(n, dtype=object)
         for lab in np.unique(labels):
-            try:
-                cand_of[lab] = tax.candidates(self.source, lab)
-            except ConfigError as exc:
-                raise StoreError(f"{annotation_file}: {exc}") from None
-        cands = [cand_of[lab] for lab in labels]
-        kinds = nuc["kind"].astype(str).to_numpy()
-        ch = nuc["origin_channel"].to_numpy()
-        oi = nuc["origin_instance"].to_numpy()
-        reg = nuc["origin_region"].astype(str).to_numpy()
-        ann = (nuc["origin_annotation"].fillna("").astype(str).to_numpy() if "origin_annotation" in nuc
-               else np.full(n, "", dtype=object))
-        ids = [nucleus_id(self.source, annotation_file, item.origin_index, int(c), int(o), r, a)
-               for c, o, r, a in zip(ch, oi, reg, ann)]
-        part = pd.DataFrame({
-            "nucleus_id": np.asarray(ids, dtype=np.int64),
-            "image_id": image_id,
-            "source": self.source,
-            "kind": kinds,
-            "instance_id": nuc["instance_id"].to_numpy(np.int32),
-            "bbox_y0": geo["bbox"][:, 0], "bbox_x0": geo["bbox"][:, 1],
-            "bbox_y1": geo["bbox"][:, 2], "bbox_x1": geo["bbox"][:, 3],
-            "centroid_y": geo["cy"], "centroid_x": geo["cx"],
-            "area": geo["area"],
-            "source_label": labels,
-            "unified_label": np.array([c[0] if len(c) == 1 else 0 for c in cands], dtype=np.int16),
-            "candidates": ["|".join(map(str, c)) for c in cands],
-            "origin_file": annotation_file,
-            "origin_index": item.origin_index,
-            "origin_channel": ch.astype(np.int16),
-            "origin_instance": oi.astype(np.int64),
-            "origin_region": reg,
-            "origin_annotation": ann,
-        })
-        self._nuclei_parts.append(part)
+            cands = self._candidates(lab, annotation_file)
+            sel = labels == lab
+            unified[sel] = cands[0] if len(cands) == 1 else 0
+            cand_text[sel] = "|".join(map(str, cands))
+        ids = np.fromiter(
+            (nucleus_id(self.source, annotation_file, item.origin_index, int(c), int(o), r, a)
+             for c, o, r, a in zip(ch, oi, reg, ann)), dtype=np.int64, count=n)
+        cols = self._cols
+        cols["nucleus_id"].append(ids)
+        cols["image_id"].append(np.full(n, image_id, dtype=object))
+        cols["kind"].append(kinds)
+        cols["instance_id"].append(col("instance_id").astype(np.int32))
+        cols["bbox"].append(geo["bbox"])
+        cols["centroid_y"].append(geo["cy"])
+        cols["centroid_x"].append(geo["cx"])
+        cols["area"].append(geo["area"])
+        cols["source_label"].append(labels)
+        cols["unified_label"].append(unified)
+        cols["candidates"].append(cand_text)
+        cols["origin_file"].append(np.full(n, annotation_file, dtype=object))
+        cols["origin_index"].append(np.full(n, item.origin_index, dtype=np.int32))
+        cols["origin_channel"].append(ch)
+        cols["origin_instance"].append(oi)
+        cols["origin_region"].append(reg)
+        cols["origin_annotation"].append(ann)
         self._image_rows.append({
             "image_id": image_id, "source": self.source, "unit": self.unit, "split": item.split,
             "patient_id": item.patient_id, "tissue": item.tissue, "mpp": float(item.mpp),
@@ -553,6 +563,36 @@ class UnitWriter:
             "annotation_file": annotation_file, "zarr_path": zarr_path, "zarr_index": zarr_index,
         })
         self._n += 1
+
+    def _candidates(self, label: str, annotation_file: str) -> tuple[int, ...]:
+        label = str(label)
+        cands = self._cand_cache.get(label)
+        if cands is None:
+            try:
+                cands = self.store.taxonomy.candidates(self.source, label)
+            except ConfigError as exc:
+                raise StoreError(f"{annotation_file}: {exc}") from None
+            self._cand_cache[label] = cands
+        return cands
+
+    def _nuclei_table(self) -> pd.DataFrame:
+        c = self._cols
+        if not c["nucleus_id"]:
+            return _empty(NUCLEUS_COLUMNS)
+        cat = {k: np.concatenate(v) for k, v in c.items()}
+        bbox = cat.pop("bbox")
+        df = pd.DataFrame({
+            "nucleus_id": cat["nucleus_id"], "image_id": cat["image_id"], "source": self.source,
+            "kind": cat["kind"], "instance_id": cat["instance_id"],
+            "bbox_y0": bbox[:, 0], "bbox_x0": bbox[:, 1], "bbox_y1": bbox[:, 2], "bbox_x1": bbox[:, 3],
+            "centroid_y": cat["centroid_y"], "centroid_x": cat["centroid_x"], "area": cat["area"],
+            "source_label": cat["source_label"], "unified_label": cat["unified_label"],
+            "candidates": cat["candidates"], "origin_file": cat["origin_file"],
+            "origin_index": cat["origin_index"], "origin_channel": cat["origin_channel"],
+            "origin_instance": cat["origin_instance"], "origin_region": cat["origin_region"],
+            "origin_annotation": cat["origin_annotation"],
+        })
+        return _typed(df, NUCLEUS_COLUMNS)
 
     def _flush(self) -> None:
         if not self._buf_img:
@@ -573,10 +613,7 @@ class UnitWriter:
             if self._n != self.stacked[0]:
                 raise StoreError(f"unit {self.unit}: {self._n} images written, {self.stacked[0]} announced")
         images = _typed(pd.DataFrame(self._image_rows), IMAGE_COLUMNS)
-        nuclei = _typed(
-            pd.concat(self._nuclei_parts, ignore_index=True) if self._nuclei_parts else _empty(NUCLEUS_COLUMNS),
-            NUCLEUS_COLUMNS,
-        )
+        nuclei = self._nuclei_table()
         dup = nuclei["nucleus_id"].duplicated()
         if dup.any():
             raise StoreError(f"unit {self.unit}: {int(dup.sum())} nuclei share an id (duplicate origin references)")
@@ -587,17 +624,23 @@ class UnitWriter:
         _fsync_tree(self.tmp_dir)
         os.replace(self.tmp_dir, self.final_dir)
         self._done = True
+        payloads: dict[tuple[str, str, str], str] = {}
+        payload_col = []
+        for key in zip(nuclei["source_label"].to_numpy(), nuclei["candidates"].to_numpy(), nuclei["kind"].to_numpy()):
+            text = payloads.get(key)
+            if text is None:
+                s_lab, c, k = key
+                text = json.dumps({"source_label": s_lab, "candidates": [int(x) for x in c.split("|")] if c else [],
+                                   "kind": k, "unit": self.unit}, separators=(",", ":"))
+                payloads[key] = text
+            payload_col.append(text)
         events = pd.DataFrame({
             "kind": "ingest",
             "nucleus_id": nuclei["nucleus_id"].to_numpy(),
             "actor": f"ingest:{self.source}",
             "action": "ingest",
             "label": nuclei["unified_label"].to_numpy(np.int64),
-            "payload": [
-                json.dumps({"source_label": s, "candidates": [int(x) for x in c.split("|")] if c else [],
-                            "kind": k, "unit": self.unit}, separators=(",", ":"))
-                for s, c, k in zip(nuclei["source_label"], nuclei["candidates"], nuclei["kind"])
-            ],
+            "payload": payload_col,
         })
         unit_row = {
             "unit": self.unit, "source": self.source, "dir": f"units/{self.final_dir.name}",

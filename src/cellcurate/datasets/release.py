@@ -1,0 +1,173 @@
+"""Load a cellcurate release for training: ``load_release(path, split="train")``.
+
+This module reads the release files itself (schema: docs/RELEASE_FORMAT.md) and does not depend
+on :mod:`cellcurate.curation`. Items are dicts::
+
+    {"image": uint8 tensor (3, H, W), "instances": int32 tensor (H, W),
+     "classes": uint8 tensor (H, W) (0 background, 1..K classes, 255 ignore),
+     "image_id": str, "mpp": float}
+
+Zarr arrays are opened lazily, once per process, so the dataset pickles cheaply into
+``DataLoader(num_workers=...)`` workers.
+
+>>> from torch.utils.data import DataLoader                      # doctest: +SKIP
+>>> from cellcurate.datasets import load_release                 # doctest: +SKIP
+>>> ds = load_release("releases/v1", split="train")              # doctest: +SKIP
+>>> for batch in DataLoader(ds, batch_size=8, num_workers=2):    # doctest: +SKIP
+...     batch["image"].shape                                     # (8, 3, 256, 256)
+
+Dimensions: N images, M nuclei, H×W pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, InputFormatError, InputNotFoundError
+
+RELEASE_FORMAT = "cellcurate-release"
+SUPPORTED_FORMAT_VERSION = 1
+
+
+def read_release_manifest(path: str | Path) -> dict[str, Any]:
+    """The parsed ``manifest.json`` of a release folder (checked for the format marker)."""
+    path = Path(path)
+    mpath = path / "manifest.json"
+    if not mpath.is_file():
+        raise InputNotFoundError(path, "not a cellcurate release (no manifest.json)")
+    try:
+        manifest = json.loads(mpath.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputFormatError(mpath, f"not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != RELEASE_FORMAT:
+        raise InputFormatError(mpath, f"format is not {RELEASE_FORMAT!r}")
+    if int(manifest.get("format_version", 0)) > SUPPORTED_FORMAT_VERSION:
+        raise InputFormatError(
+            mpath, f"release format {manifest.get('format_version')} is newer than this cellcurate "
+            f"reads ({SUPPORTED_FORMAT_VERSION}); upgrade cellcurate"
+        )
+    return manifest
+
+
+def resolve_release_split(manifest: dict[str, Any], split: str | Sequence[str]) -> tuple[str, ...]:
+    """Release split names that ``split`` stands for, using the manifest's aliases."""
+    aliases: dict[str, list[str]] = manifest.get("splits", {}).get("aliases", {})
+    known = set(manifest.get("splits", {}).get("n_images", {})) | {s for v in aliases.values() for s in v}
+    names = [split] if isinstance(split, str) else list(split)
+    out: list[str] = []
+    for n in names:
+        if n in aliases:
+            out.extend(aliases[n])
+        elif n in known:
+            out.append(n)
+        else:
+            raise ConfigError(f"unknown split {n!r}; this release has {', '.join(sorted(known | set(aliases)))}")
+    return tuple(dict.fromkeys(out))
+
+
+class ReleaseDataset(Dataset):
+    """One or more splits of a release as a torch ``Dataset`` (see the module docstring).
+
+    Attributes
+    ----------
+    images
+        The rows of ``images.parquet`` in this dataset, in item order.
+    nuclei
+        The rows of ``nuclei.parquet`` of these images.
+    manifest
+        The parsed ``manifest.json``.
+    class_names
+        Class id -> name (1..K).
+    """
+
+    def __init__(self, path: str | Path, split: str | Sequence[str] = "train", *,
+                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
+        self.path = Path(path)
+        self.manifest = read_release_manifest(self.path)
+        self.splits = resolve_release_split(self.manifest, split)
+        try:
+            images = pd.read_parquet(self.path / "images.parquet")
+            nuclei = pd.read_parquet(self.path / "nuclei.parquet")
+        except (OSError, ValueError) as exc:
+            raise InputFormatError(self.path, f"cannot read the release tables ({exc})") from None
+        self.images = images[images["split"].isin(self.splits)].reset_index(drop=True)
+        self.nuclei = nuclei[nuclei["image_id"].isin(set(self.images["image_id"]))].reset_index(drop=True)
+        self.class_names = {int(k): v for k, v in self.manifest.get("taxonomy", {}).get("classes", {}).items()}
+        self.transform = transform
+        self._groups = self.images["zarr_group"].astype(str).to_numpy()
+        self._index = self.images["zarr_index"].to_numpy(np.int64)
+        self._ids = self.images["image_id"].astype(str).to_numpy()
+        self._mpp = self.images["mpp"].to_numpy(np.float64)
+        self._arrays: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_arrays"] = {}  # zarr handles are reopened in each worker
+        return state
+
+    def _open(self, group: str) -> tuple[Any, Any, Any]:
+        arrs = self._arrays.get(group)
+        if arrs is None:
+            import zarr
+
+            base = self.path / "arrays.zarr" / group
+            arrs = tuple(zarr.open_array(str(base / name), mode="r") for name in ("image", "instances", "classes"))
+            self._arrays[group] = arrs
+        return arrs
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw arrays of item ``i``: image (H, W, 3) uint8, instances (H, W) int32, classes (H, W) uint8."""
+        a_img, a_ins, a_cls = self._open(self._groups[i])
+        k = int(self._index[i])
+        if k >= 0:
+            return a_img[k], a_ins[k], a_cls[k]
+        return a_img[...], a_ins[...], a_cls[...]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} images")
+        i = int(i) % len(self)
+        img, ins, cls = self.read(i)
+        item = {
+            "image": torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))),
+            "instances": torch.from_numpy(ins),
+            "classes": torch.from_numpy(cls),
+            "image_id": str(self._ids[i]),
+            "mpp": float(self._mpp[i]),
+        }
+        if self.transform is not None:
+            item = self.transform(item)
+        return item
+
+    def __repr__(self) -> str:
+        return (f"ReleaseDataset({str(self.path)!r}, version={self.manifest.get('version')!r}, "
+                f"splits={list(self.splits)}, images={len(self)}, nuclei={len(self.nuclei)})")
+
+
+def load_release(path: str | Path, split: str | Sequence[str] = "train", *,
+                 transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> ReleaseDataset:
+    """A torch ``Dataset`` over ``split`` of the release at ``path``.
+
+    Parameters
+    ----------
+    path
+        The release folder (holding ``manifest.json``).
+    split
+        A split name (``fold1``, ``fold2``, ``fold3``, ``train``, ``val``, ``test``), a convenience
+        name from the manifest's aliases (``train`` = fold1 + fold2 + MoNuSAC train; ``test`` =
+        fold3 + MoNuSAC test; ``all``), or a list of them.
+    transform
+        Called on each item dict; returns the dict to yield.
+    """
+    return ReleaseDataset(path, split, transform=transform)
