@@ -196,6 +196,11 @@ class Ledger:
     def units(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT * FROM units ORDER BY unit", self._con)
 
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (SQLite ``PRAGMA data_version``): a cheap
+        way for readers to know their cached tables may be stale."""
+        return int(self._con.execute("PRAGMA data_version").fetchone()[0])
+
     def unit(self, name: str) -> dict[str, Any] | None:
         df = pd.read_sql_query("SELECT * FROM units WHERE unit=?", self._con, params=(name,))
         return None if df.empty else df.iloc[0].to_dict()

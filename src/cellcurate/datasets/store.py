@@ -176,6 +176,7 @@ class Store:
         self.ledger = Ledger(path / "ledger.sqlite", readonly=readonly)
         self._tables: tuple[pd.DataFrame, pd.DataFrame] | None = None
         self._tables_key: Any = None
+        self._lookup: dict[str, tuple[str, str, int, int, int]] = {}
         self._arrays: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
     # -- construction ---------------------------------------------------------------------------
@@ -271,10 +272,11 @@ class Store:
         return self.ledger.units()
 
     def _load_tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        units = self.units()
-        key = tuple(units["dir"]) if len(units) else ()
-        if self._tables is not None and self._tables_key == key:
+        version = self.ledger.data_version()
+        if self._tables is not None and self._tables_key == version:
             return self._tables
+        units = self.units()
+        self._arrays.clear()  # a unit may have been replaced by another process
         imgs, nucs = [], []
         for d in units["dir"]:
             udir = self.path / d
@@ -285,7 +287,12 @@ class Store:
                 raise StoreError(f"unit {d}: cannot read its tables ({exc})", path=self.path) from None
         images = pd.concat(imgs, ignore_index=True) if imgs else _empty(IMAGE_COLUMNS)
         nuclei = pd.concat(nucs, ignore_index=True) if nucs else _empty(NUCLEUS_COLUMNS)
-        self._tables, self._tables_key = (images, nuclei), key
+        self._tables, self._tables_key = (images, nuclei), version
+        self._lookup = {
+            r[0]: r[1:] for r in zip(images["image_id"], images["unit"], images["zarr_path"],
+                                     images["zarr_index"].astype(int), images["height"].astype(int),
+                                     images["width"].astype(int))
+        }
         return self._tables
 
     def images(self) -> pd.DataFrame:
@@ -304,16 +311,17 @@ class Store:
         return nuc.join(folded.drop(columns=["source_label", "candidates"]), on="nucleus_id")
 
     # -- arrays ---------------------------------------------------------------------------------
-    def _image_row(self, image_id: str) -> pd.Series:
-        images = self.images()
-        if getattr(self, "_image_index_key", None) is not self._tables:
-            self._image_index = pd.Index(images["image_id"])
-            self._image_index_key = self._tables
-        try:
-            pos = self._image_index.get_loc(image_id)
-        except KeyError:
-            raise StoreError(f"no image {image_id!r} in the store", path=self.path) from None
-        return images.iloc[pos]
+    def _image_row(self, image_id: str) -> tuple[str, str, int, int, int]:
+        """(unit, zarr_path, zarr_index, height, width) of an image."""
+        if self._tables is None:
+            self._load_tables()
+        row = self._lookup.get(image_id)
+        if row is None:
+            self._load_tables()  # another process may have ingested it since
+            row = self._lookup.get(image_id)
+            if row is None:
+                raise StoreError(f"no image {image_id!r} in the store", path=self.path)
+        return row
 
     def _array(self, unit: str, name: str) -> Any:
         import zarr
@@ -350,18 +358,17 @@ class Store:
         """A window (clipped to the image) of the image and its instance map; reads only the chunks needed."""
         row = self._image_row(image_id)
         y0, x0 = max(0, y0), max(0, x0)
-        y1, x1 = min(int(row["height"]), y1), min(int(row["width"]), x1)
-        return self._read(row, "image", (slice(y0, y1), slice(x0, x1))), self._read(
-            row, "instances", (slice(y0, y1), slice(x0, x1))
-        )
+        y1, x1 = min(row[3], y1), min(row[4], x1)
+        win = (slice(y0, y1), slice(x0, x1))
+        return self._read(row, "image", win), self._read(row, "instances", win)
 
-    def _read(self, row: pd.Series, what: str, window: tuple[slice, slice] | None = None) -> np.ndarray:
-        path = str(row["zarr_path"])
+    def _read(self, row: tuple[str, str, int, int, int], what: str,
+              window: tuple[slice, slice] | None = None) -> np.ndarray:
+        unit, path, idx = row[0], row[1], row[2]
         if what == "instances":
             path = "instances" if path == "images" else path.replace("img/", "ins/", 1)
-        arr = self._array(str(row["unit"]), path)
+        arr = self._array(unit, path)
         sl: tuple[Any, ...] = window or (slice(None), slice(None))
-        idx = int(row["zarr_index"])
         return np.asarray(arr[(idx, *sl)] if idx >= 0 else arr[sl])
 
     # -- writing --------------------------------------------------------------------------------
