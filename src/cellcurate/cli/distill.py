@@ -42,7 +42,6 @@ def command(teacher: Path, release: Path, out: Path, weights: Path | None, split
             cache_dir: Path | None, resume: bool, tiny: bool) -> None:
     """Distil a student from TEACHER: soft targets + ground truth, consistency, layer-wise dropout."""
     from cellcurate.datasets.release import load_release
-    from cellcurate.models.checkpoint import read_config
     from cellcurate.models.losses import LossConfig
     from cellcurate.models.student import TINY_STUDENT_CHANNELS, StudentConfig
     from cellcurate.models.train import TrainConfig, distill
@@ -52,11 +51,9 @@ def command(teacher: Path, release: Path, out: Path, weights: Path | None, split
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,  # type: ignore[arg-type]
                       amp=amp, tile_size=tile_size, loss=loss,
                       cache_dir=None if cache_dir is None else str(cache_dir))
-    tmeta = read_config(teacher).get("meta", {})
-    norm = {k: tuple(tmeta[k]) for k in ("mean", "std") if k in tmeta}
-    scfg = StudentConfig(dropout=dropout, tile_size=tile_size, **norm)
+    scfg = StudentConfig(dropout=dropout, tile_size=tile_size)  # normalisation: the teacher's
     if tiny:
-        scfg = StudentConfig(channels=TINY_STUDENT_CHANNELS, dropout=dropout, tile_size=tile_size, **norm)
+        scfg = StudentConfig(channels=TINY_STUDENT_CHANNELS, dropout=dropout, tile_size=tile_size)
     base = load_release(release, split=split)
     result = distill(teacher, base, out_dir=out, student_config=scfg, config=cfg, resume=resume,
                      encoder_weights=weights)

@@ -161,7 +161,8 @@ def resolve_encoder(name: str, *, mpp: float | None = None, **timm_kwargs: Any) 
         mean = tuple(getattr(cfg, "mean", IMAGENET_MEAN)) if cfg is not None else IMAGENET_MEAN
         std = tuple(getattr(cfg, "std", IMAGENET_STD)) if cfg is not None else IMAGENET_STD
         size = int(getattr(cfg, "input_size", (3, 224, 224))[-1]) if cfg is not None else 224
-        spec = EncoderSpec(name=name, timm_name=name, mpp=0.5, input_size=size, mean=mean, std=std)  # type: ignore[arg-type]
+        spec = EncoderSpec(name=name, timm_name=name, timm_kwargs={"dynamic_img_size": True}, mpp=0.5,
+                           input_size=size, mean=mean, std=std)  # type: ignore[arg-type]
     else:
         known = ", ".join(sorted(ENCODERS))
         raise ConfigError(f"unknown encoder {name!r}: expected one of {known} or a timm model name")
@@ -286,6 +287,25 @@ class FeatureEncoder(nn.Module):
             self.patch = 32
         self._unique = sorted(set(self.levels))
         self.channels = self._probe_channels()
+        #: the local weights file the backbone was loaded from (None: random init)
+        self.weights: str | None = None
+        self._digest: str | None = None
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """sha256 of :attr:`weights` (computed once)."""
+        if self.weights is not None and self._digest is None:
+            self._digest = file_digest(self.weights)
+        return self._digest
+
+    @property
+    def encoder_id(self) -> str:
+        """Identifies the features this encoder computes (architecture + weights), for caches."""
+        import json
+
+        spec = json.dumps({**self.spec.to_dict(), "levels": self.levels}, sort_keys=True)
+        weights = self.weights_sha256 if self.weights is not None else "random:" + _param_digest(self)
+        return hashlib.sha256((spec + "|" + weights).encode()).hexdigest()[:24]
 
     def _probe_channels(self) -> list[int]:
         device = next(self.backbone.parameters()).device
@@ -353,4 +373,15 @@ def build_encoder(
     if leftovers:  # non-persistent buffers: rebuild for real and load again
         backbone = _create(spec)
         load_encoder_weights(backbone, path)
-    return FeatureEncoder(backbone, spec)
+    enc = FeatureEncoder(backbone, spec)
+    enc.weights = str(path.resolve())
+    return enc
+
+
+def _param_digest(module: nn.Module) -> str:
+    """Digest of a (small, randomly initialised) module's parameters."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(b"meta" if t.is_meta else t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

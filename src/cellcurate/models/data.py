@@ -1,0 +1,311 @@
+"""Training tiles from a released dataset, their augmentations, and a per-tile tensor cache.
+
+Dimensions: N base images of H×W pixels (sizes differ), T×T tiles (T = 256 by default),
+B tiles per batch.
+
+A *base dataset* is any ``torch.utils.data.Dataset`` whose items are dicts with ``"image"``
+uint8 (3, H, W), ``"instances"`` int32 (H, W), ``"classes"`` uint8 (H, W) (0 background, 1..7,
+255 ignore), ``"image_id"`` str and ``"mpp"`` float, as ``cellcurate.datasets.release.load_release``
+returns. :class:`TileDataset` turns it into fixed-size tiles with HoVer targets:
+
+- ``mode="grid"``: every image is covered by T×T tiles (overlapping evenly when H or W is not a
+  multiple of T); deterministic, so a tile's id (``"<image_id>@<y>,<x>"``) always names the same
+  pixels. Training uses this mode: the frozen encoder's features and the teacher's predictions
+  are computed once per tile and cached (:class:`TileCache`).
+- ``mode="random"``: one random T×T crop per image per epoch (seeded by ``seed``, the epoch and
+  the index; call :meth:`TileDataset.set_epoch`).
+
+Images smaller than T are padded: pixels white (255), instances 0, classes 255 (ignore), so the
+padding is masked out of every loss. Images whose pixel size differs from ``mpp`` by more than
+``mpp_tolerance`` (relative) are resampled to ``mpp`` first (bilinear image, nearest labels).
+
+Items are dicts: ``image`` uint8 (3, T, T), ``np`` int64 (T, T), ``hv`` float32 (2, T, T), ``tp``
+int64 (T, T), ``valid`` bool (T, T), ``tile_id`` str, ``key`` str (tile id + a digest of the tile's
+pixels: the cache key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from ..errors import ConfigError, InputFormatError, ModelError
+from .targets import IGNORE, dihedral, dihedral_hv, hover_targets
+
+__all__ = [
+    "TILE_MODES",
+    "TileCache",
+    "TileDataset",
+    "TileMode",
+    "augment_batch",
+    "collate_tiles",
+    "stain_jitter",
+]
+
+TileMode = Literal["grid", "random"]
+TILE_MODES: tuple[str, ...] = ("grid", "random")
+
+
+def _starts(length: int, tile: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    n = math.ceil(length / tile)
+    return [int(round(v)) for v in np.linspace(0, length - tile, n)]
+
+
+class TileDataset(Dataset):
+    """Fixed-size training tiles + HoVer targets over a base dataset (see the module docstring).
+
+    Parameters
+    ----------
+    base
+        The base dataset.
+    tile_size
+        T, a multiple of 32.
+    mode
+        ``"grid"`` or ``"random"``.
+    mpp
+        Pixel size of the tiles (µm/px).
+    seed
+        Seed of the random crops.
+    """
+
+    def __init__(
+        self,
+        base: Dataset,
+        *,
+        tile_size: int = 256,
+        mode: TileMode = "grid",
+        mpp: float = 0.25,
+        mpp_tolerance: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        if mode not in TILE_MODES:
+            raise ConfigError(f"tile mode must be one of {TILE_MODES}, got {mode!r}")
+        if tile_size < 32 or tile_size % 32:
+            raise ConfigError(f"tile_size must be a positive multiple of 32, got {tile_size}")
+        self.base = base
+        self.tile_size = int(tile_size)
+        self.mode = mode
+        self.mpp = float(mpp)
+        self.mpp_tolerance = float(mpp_tolerance)
+        self.seed = int(seed)
+        self.epoch = 0
+        self._last: tuple[int, dict[str, Any]] | None = None
+        n = len(base)  # type: ignore[arg-type]
+        if n == 0:
+            raise ConfigError("the dataset has no images to train on")
+        self.index: list[tuple[int, int, int]] = []
+        if mode == "grid":
+            for i in range(n):
+                item = self._load(i)
+                h, w = item["instances"].shape
+                for y in _starts(h, self.tile_size):
+                    for x in _starts(w, self.tile_size):
+                        self.index.append((i, y, x))
+        else:
+            self.index = [(i, -1, -1) for i in range(n)]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the random crops of ``epoch`` (``mode="random"``)."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _load(self, i: int) -> dict[str, Any]:
+        if self._last is not None and self._last[0] == i:
+            return self._last[1]
+        item = self.base[i]
+        try:
+            image = np.asarray(item["image"], dtype=np.uint8)
+            inst = np.asarray(item["instances"]).astype(np.int32, copy=False)
+            cls = np.asarray(item["classes"], dtype=np.uint8)
+            image_id = str(item["image_id"])
+            mpp = float(item.get("mpp", self.mpp))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"dataset item {i} is not a release item ({exc!r})") from None
+        if image.ndim != 3 or image.shape[0] != 3 or image.shape[1:] != inst.shape or cls.shape != inst.shape:
+            raise InputFormatError(
+                image_id,
+                f"image must be (3, H, W) with (H, W) instances/classes, got {image.shape}, {inst.shape}, {cls.shape}",
+            )
+        if mpp > 0 and abs(mpp / self.mpp - 1.0) > self.mpp_tolerance:
+            f = mpp / self.mpp
+            image = np.clip(ndimage.zoom(image.astype(np.float32), (1, f, f), order=1), 0, 255).round().astype(np.uint8)
+            inst = ndimage.zoom(inst, f, order=0)
+            cls = ndimage.zoom(cls, f, order=0)
+        out = {"image": image, "instances": inst, "classes": cls, "image_id": image_id}
+        self._last = (i, out)
+        return out
+
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        i, y, x = self.index[idx]
+        item = self._load(i)
+        t = self.tile_size
+        h, w = item["instances"].shape
+        if y < 0:  # random crop
+            rng = np.random.default_rng([self.seed, self.epoch, i])
+            y = int(rng.integers(0, max(h - t, 0) + 1))
+            x = int(rng.integers(0, max(w - t, 0) + 1))
+        image = np.full((3, t, t), 255, np.uint8)
+        inst = np.zeros((t, t), np.int32)
+        cls = np.full((t, t), IGNORE, np.uint8)
+        ch, cw = min(t, h - y), min(t, w - x)
+        image[:, :ch, :cw] = item["image"][:, y : y + ch, x : x + cw]
+        inst[:ch, :cw] = item["instances"][y : y + ch, x : x + cw]
+        cls[:ch, :cw] = item["classes"][y : y + ch, x : x + cw]
+        tg = hover_targets(inst, cls)
+        tile_id = f"{item['image_id']}@{y},{x}"
+        digest = hashlib.blake2b(image.tobytes(), digest_size=8).hexdigest()
+        return {
+            "image": torch.from_numpy(image),
+            "np": torch.from_numpy(tg["np"].astype(np.int64)),
+            "hv": torch.from_numpy(tg["hv"]),
+            "tp": torch.from_numpy(tg["tp"].astype(np.int64)),
+            "valid": torch.from_numpy(tg["valid"]),
+            "tile_id": tile_id,
+            "key": f"{tile_id}#{digest}",
+        }
+
+
+def collate_tiles(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors and keep strings as lists."""
+    out: dict[str, Any] = {}
+    for k in items[0]:
+        vals = [it[k] for it in items]
+        out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+    return out
+
+
+class TileCache:
+    """Tensors per tile, keyed by a namespace (e.g. an encoder or teacher id) and the tile key.
+
+    In memory by default; with ``directory`` the tensors are written as float16 ``.npz`` files under
+    ``directory/namespace/`` (atomically) and read back from there (``allow_pickle=False``), so a
+    cache survives restarts and is shared between runs with the same namespace.
+    """
+
+    def __init__(self, namespace: str, *, directory: str | os.PathLike[str] | None = None) -> None:
+        self.namespace = namespace
+        self.directory = None if directory is None else Path(directory) / namespace
+        self._memory: dict[str, list[torch.Tensor]] = {}
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        assert self.directory is not None
+        return self.directory / (hashlib.sha1(key.encode()).hexdigest() + ".npz")
+
+    def __contains__(self, key: str) -> bool:
+        if self.directory is None:
+            return key in self._memory
+        return self._path(key).is_file()
+
+    def put(self, key: str, tensors: list[torch.Tensor]) -> None:
+        arrays = [t.detach().to("cpu", torch.float16) for t in tensors]
+        if self.directory is None:
+            self._memory[key] = arrays
+            return
+        path = self._path(key)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as fh:
+            np.savez(fh, *[a.numpy() for a in arrays])
+        os.replace(tmp, path)
+
+    def get(self, key: str) -> list[torch.Tensor]:
+        if self.directory is None:
+            return self._memory[key]
+        path = self._path(key)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return [torch.from_numpy(z[f"arr_{j}"]) for j in range(len(z.files))]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelError(f"cache entry is unreadable ({exc})", path=path) from None
+
+    def get_batch(self, keys: list[str], *, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """Stack the tensors of ``keys``: one (B, …) float32 tensor per cached position."""
+        per_tile = [self.get(k) for k in keys]
+        return [torch.stack([t[j] for t in per_tile]).to(device, torch.float32) for j in range(len(per_tile[0]))]
+
+
+# -- augmentations ------------------------------------------------------------------------------
+
+# Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB), unit length.
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_RGB_FROM_HED = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+
+
+def stain_jitter(
+    images: torch.Tensor, *, generator: torch.Generator | None = None, sigma: float = 0.05, bias: float = 0.02
+) -> torch.Tensor:
+    """Random per-image H&E stain perturbation in optical-density (HED) space.
+
+    Each stain concentration ``s`` becomes ``s·a + b`` with ``a ~ U(1−σ, 1+σ)``, ``b ~ U(−bias, bias)``.
+
+    Parameters
+    ----------
+    images
+        (B, 3, H, W) float RGB in [0, 1].
+    """
+    b = images.shape[0]
+    dev, dt = images.device, torch.float32
+    a = 1 + (torch.rand(b, 3, generator=generator) * 2 - 1) * sigma
+    c = (torch.rand(b, 3, generator=generator) * 2 - 1) * bias
+    od = -torch.log(images.float().clamp_min(1e-6))
+    hed = torch.einsum("bchw,cd->bdhw", od, _HED_FROM_RGB.to(dev, dt))
+    hed = hed * a.to(dev, dt)[:, :, None, None] + c.to(dev, dt)[:, :, None, None]
+    od2 = torch.einsum("bdhw,dc->bchw", hed, _RGB_FROM_HED.to(dev, dt))
+    return torch.exp(-od2).clamp(0.0, 1.0).to(images.dtype)
+
+
+def augment_batch(
+    batch: dict[str, Any],
+    *,
+    generator: torch.Generator,
+    teacher: list[torch.Tensor] | None = None,
+    stain: bool = True,
+    stain_sigma: float = 0.05,
+) -> tuple[dict[str, Any], list[torch.Tensor] | None]:
+    """Random flip/90° rotation per tile (targets and teacher maps transformed with it) + stain jitter.
+
+    Parameters
+    ----------
+    batch
+        Collated tiles; ``image`` may be uint8 or float in [0, 1] (returned as float in [0, 1]).
+    teacher
+        ``[np (B, 2, T, T), hv (B, 2, T, T), tp (B, K, T, T)]`` teacher outputs for the same tiles.
+    """
+    out = dict(batch)
+    img = batch["image"]
+    img = img.float() / 255.0 if img.dtype == torch.uint8 else img.float()
+    n = img.shape[0]
+    ks = torch.randint(0, 4, (n,), generator=generator).tolist()
+    flips = torch.randint(0, 2, (n,), generator=generator).tolist()
+    imgs, nps, tps, valids, hvs = [], [], [], [], []
+    t_out: list[list[torch.Tensor]] = [[], [], []]
+    for j in range(n):
+        k, f = ks[j], bool(flips[j])
+        imgs.append(dihedral(img[j], k, f))
+        nps.append(dihedral(batch["np"][j], k, f))
+        tps.append(dihedral(batch["tp"][j], k, f))
+        valids.append(dihedral(batch["valid"][j], k, f))
+        hvs.append(dihedral_hv(batch["hv"][j], k, f))
+        if teacher is not None:
+            t_out[0].append(dihedral(teacher[0][j], k, f))
+            t_out[1].append(dihedral_hv(teacher[1][j], k, f))
+            t_out[2].append(dihedral(teacher[2][j], k, f))
+    x = torch.stack(imgs)
+    if stain:
+        x = stain_jitter(x, generator=generator, sigma=stain_sigma, bias=stain_sigma * 0.4)
+    out.update(image=x, np=torch.stack(nps), tp=torch.stack(tps), valid=torch.stack(valids), hv=torch.stack(hvs))
+    return out, ([torch.stack(t) for t in t_out] if teacher is not None else None)
