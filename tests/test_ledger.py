@@ -127,3 +127,13 @@ def test_superseded_run_no_longer_counts(ledger):
     f = ledger.current_labels()
     assert (f.loc[1, "label"], f.loc[2, "label"], f.loc[2, "status"]) == (7, 0, "unresolved")
     assert ledger.count("proposal") == 3  # history kept
+
+
+def test_63_bit_ids_survive_null_rows(ledger):
+    """Round events have NULL nucleus ids; large ids must not pass through float64."""
+    big = 2**63 - 25
+    ledger.append([ingest(big, 3), {"kind": "round", "round": 1, "actor": "relabel", "action": "started"},
+                   ingest(big - 1, 4)])
+    ev = ledger.events()
+    assert ev["nucleus_id"].dropna().tolist() == [big, big - 1]
+    assert sorted(ledger.current_labels().index) == [big - 1, big]

@@ -1,0 +1,172 @@
+"""OME-Zarr (OME-NGFF) copies of release images with their label images.
+
+One OME-Zarr image per release image, ``<release>/ome/<safe image id>.ome.zarr``::
+
+    <image>.ome.zarr/            multiscales image, axes (c, y, x), scale (1, mpp, mpp) micrometer
+      0/                         (3, H, W) uint8 RGB
+      labels/                    labels group: ["instances", "classes"]
+        instances/0              (H, W) int32 instance label image
+        classes/0                (H, W) uint8 class label image, image-label colours and
+                                 properties {label-value, class} per class (255 = ignore)
+
+NGFF 0.5 (default) is Zarr v3 with the metadata under the ``"ome"`` key of the group
+attributes; NGFF 0.4 is Zarr v2 with ``multiscales`` / ``labels`` / ``image-label`` at the top
+level of ``.zattrs`` and a ``version`` in each block. napari's OME-Zarr reader and QuPath (via
+its OME-Zarr support) open both.
+
+Dimensions: H×W pixels, K classes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError
+
+OME_VERSIONS: tuple[str, ...] = ("0.5", "0.4")
+CHUNK = 512
+IGNORE_RGBA = [128, 128, 128, 128]
+
+
+def _axes(with_channel: bool) -> list[dict[str, str]]:
+    ax = [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
+    return ([{"name": "c", "type": "channel"}] + ax) if with_channel else ax
+
+
+def _multiscales(name: str, mpp: float, *, with_channel: bool, version: str) -> list[dict[str, Any]]:
+    scale = ([1.0] if with_channel else []) + [float(mpp), float(mpp)]
+    ms: dict[str, Any] = {
+        "name": name,
+        "axes": _axes(with_channel),
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}],
+    }
+    if version == "0.4":
+        ms = {"version": "0.4", **ms}
+    return [ms]
+
+
+def _put(group: Any, meta: dict[str, Any], version: str) -> None:
+    if version == "0.5":
+        group.attrs.update({"ome": {"version": "0.5", **meta}})
+    else:
+        group.attrs.update(meta)
+
+
+def write_ome_image(path: str | Path, image: np.ndarray, instances: np.ndarray, classes: np.ndarray, *,
+                    mpp: float, taxonomy: Any, name: str = "image", version: str = "0.5") -> Path:
+    """Write one OME-Zarr image with ``instances`` and ``classes`` label images.
+
+    Parameters
+    ----------
+    image
+        (H, W, 3) uint8 RGB (stored as (3, H, W)).
+    instances
+        (H, W) int32 instance ids.
+    classes
+        (H, W) uint8 class ids (0 background, 1..K, 255 ignore).
+    mpp
+        Microns per pixel (the spatial scale).
+    taxonomy
+        Gives the class names and colours of the ``classes`` label image.
+    version
+        "0.5" (Zarr v3) or "0.4" (Zarr v2).
+    """
+    import zarr
+
+    if version not in OME_VERSIONS:
+        raise ConfigError(f"OME-NGFF version must be one of {OME_VERSIONS}, got {version!r}")
+    h, w = instances.shape
+    if image.shape != (h, w, 3) or classes.shape != (h, w):
+        raise ConfigError(f"{name}: image {image.shape}, instances {instances.shape} and classes "
+                          f"{classes.shape} do not agree")
+    zf = 3 if version == "0.5" else 2
+    ch = (min(CHUNK, h), min(CHUNK, w))
+    root = zarr.open_group(str(path), mode="w", zarr_format=zf)
+    kw: dict[str, Any] = {"fill_value": 0}
+    if zf == 3:
+        kw["dimension_names"] = ["c", "y", "x"]
+    root.create_array("0", data=np.ascontiguousarray(image.transpose(2, 0, 1)), chunks=(1, *ch), **kw)
+    _put(root, {
+        "multiscales": _multiscales(name, mpp, with_channel=True, version=version),
+        "omero": {"channels": [
+            {"label": c, "color": col, "active": True, "window": {"start": 0, "end": 255, "min": 0, "max": 255}}
+            for c, col in (("red", "FF0000"), ("green", "00FF00"), ("blue", "0000FF"))
+        ], "rdefs": {"model": "color"}},
+    }, version)
+    labels = root.create_group("labels")
+    _put(labels, {"labels": ["instances", "classes"]}, version)
+    for lname, data in (("instances", instances.astype(np.int32, copy=False)),
+                        ("classes", classes.astype(np.uint8, copy=False))):
+        g = labels.create_group(lname)
+        lkw: dict[str, Any] = {"fill_value": 0}
+        if zf == 3:
+            lkw["dimension_names"] = ["y", "x"]
+        g.create_array("0", data=data, chunks=ch, **lkw)
+        image_label: dict[str, Any] = {"source": {"image": "../../"}}
+        if lname == "classes":
+            image_label["colors"] = [{"label-value": c.id, "rgba": [*c.rgb, 255]} for c in taxonomy.classes] + [
+                {"label-value": 255, "rgba": IGNORE_RGBA}]
+            image_label["properties"] = [{"label-value": c.id, "class": c.name} for c in taxonomy.classes] + [
+                {"label-value": 255, "class": "ignore"}]
+        if version == "0.4":
+            image_label = {"version": "0.4", **image_label}
+        _put(g, {"image-label": image_label,
+                 "multiscales": _multiscales(f"{name}/{lname}", mpp, with_channel=False, version=version)}, version)
+    return Path(path)
+
+
+def write_release_ome_zarr(folder: str | Path, images: pd.DataFrame, taxonomy: Any, *, version: str = "0.5",
+                           progress: bool = True) -> list[Path]:
+    """Write ``<folder>/ome/<image>.ome.zarr`` for every image of a release being written in
+    ``folder`` (reads the release's own ``arrays.zarr``)."""
+    import zarr
+    from tqdm import tqdm
+
+    from .release import safe_name
+
+    folder = Path(folder)
+    (folder / "ome").mkdir(exist_ok=True)
+    out: list[Path] = []
+    opened: dict[str, tuple[Any, Any, Any]] = {}
+    for row in tqdm(images.itertuples(index=False), total=len(images), desc="OME-Zarr", unit="img",
+                    disable=None if progress else True):
+        g = str(row.zarr_group)
+        if g not in opened:
+            base = folder / "arrays.zarr" / g
+            opened[g] = tuple(zarr.open_array(str(base / n), mode="r") for n in ("image", "instances", "classes"))
+        a_img, a_ins, a_cls = opened[g]
+        k = int(row.zarr_index)
+        sel: Any = k if k >= 0 else Ellipsis
+        out.append(write_ome_image(folder / "ome" / f"{safe_name(row.image_id)}.ome.zarr",
+                                   np.asarray(a_img[sel]), np.asarray(a_ins[sel]), np.asarray(a_cls[sel]),
+                                   mpp=float(row.mpp), taxonomy=taxonomy, name=str(row.image_id),
+                                   version=version))
+    return out
+
+
+def read_ome_metadata(path: str | Path) -> dict[str, Any]:
+    """The NGFF metadata of an OME-Zarr image and its label images, normalised to one dict
+    ``{"version", "multiscales", "labels", "image-label": {name: ...}, "label-multiscales": {...}}``
+    whatever the NGFF version (0.4 or 0.5)."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+
+    def meta(g: Any) -> dict[str, Any]:
+        a = dict(g.attrs)
+        return dict(a["ome"]) if "ome" in a else a
+
+    top = meta(root)
+    version = top.get("version") or top["multiscales"][0].get("version")
+    lab = meta(root["labels"])
+    out: dict[str, Any] = {"version": version, "multiscales": top["multiscales"], "labels": lab["labels"],
+                           "image-label": {}, "label-multiscales": {}}
+    for name in lab["labels"]:
+        m = meta(root["labels"][name])
+        out["image-label"][name] = m["image-label"]
+        out["label-multiscales"][name] = m["multiscales"]
+    return out

@@ -1,0 +1,684 @@
+"""QuPath GeoJSON both ways: export nuclei as detections, bring QuPath edits back as decisions.
+
+Export (``curate export-qupath STORE|RELEASE --out DIR``): one GeoJSON ``FeatureCollection`` per
+image, one ``Feature`` per nucleus::
+
+    {"type": "Feature", "id": "<uuid5 of the nucleus id>",
+     "geometry": {"type": "Polygon", "coordinates": [[[x, y], ...]]},   # image pixels, closed rings
+     "properties": {"objectType": "detection",                          # or "cell"
+                    "classification": {"name": "Lymphocyte", "color": [r, g, b]},
+                    "measurements": {"area_px": .., "area_um2": .., "prob_<Class>": .., "issue_score": ..},
+                    "metadata": {"nucleus_id": "...", "image_id": "...", "status": "reviewed", ...}}}
+
+Polygons trace pixel edges (QuPath's convention: pixel (row r, col c) is the square
+[c, c+1] x [r, r+1]), so rasterising a polygon by pixel centres gives back the exact mask. Rejected
+nuclei and ignore regions are classified ``Ignore*`` (QuPath's built-in ignore class); unresolved
+nuclei carry no classification.
+
+Import (``curate ingest qupath GEOJSON... --store S``): every file is parsed and validated first
+(JSON, geometry type, coordinates inside the image, known classes); only then are label changes
+appended to the ledger as ``decision`` events in one transaction (actor ``qupath:<reviewer>``,
+payload source ``"qupath"``). Features are matched to nuclei by ``metadata.nucleus_id`` when
+present, otherwise by overlap (IoU >= 0.5) with the image's instance map. A feature without a
+classification changes nothing; ``Ignore*`` marks the nucleus as not a nucleus.
+
+Dimensions: F features, H×W pixels, K classes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import os
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError, InputFormatError, InputNotFoundError, StoreError
+
+ObjectType = Literal["detection", "cell", "annotation"]
+OBJECT_TYPES: tuple[str, ...] = ("detection", "cell", "annotation")
+IGNORE_CLASS = "Ignore*"
+IGNORE_COLOR = [180, 180, 180]
+NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://cellcurate/nucleus")
+GEOMETRY_TYPES = ("Polygon", "MultiPolygon")
+
+
+def feature_uuid(nucleus_id: int) -> str:
+    """Deterministic UUID of a nucleus (uuid5 of its id)."""
+    return str(uuid.uuid5(NAMESPACE, str(int(nucleus_id))))
+
+
+def _rgb(color: Any) -> list[int]:
+    if isinstance(color, str):
+        h = color.lstrip("#")
+        return [int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)]
+    return [int(c) for c in color][:3]
+
+
+# -- mask -> polygon ------------------------------------------------------------------------------
+def mask_to_geometry(mask: np.ndarray, *, offset: tuple[int, int] = (0, 0)) -> Any:
+    """Polygon (or MultiPolygon) tracing the pixel edges of a binary mask.
+
+    Parameters
+    ----------
+    mask
+        (h, w) bool.
+    offset
+        (y0, x0) added to the coordinates (the crop's place in the image).
+
+    Returns
+    -------
+    shapely Polygon / MultiPolygon in (x, y) image coordinates, holes kept; ``None`` for an empty
+    mask.
+
+    >>> m = np.zeros((3, 3), bool); m[1, 1:3] = True
+    >>> mask_to_geometry(m).bounds
+    (1.0, 1.0, 3.0, 2.0)
+    """
+    import shapely
+
+    m = np.asarray(mask, dtype=bool)
+    if not m.any():
+        return None
+    # one rectangle per horizontal run of pixels, unioned
+    pad = np.zeros((m.shape[0], m.shape[1] + 2), dtype=np.int8)
+    pad[:, 1:-1] = m
+    d = np.diff(pad, axis=1)
+    rs, cs = np.nonzero(d == 1)
+    re_, ce = np.nonzero(d == -1)
+    order_s = np.lexsort((cs, rs))
+    order_e = np.lexsort((ce, re_))
+    rows, c0, c1 = rs[order_s], cs[order_s], ce[order_e]
+    y0, x0 = offset
+    boxes = shapely.box(c0 + x0, rows + y0, c1 + x0, rows + 1 + y0)
+    geom = shapely.union_all(boxes)
+    geom = shapely.simplify(geom, 0)  # drop collinear vertices of the staircase
+    geom = shapely.geometry.polygon.orient(geom, 1.0) if geom.geom_type == "Polygon" else geom
+    if not geom.is_valid:
+        geom = _polygonal(shapely.make_valid(geom))
+    return geom
+
+
+def _polygonal(geom: Any) -> Any:
+    import shapely
+
+    if geom is None or geom.is_empty:
+        return None
+    if geom.geom_type in GEOMETRY_TYPES:
+        return geom
+    parts = [g for g in getattr(geom, "geoms", []) if g.geom_type in GEOMETRY_TYPES]
+    if not parts:
+        return None
+    return shapely.union_all(parts)
+
+
+def geometry_mask(geom: Any, shape: tuple[int, int], *, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Pixels whose centre lies inside ``geom`` (holes excluded), over ``window`` (y0, x0, y1, x1)
+    of an image of ``shape`` (default: the geometry's bounds). Returns (y1-y0, x1-x0) bool."""
+    import shapely
+
+    if window is None:
+        minx, miny, maxx, maxy = geom.bounds
+        window = (max(0, int(math.floor(miny))), max(0, int(math.floor(minx))),
+                  min(shape[0], int(math.ceil(maxy))), min(shape[1], int(math.ceil(maxx))))
+    y0, x0, y1, x1 = window
+    if y1 <= y0 or x1 <= x0:
+        return np.zeros((max(0, y1 - y0), max(0, x1 - x0)), bool)
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    return shapely.contains_xy(geom, xx.ravel() + 0.5, yy.ravel() + 0.5).reshape(yy.shape)
+
+
+def _geometry_json(geom: Any) -> dict[str, Any]:
+    import shapely
+
+    def ring(coords: Any) -> list[list[float]]:
+        pts = [[_num(x), _num(y)] for x, y in coords]
+        if pts and pts[0] != pts[-1]:
+            pts.append(list(pts[0]))
+        return pts
+
+    def poly(p: Any) -> list[list[list[float]]]:
+        p = shapely.geometry.polygon.orient(p, 1.0)
+        return [ring(p.exterior.coords)] + [ring(r.coords) for r in p.interiors]
+
+    if geom.geom_type == "Polygon":
+        return {"type": "Polygon", "coordinates": poly(geom)}
+    return {"type": "MultiPolygon", "coordinates": [poly(p) for p in geom.geoms]}
+
+
+def _num(v: float) -> float | int:
+    f = float(v)
+    return int(f) if f.is_integer() else round(f, 3)
+
+
+# -- writing ----------------------------------------------------------------------------------------
+def make_feature(geometry: Any, *, id: str | None = None, class_name: str | None = None,
+                 color: Any = None, measurements: dict[str, float] | None = None,
+                 metadata: dict[str, Any] | None = None, object_type: str = "detection") -> dict[str, Any]:
+    """One QuPath GeoJSON Feature from a shapely polygon (validated: closed rings, no
+    self-intersections; an invalid polygon is repaired with ``make_valid``)."""
+    import shapely
+
+    if object_type not in OBJECT_TYPES:
+        raise ConfigError(f"object_type must be one of {OBJECT_TYPES}, got {object_type!r}")
+    geom = geometry
+    if geom is None or geom.is_empty or geom.geom_type not in GEOMETRY_TYPES:
+        raise ConfigError(f"feature {id}: geometry must be a non-empty Polygon or MultiPolygon")
+    if not shapely.is_valid(geom):
+        geom = _polygonal(shapely.make_valid(geom))
+        if geom is None:
+            raise ConfigError(f"feature {id}: polygon is invalid and cannot be repaired")
+    props: dict[str, Any] = {"objectType": object_type}
+    if class_name is not None:
+        props["classification"] = {"name": str(class_name), "color": _rgb(color) if color is not None else IGNORE_COLOR}
+    if measurements:
+        props["measurements"] = {str(k): float(v) for k, v in measurements.items()
+                                 if v is not None and np.isfinite(float(v))}
+    if metadata:
+        props["metadata"] = {str(k): str(v) for k, v in metadata.items() if v is not None}
+    return {"type": "Feature", "id": id or str(uuid.uuid4()), "geometry": _geometry_json(geom), "properties": props}
+
+
+def write_geojson(path: str | Path, features: list[dict[str, Any]] | pd.DataFrame, *,
+                  object_type: str = "detection", compress: bool | None = None) -> Path:
+    """Write a QuPath-readable GeoJSON FeatureCollection atomically.
+
+    Parameters
+    ----------
+    features
+        Feature dicts (:func:`make_feature`), or a frame with a ``geometry`` column (shapely) and
+        optional ``id``, ``class_name``, ``color`` ("#rrggbb" or [r, g, b]), ``measurements``
+        (dict), ``metadata`` (dict), ``object_type`` columns (as ``curate predict`` produces).
+    compress
+        gzip the file; default: when ``path`` ends with ``.gz``.
+    """
+    path = Path(path)
+    if isinstance(features, pd.DataFrame):
+        feats = []
+        for rec in features.to_dict("records"):
+            r = {k: (None if not isinstance(v, (list, dict, tuple, np.ndarray)) and _missing(v) else v)
+                 for k, v in rec.items()}
+            feats.append(make_feature(
+                r["geometry"], id=r.get("id"), class_name=r.get("class_name"), color=r.get("color"),
+                measurements=r.get("measurements"), metadata=r.get("metadata"),
+                object_type=r.get("object_type") or object_type,
+            ))
+    else:
+        feats = list(features)
+    compress = path.name.endswith(".gz") if compress is None else compress
+    data = json.dumps({"type": "FeatureCollection", "features": feats}, separators=(",", ":")).encode("utf-8")
+    if compress:
+        data = gzip.compress(data, mtime=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def image_features(instances: np.ndarray, nuclei: pd.DataFrame, taxonomy: Any, *, mpp: float | None = None,
+                   object_type: str = "detection") -> list[dict[str, Any]]:
+    """Features of one image's nuclei.
+
+    Parameters
+    ----------
+    instances
+        (H, W) int32 instance map of the image.
+    nuclei
+        Rows of a release nuclei table (or :func:`cellcurate.curation.release.snapshot`) for
+        this image: nucleus_id, image_id, kind, instance_id, bbox_*, area, class_value,
+        ignore_reason, decided, probs, issue_score, source_label.
+    """
+    names = {c.id: c.name for c in taxonomy.classes}
+    colors = {c.id: c.color for c in taxonomy.classes}
+    h, w = instances.shape
+    feats = []
+    for r in nuclei.itertuples(index=False):
+        y0, x0, y1, x1 = int(r.bbox_y0), int(r.bbox_x0), int(r.bbox_y1), int(r.bbox_x1)
+        crop = instances[y0:y1, x0:x1] == int(r.instance_id)
+        geom = mask_to_geometry(crop, offset=(y0, x0))
+        if geom is None:
+            continue
+        cv = int(r.class_value)
+        if cv in names:
+            cname, color = names[cv], colors[cv]
+        elif r.kind != "nucleus" or r.ignore_reason == "rejected":
+            cname, color = IGNORE_CLASS, IGNORE_COLOR
+        else:
+            cname, color = None, None  # unresolved / conflict: no class yet
+        meas: dict[str, float] = {"area_px": float(r.area)}
+        if mpp:
+            meas["area_um2"] = float(r.area) * float(mpp) ** 2
+        probs = r.probs
+        if probs is not None and not (isinstance(probs, float) and math.isnan(probs)) and len(probs):
+            for cid, p in zip(taxonomy.ids, list(probs)):
+                meas[f"prob_{names[cid]}"] = float(p)
+        if r.issue_score is not None and not pd.isna(r.issue_score):
+            meas["issue_score"] = float(r.issue_score)
+        meta = {"nucleus_id": int(r.nucleus_id), "image_id": r.image_id, "kind": r.kind,
+                "status": r.decided, "source_label": r.source_label}
+        if r.ignore_reason:
+            meta["ignore_reason"] = r.ignore_reason
+        feats.append(make_feature(geom, id=feature_uuid(r.nucleus_id), class_name=cname, color=color,
+                                  measurements=meas, metadata=meta, object_type=object_type))
+    return feats
+
+
+@dataclass
+class QupathExport:
+    files: list[Path]
+    n_features: int
+
+
+def export_qupath(source: Any, out: str | Path, *, compress: bool = False, object_type: str = "detection",
+                  image_ids: list[str] | None = None, progress: bool = True) -> QupathExport:
+    """One GeoJSON per image of a store (a :class:`Store` or its folder) or a release folder."""
+    from tqdm import tqdm
+
+    from ..datasets.store import Store
+    from .release import safe_name
+
+    if object_type not in OBJECT_TYPES:
+        raise ConfigError(f"object_type must be one of {OBJECT_TYPES}, got {object_type!r}")
+    out = Path(out)
+    close = False
+    if isinstance(source, (str, Path)):
+        p = Path(source)
+        if (p / "manifest.json").is_file():
+            return _export_release(p, out, compress=compress, object_type=object_type, image_ids=image_ids,
+                                   progress=progress)
+        if not (p / "store.json").is_file():
+            raise InputNotFoundError(p, "neither a store (store.json) nor a release (manifest.json)")
+        source, close = Store.open(p), True
+    try:
+        from .release import snapshot
+
+        snap = snapshot(source)
+        images = snap.images
+        if image_ids is not None:
+            images = images[images["image_id"].isin(image_ids)]
+        groups = snap.nuclei.groupby("image_id", sort=False)
+        files, n = [], 0
+        for row in tqdm(images.itertuples(index=False), total=len(images), desc="QuPath GeoJSON", unit="img",
+                        disable=None if progress else True):
+            nuc = groups.get_group(row.image_id) if row.image_id in groups.groups else snap.nuclei.iloc[:0]
+            ins = source.read_instances(row.image_id)
+            feats = image_features(ins, nuc, source.taxonomy, mpp=float(row.mpp), object_type=object_type)
+            name = f"{safe_name(row.image_id)}.geojson" + (".gz" if compress else "")
+            files.append(write_geojson(out / name, feats, compress=compress))
+            n += len(feats)
+        return QupathExport(files, n)
+    finally:
+        if close:
+            source.close()
+
+
+def _export_release(path: Path, out: Path, *, compress: bool, object_type: str, image_ids: list[str] | None,
+                    progress: bool) -> QupathExport:
+    from tqdm import tqdm
+
+    from ..datasets.release import ReleaseDataset
+    from ..datasets.taxonomy import Taxonomy
+    from .release import safe_name
+
+    ds = ReleaseDataset(path, split="all")
+    tax = Taxonomy.load(path / "taxonomy.json")
+    groups = ds.nuclei.groupby("image_id", sort=False)
+    files, n = [], 0
+    for i in tqdm(range(len(ds)), desc="QuPath GeoJSON", unit="img", disable=None if progress else True):
+        image_id = str(ds.images.at[i, "image_id"])
+        if image_ids is not None and image_id not in image_ids:
+            continue
+        _img, ins, _cls = ds.read(i)
+        nuc = groups.get_group(image_id) if image_id in groups.groups else ds.nuclei.iloc[:0]
+        feats = image_features(np.asarray(ins), nuc, tax, mpp=float(ds.images.at[i, "mpp"]), object_type=object_type)
+        name = f"{safe_name(image_id)}.geojson" + (".gz" if compress else "")
+        files.append(write_geojson(out / name, feats, compress=compress))
+        n += len(feats)
+    return QupathExport(files, n)
+
+
+# -- reading --------------------------------------------------------------------------------------
+def _load_json(path: Path) -> Any:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise InputNotFoundError(path, "GeoJSON file not found") from None
+    try:
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+        return json.loads(raw.decode("utf-8"))
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputFormatError(path, f"not valid JSON ({msg})") from None
+
+
+def _features_of(path: Path, data: Any) -> list[Any]:
+    if isinstance(data, list):  # QuPath can export a bare array of features
+        return data
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        feats = data.get("features")
+        if not isinstance(feats, list):
+            raise InputFormatError(path, "FeatureCollection has no 'features' list")
+        return feats
+    if isinstance(data, dict) and data.get("type") == "Feature":
+        return [data]
+    kind = data.get("type") if isinstance(data, dict) else type(data).__name__
+    raise InputFormatError(path, f"expected a GeoJSON FeatureCollection, got {kind!r}")
+
+
+def _parse_geometry(path: Path, i: int, geometry: Any) -> Any:
+    import shapely
+
+    if not isinstance(geometry, dict):
+        raise InputFormatError(path, f"feature {i}: no geometry")
+    gtype = geometry.get("type")
+    if gtype not in GEOMETRY_TYPES:
+        raise InputFormatError(path, f"feature {i}: geometry type {gtype!r} is not a Polygon or MultiPolygon")
+    coords = geometry.get("coordinates")
+
+    def ring(r: Any) -> np.ndarray:
+        a = np.asarray(r, dtype=float)
+        if a.ndim != 2 or a.shape[1] < 2 or len(a) < 4 or not np.isfinite(a).all():
+            raise ValueError("a ring needs at least 4 finite [x, y] positions")
+        return a[:, :2]
+
+    def poly(p: Any) -> Any:
+        if not isinstance(p, list) or not p:
+            raise ValueError("a polygon needs at least one ring")
+        rings = [ring(r) for r in p]
+        return shapely.Polygon(rings[0], rings[1:])
+
+    try:
+        if gtype == "Polygon":
+            return poly(coords)
+        if not isinstance(coords, list) or not coords:
+            raise ValueError("a MultiPolygon needs at least one polygon")
+        return shapely.MultiPolygon([poly(p) for p in coords])
+    except (ValueError, TypeError) as exc:
+        raise InputFormatError(path, f"feature {i}: bad {gtype} coordinates ({exc})") from None
+
+
+def read_geojson(path: str | Path) -> pd.DataFrame:
+    """One row per feature of a (QuPath) GeoJSON file (``.gz`` accepted).
+
+    Columns: ``index`` (position in the file), ``id``, ``object_type``, ``class_name`` (None when
+    unclassified), ``color``, ``geometry`` (shapely), ``geometry_type``, ``n_polygons``,
+    ``n_holes``, ``area`` (polygon area in pixels², holes subtracted), ``valid`` (shapely
+    validity), ``nucleus_id`` (from metadata, or None), ``image_id`` (from metadata, or None),
+    ``measurements`` (dict).
+
+    Raises :class:`InputFormatError` (one line, naming the file and the feature) on invalid JSON,
+    a non-polygon geometry or malformed coordinates.
+    """
+    path = Path(path)
+    feats = _features_of(path, _load_json(path))
+    rows = []
+    for i, f in enumerate(feats):
+        if not isinstance(f, dict) or f.get("type") != "Feature":
+            raise InputFormatError(path, f"feature {i}: not a GeoJSON Feature")
+        geom = _parse_geometry(path, i, f.get("geometry"))
+        props = f.get("properties") or {}
+        if not isinstance(props, dict):
+            raise InputFormatError(path, f"feature {i}: properties must be an object")
+        cls = props.get("classification")
+        cname = cls.get("name") if isinstance(cls, dict) else (cls if isinstance(cls, str) else None)
+        color = cls.get("color") if isinstance(cls, dict) else None
+        meta = props.get("metadata") if isinstance(props.get("metadata"), dict) else {}
+        nid = meta.get("nucleus_id", props.get("nucleus_id"))
+        polys = list(geom.geoms) if geom.geom_type == "MultiPolygon" else [geom]
+        rows.append({
+            "index": i, "id": f.get("id"), "object_type": props.get("objectType"),
+            "class_name": cname, "color": color, "geometry": geom, "geometry_type": geom.geom_type,
+            "n_polygons": len(polys), "n_holes": sum(len(p.interiors) for p in polys),
+            "area": float(geom.area), "valid": bool(geom.is_valid),
+            "nucleus_id": None if nid in (None, "") else str(nid),
+            "image_id": meta.get("image_id"),
+            "measurements": props.get("measurements") if isinstance(props.get("measurements"), dict) else {},
+        })
+    cols = ["index", "id", "object_type", "class_name", "color", "geometry", "geometry_type", "n_polygons",
+            "n_holes", "area", "valid", "nucleus_id", "image_id", "measurements"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+# -- import -----------------------------------------------------------------------------------------
+@dataclass
+class QupathImport:
+    """What :func:`import_geojson` found and did.
+
+    ``decisions``: the decision events appended (or that would be, with ``dry_run``);
+    ``per_file``: one row per file (file, image_id, features, matched, unmatched, unchanged,
+    changed, unclassified); ``class_counts``: features per mapped class name.
+    """
+
+    decisions: pd.DataFrame
+    per_file: pd.DataFrame
+    class_counts: dict[str, int] = field(default_factory=dict)
+    applied: bool = False
+
+
+def load_class_map(path: str | Path) -> dict[str, str]:
+    """A ``--class-map`` JSON file: ``{"foreign name": "Taxonomy class name" | "Ignore*" | null}``."""
+    path = Path(path)
+    data = _load_json(path)
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise InputFormatError(path, "class map must be a JSON object of name -> class name")
+    return {k: v for k, v in data.items()}
+
+
+def _class_resolver(taxonomy: Any, class_map: dict[str, Any] | None) -> Any:
+    cmap = {str(k).strip().lower(): v for k, v in (class_map or {}).items()}
+    ignore_names = {"ignore*", "ignore", "not a nucleus", "not_nucleus"}
+
+    def resolve(name: str | None) -> int | None | str:
+        """class id, -1 (not a nucleus), None (no change) or "unknown"."""
+        if _missing(name):
+            return None
+        key = str(name).strip().lower()
+        if key in cmap:
+            target = cmap[key]
+            if target is None:
+                return None
+            key = str(target).strip().lower()
+        if key in ignore_names:
+            return -1
+        try:
+            return taxonomy.class_id(key)
+        except ConfigError:
+            return "unknown"
+
+    return resolve
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA
+
+
+def _image_for_file(path: Path, frame: pd.DataFrame, given: str | None, known: dict[str, str]) -> str:
+    if given is not None:
+        if given not in known.values():
+            raise InputFormatError(path, f"image {given!r} (from --images) is not in the store")
+        return given
+    ids = {str(v) for v in frame["image_id"] if not _missing(v)}
+    if len(ids) == 1:
+        iid = str(ids.pop())
+        if iid not in known.values():
+            raise InputFormatError(path, f"features name image {iid!r}, which is not in the store")
+        return iid
+    if len(ids) > 1:
+        raise InputFormatError(path, f"features name {len(ids)} different images; one file must hold one image")
+    stem = path.name
+    for suffix in (".gz", ".geojson", ".json"):
+        stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem
+    if stem in known:
+        return known[stem]
+    raise InputFormatError(path, "cannot tell which image this file belongs to; pass --images IMAGE_ID")
+
+
+def import_geojson(store: Any, geojson_paths: list[str | Path] | str | Path, *,
+                   images: list[str] | str | None = None, reviewer: str = "qupath",
+                   class_map: dict[str, Any] | str | Path | None = None, min_iou: float = 0.5,
+                   dry_run: bool = False) -> QupathImport:
+    """Bring QuPath edits back into ``store`` as review decisions.
+
+    Parameters
+    ----------
+    geojson_paths
+        One GeoJSON (``.geojson``/``.json``, optionally ``.gz``) per image.
+    images
+        The store image id of each file, in order (default: the features' ``metadata.image_id``,
+        else the file name as written by :func:`export_qupath`).
+    reviewer
+        Recorded as the decisions' actor ``qupath:<reviewer>``.
+    class_map
+        Foreign class name -> taxonomy class name (or ``"Ignore*"``, or null to skip); a dict or a
+        JSON file. Taxonomy names match case-insensitively without it.
+    min_iou
+        Overlap needed to match a feature without a nucleus id to an instance.
+    dry_run
+        Validate and compute the decisions without appending them.
+
+    Everything is validated before anything is applied: an unknown class, a non-polygon geometry,
+    coordinates outside the image or invalid JSON raise one-line :class:`InputFormatError` and
+    the ledger is untouched.
+    """
+    from .release import fold_current_labels, safe_name
+
+    if store.readonly and not dry_run:
+        raise StoreError("the store is open read-only", path=store.path)
+    paths = [Path(geojson_paths)] if isinstance(geojson_paths, (str, Path)) else [Path(p) for p in geojson_paths]
+    if not paths:
+        raise ConfigError("no GeoJSON files given")
+    given: list[str | None]
+    if images is None:
+        given = [None] * len(paths)
+    else:
+        given = [images] if isinstance(images, str) else list(images)
+        if len(given) != len(paths):
+            raise ConfigError(f"--images names {len(given)} images for {len(paths)} GeoJSON files")
+    if isinstance(class_map, (str, Path)):
+        class_map = load_class_map(class_map)
+    resolve = _class_resolver(store.taxonomy, class_map)
+    reviewer = str(reviewer).strip() or "qupath"
+    actor = reviewer if reviewer.startswith("qupath:") else f"qupath:{reviewer}"
+
+    simages = store.images()
+    known = {safe_name(i): str(i) for i in simages["image_id"]}
+    dims = {str(r.image_id): (int(r.height), int(r.width)) for r in simages.itertuples(index=False)}
+    cur = fold_current_labels(store)
+    nuc_by_image = cur.groupby("image_id", sort=False)
+
+    # pass 1: parse + validate every file
+    parsed: list[tuple[Path, str, pd.DataFrame, list[Any]]] = []
+    for path, g in zip(paths, given):
+        frame = read_geojson(path)
+        image_id = _image_for_file(path, frame, g, known)
+        h, w = dims[image_id]
+        targets: list[Any] = []
+        for r in frame.itertuples(index=False):
+            minx, miny, maxx, maxy = r.geometry.bounds
+            if minx < 0 or miny < 0 or maxx > w or maxy > h:
+                raise InputFormatError(
+                    path, f"feature {r.index}: coordinates ({minx:g}, {miny:g})-({maxx:g}, {maxy:g}) "
+                    f"fall outside image {image_id} ({w}x{h} pixels)")
+            t = resolve(r.class_name)
+            if t == "unknown":
+                raise InputFormatError(
+                    path, f"feature {r.index}: unknown class {r.class_name!r}; expected one of "
+                    f"{', '.join(store.taxonomy.names)}, {IGNORE_CLASS}, or a --class-map entry")
+            targets.append(t)
+        parsed.append((path, image_id, frame, targets))
+
+    # pass 2: match features to nuclei, compute decisions
+    events: list[dict[str, Any]] = []
+    per_file = []
+    class_counts: dict[str, int] = {}
+    seen: dict[int, tuple[Path, int]] = {}
+    for path, image_id, frame, targets in parsed:
+        nuc = nuc_by_image.get_group(image_id) if image_id in nuc_by_image.groups else cur.iloc[:0]
+        by_nid = {int(n): k for k, n in enumerate(nuc["nucleus_id"].to_numpy())}
+        by_inst = {int(n): k for k, n in enumerate(nuc["instance_id"].to_numpy())}
+        instances: np.ndarray | None = None
+        stats = {"file": str(path), "image_id": image_id, "features": len(frame), "matched": 0, "unmatched": 0,
+                 "unchanged": 0, "changed": 0, "unclassified": 0}
+        for r, t in zip(frame.itertuples(index=False), targets):
+            k = None
+            if not _missing(r.nucleus_id):
+                try:
+                    k = by_nid.get(int(r.nucleus_id))
+                except ValueError:
+                    k = None
+            if k is None:
+                if instances is None:
+                    instances = store.read_instances(image_id)
+                k = _match_by_overlap(r.geometry, instances, by_inst, nuc, min_iou)
+            if k is None:
+                stats["unmatched"] += 1
+                continue
+            stats["matched"] += 1
+            row = nuc.iloc[k]
+            nid = int(row["nucleus_id"])
+            if nid in seen:
+                p0, i0 = seen[nid]
+                raise InputFormatError(path, f"feature {r.index}: nucleus {nid} is also matched by feature {i0} "
+                                       f"of {p0.name}")
+            seen[nid] = (path, int(r.index))
+            name = store.taxonomy.class_name(t) if isinstance(t, int) and t > 0 else (
+                IGNORE_CLASS if t == -1 else "(none)")
+            class_counts[name] = class_counts.get(name, 0) + 1
+            if t is None or row["kind"] != "nucleus":
+                stats["unclassified" if t is None else "unchanged"] += 1
+                continue
+            current = int(row["label"]) if not pd.isna(row["label"]) else 0
+            if int(t) == current and row["status"] != "conflict":
+                stats["unchanged"] += 1
+                continue
+            stats["changed"] += 1
+            events.append({
+                "kind": "decision", "nucleus_id": nid, "actor": actor,
+                "action": "not_nucleus" if t == -1 else "set_class", "label": int(t), "prev_label": current,
+                "round": None, "ref": None,
+                "payload": {"source": "qupath", "reason": "qupath edit", "file": path.name,
+                            "feature": str(r.index) if _missing(r.id) else str(r.id)},
+            })
+        per_file.append(stats)
+    decisions = pd.DataFrame(events, columns=["kind", "nucleus_id", "actor", "action", "label", "prev_label",
+                                              "round", "ref", "payload"])
+    applied = False
+    if events and not dry_run:
+        store.ledger.append(events)
+        applied = True
+    return QupathImport(decisions, pd.DataFrame(per_file), class_counts, applied)
+
+
+def _match_by_overlap(geom: Any, instances: np.ndarray, by_inst: dict[int, int], nuc: pd.DataFrame,
+                      min_iou: float) -> int | None:
+    minx, miny, maxx, maxy = geom.bounds
+    h, w = instances.shape
+    y0, x0 = max(0, int(math.floor(miny))), max(0, int(math.floor(minx)))
+    y1, x1 = min(h, int(math.ceil(maxy))), min(w, int(math.ceil(maxx)))
+    inside = geometry_mask(geom, (h, w), window=(y0, x0, y1, x1))
+    n_in = int(inside.sum())
+    if n_in == 0:
+        return None
+    ids, counts = np.unique(instances[y0:y1, x0:x1][inside], return_counts=True)
+    best, best_iou = None, 0.0
+    for iid, c in zip(ids, counts):
+        if iid == 0 or int(iid) not in by_inst:
+            continue
+        k = by_inst[int(iid)]
+        area = int(nuc.iloc[k]["area"])
+        iou = c / (n_in + area - c)
+        if iou > best_iou:
+            best, best_iou = k, iou
+    return best if best_iou >= min_iou else None

@@ -1,0 +1,131 @@
+"""Image-level splits of a release, deterministic from content and a seed.
+
+Rules (documented in docs/RELEASE_FORMAT.md):
+
+* PanNuke keeps its official folds: ``fold1``, ``fold2``, ``fold3``.
+* MoNuSAC keeps its official ``train`` / ``test``; a ``val`` split is drawn from the *patients*
+  of MoNuSAC train (``val_fraction`` of them, at least one when train has two or more patients),
+  so no patient is on two sides.
+* PanNuke has no patient ids; ``pannuke_val_fraction`` (default 0) optionally draws ``val``
+  images from fold1/fold2, grouped by image.
+* The order in which patients are drawn is ``sha256(f"{seed}:{group}")``: no RNG state, so the
+  same store and seed give the same split bit for bit, and adding a patient never reshuffles the
+  others.
+
+Convenience names (what ``load_release(path, split=...)`` accepts besides the split names):
+``train`` = fold1 + fold2 + MoNuSAC train (minus val); ``val`` = val; ``test`` = fold3 + MoNuSAC
+test; ``all`` = everything.
+
+Dimensions: N images.
+
+>>> import pandas as pd
+>>> images = pd.DataFrame({"image_id": ["a", "b"], "source": ["monusac"] * 2,
+...                        "split": ["train", "train"], "patient_id": ["P1", "P2"]})
+>>> assign_splits(images, seed=0)["split"].tolist()  # doctest: +SKIP
+['val', 'train']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError
+
+#: Split names a release can hold, in display order.
+SPLIT_NAMES: tuple[str, ...] = ("fold1", "fold2", "fold3", "train", "val", "test")
+
+#: Convenience split -> (source, source split) pairs it gathers (``val`` is its own split).
+SPLIT_ALIASES: dict[str, tuple[str, ...]] = {
+    "train": ("fold1", "fold2", "train"),
+    "val": ("val",),
+    "test": ("fold3", "test"),
+    "all": SPLIT_NAMES,
+}
+
+
+def _order_key(group: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{group}".encode("utf-8")).hexdigest()
+
+
+def _draw(groups: list[str], fraction: float, seed: int, *, at_least_one: bool) -> set[str]:
+    groups = sorted(set(groups))
+    if not groups or fraction <= 0:
+        return set()
+    n = int(math.floor(fraction * len(groups) + 0.5))
+    if at_least_one and len(groups) >= 2:
+        n = max(n, 1)
+    n = min(n, len(groups) - 1)  # never move every training group out
+    ordered = sorted(groups, key=lambda g: _order_key(g, seed))
+    return set(ordered[:n])
+
+
+def assign_splits(
+    images: pd.DataFrame, *, seed: int = 0, val_fraction: float = 0.2, pannuke_val_fraction: float = 0.0
+) -> pd.DataFrame:
+    """The release split of every image.
+
+    Parameters
+    ----------
+    images
+        N rows with ``image_id``, ``source``, ``split`` (the source's own split) and
+        ``patient_id`` (may be missing).
+    seed
+        Part of the draw order of the val groups.
+    val_fraction
+        Fraction of MoNuSAC train patients moved to ``val``.
+    pannuke_val_fraction
+        Fraction of PanNuke fold1/fold2 images moved to ``val`` (0 keeps the folds whole).
+
+    Returns
+    -------
+    DataFrame
+        N rows, columns ``image_id``, ``source_split`` (the source's own split, kept) and
+        ``split`` (the release split), in the order of ``images``.
+    """
+    for name, v in (("val_fraction", val_fraction), ("pannuke_val_fraction", pannuke_val_fraction)):
+        if not 0.0 <= float(v) < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {v}")
+    source_split = images["split"].astype(str).to_numpy()
+    split = source_split.copy().astype(object)
+    source = images["source"].astype(str).to_numpy()
+    patient = images["patient_id"].astype("string").fillna("").to_numpy(dtype=object)
+    group = np.where(patient != "", patient, images["image_id"].astype(str).to_numpy())
+
+    # MoNuSAC (and any other source with train/test): val by patient, never a test patient.
+    is_train = (source != "pannuke") & (source_split == "train")
+    test_groups = set(group[(source != "pannuke") & (source_split == "test")])
+    candidates = [g for g in group[is_train] if g not in test_groups]
+    val = _draw(candidates, float(val_fraction), seed, at_least_one=val_fraction > 0)
+    split[is_train & np.isin(group, list(val))] = "val"
+
+    if pannuke_val_fraction > 0:
+        is_pn = (source == "pannuke") & np.isin(source_split, ["fold1", "fold2"])
+        pn_val = _draw(list(group[is_pn]), float(pannuke_val_fraction), seed, at_least_one=True)
+        split[is_pn & np.isin(group, list(pn_val))] = "val"
+
+    return pd.DataFrame({
+        "image_id": images["image_id"].astype(str).to_numpy(),
+        "source_split": source_split,
+        "split": split.astype(str),
+    })
+
+
+def resolve_split(name: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Split names a convenience name or a list of names stands for (``"train"`` ->
+    fold1, fold2, train)."""
+    names = [name] if isinstance(name, str) else list(name)
+    out: list[str] = []
+    for n in names:
+        if n in SPLIT_ALIASES:
+            out.extend(SPLIT_ALIASES[n])
+        elif n in SPLIT_NAMES:
+            out.append(n)
+        else:
+            raise ConfigError(
+                f"unknown split {n!r}; expected one of {', '.join(SPLIT_NAMES)} or {', '.join(SPLIT_ALIASES)}"
+            )
+    return tuple(dict.fromkeys(out))
