@@ -1,61 +1,61 @@
 """`curate predict MODEL IMAGES... --out DIR`: instance maps, nucleus tables and QuPath GeoJSON.
 
 Per image ``NAME.png`` the command writes ``NAME_instances.tif`` (int32 instance map),
-``NAME_nuclei.parquet`` (one row per nucleus) and ``NAME.geojson``: a QuPath FeatureCollection
-with one ``detection`` per nucleus (Polygon in pixel coordinates, classification name and colour,
-measurements: area, nucleus probability and the class probabilities). Feature ids are UUIDs
-derived from the image name and the instance id, so a rerun gives the same ids.
+``NAME_nuclei.parquet`` (one row per nucleus, see :func:`cellcurate.models.postprocess.instance_table`)
+and ``NAME.geojson``, written by the QuPath export's own writer
+(:func:`cellcurate.curation.qupath.write_geojson`): one ``detection`` per nucleus whose polygon
+traces the nucleus' pixel edges exactly (:func:`cellcurate.curation.qupath.mask_to_geometry`),
+classified with the class name and colour, with measurements ``area_px`` (and ``area_um2`` when
+the pixel size is known), ``nucleus_prob`` and ``prob_<Class>``, and metadata ``image`` and
+``instance_id``. Feature ids are UUIDs derived from the image name and the instance id, so a
+rerun gives the same ids.
 """
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 from typing import Any
 
 import click
 
-_NAMESPACE = uuid.UUID("6f1c1c1e-5a52-4d3e-9a0e-63656c6c6375")
+_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://cellcurate/prediction")
 
 
-def geojson_features(prediction: Any, *, image_name: str) -> list[dict[str, Any]]:
-    """QuPath detection features of a :class:`cellcurate.models.predict.Prediction`."""
-    import numpy as np
+def prediction_features(prediction: Any, *, image_name: str) -> Any:
+    """A frame for :func:`cellcurate.curation.qupath.write_geojson`: one row per nucleus with
+    ``geometry`` (shapely, pixel edges), ``id``, ``class_name``, ``color``, ``measurements`` and
+    ``metadata``."""
+    import pandas as pd
+    from scipy import ndimage as ndi
+
+    from ..curation.qupath import mask_to_geometry
 
     colors = dict(zip(prediction.class_names, prediction.colors))
-    prob_cols = [f"prob_{n}" for n in prediction.class_names]
-    features: list[dict[str, Any]] = []
-    for row in prediction.nuclei.itertuples(index=False):
-        ring = np.asarray(row.polygon, float)
-        if len(ring) < 4:  # not a valid closed ring
+    inst = prediction.instances
+    boxes = ndi.find_objects(inst, max_label=len(prediction.nuclei))
+    rows = []
+    for row, box in zip(prediction.nuclei.itertuples(index=False), boxes):
+        if box is None:
             continue
-        hexc = colors[row.class_name].lstrip("#")
-        measurements = {"Area px": int(row.area), "Nucleus probability": round(float(row.nucleus_prob), 4)}
-        for name, col in zip(prediction.class_names, prob_cols):
-            measurements[f"Probability {name}"] = round(float(getattr(row, col)), 4)
-        features.append({
-            "type": "Feature",
-            "id": str(uuid.uuid5(_NAMESPACE, f"{image_name}/{int(row.instance_id)}")),
-            "geometry": {"type": "Polygon", "coordinates": [np.round(ring, 2).tolist()]},
-            "properties": {
-                "objectType": "detection",
-                "name": f"nucleus {int(row.instance_id)}",
-                "classification": {"name": row.class_name, "color": [int(hexc[i:i + 2], 16) for i in (0, 2, 4)]},
-                "measurements": measurements,
-            },
+        iid = int(row.instance_id)
+        geom = mask_to_geometry(inst[box] == iid, offset=(box[0].start, box[1].start))
+        if geom is None:
+            continue
+        meas = {"area_px": float(row.area), "nucleus_prob": float(row.nucleus_prob)}
+        if prediction.mpp:
+            meas["area_um2"] = float(row.area) * float(prediction.mpp) ** 2
+        for name in prediction.class_names:
+            meas[f"prob_{name}"] = float(getattr(row, f"prob_{name}"))
+        rows.append({
+            "geometry": geom,
+            "id": str(uuid.uuid5(_NAMESPACE, f"{image_name}/{iid}")),
+            "class_name": row.class_name,
+            "color": colors[row.class_name],
+            "measurements": meas,
+            "metadata": {"image": image_name, "instance_id": iid},
         })
-    return features
-
-
-def write_geojson(path: Path, prediction: Any, *, image_name: str) -> int:
-    """Write the FeatureCollection atomically; return the number of features."""
-    from ..models.predict import atomic_path
-
-    features = geojson_features(prediction, image_name=image_name)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}) + "\n", encoding="utf-8")
-    return len(features)
+    return pd.DataFrame(rows, columns=["geometry", "id", "class_name", "color", "measurements", "metadata"])
 
 
 @click.command()
@@ -79,6 +79,7 @@ def command(model_path: Path, images: tuple[Path, ...], out_dir: Path, mpp: floa
     QuPath GeoJSON per image."""
     from tqdm.auto import tqdm
 
+    from ..curation.qupath import write_geojson
     from ..models.predict import load_for_inference, predict_image, read_image, resolve_device, save_prediction
 
     dev = resolve_device(device)
@@ -93,5 +94,6 @@ def command(model_path: Path, images: tuple[Path, ...], out_dir: Path, mpp: floa
         image = read_image(path)
         pred = predict_image(model, image, mpp=mpp, tile=tile, overlap=overlap, batch_size=batch_size, device=dev)
         save_prediction(pred, out_dir, stem)
-        n = write_geojson(out_dir / f"{stem}.geojson", pred, image_name=path.name)
-        click.echo(f"{path.name}: {n} nuclei -> {out_dir / (stem + '.geojson')}")
+        features = prediction_features(pred, image_name=path.name)
+        write_geojson(out_dir / f"{stem}.geojson", features, object_type="detection")
+        click.echo(f"{path.name}: {len(features)} nuclei -> {out_dir / (stem + '.geojson')}")

@@ -34,7 +34,7 @@ Coordinates (:func:`instance_table`, :func:`mask_to_polygon`): x = column, y = r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -88,7 +88,6 @@ class Postprocessed:
     instances: np.ndarray
     classes: np.ndarray
     probs: np.ndarray
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def n(self) -> int:

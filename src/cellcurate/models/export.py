@@ -1,0 +1,317 @@
+"""Export a model to TorchScript and ONNX with its metadata, load it back, and check it.
+
+Dimensions: B tiles, H×W pixels (multiples of 32), K = 8 type channels.
+
+Both formats take one input ``image``: float32 (B, 3, H, W) RGB in [0, 1] (normalisation is
+inside the model) and give three outputs ``np`` (B, 2, H, W) logits, ``hv`` (B, 2, H, W) and
+``tp`` (B, K, H, W) logits. Batch, height and width are dynamic (checked by :func:`check_onnx`
+and :func:`check_torchscript` at two sizes).
+
+Metadata (:func:`export_metadata`): ``model.meta`` (classes, colours, pixel size, input size,
+mean/std, architecture, ...) plus ``format``, ``input``, ``outputs`` and ``cellcurate_version``,
+stored as JSON: in TorchScript as the extra file ``meta.json``; in ONNX as the
+``metadata_props`` entry ``cellcurate.meta``.
+
+>>> import torch
+>>> class Tiny(torch.nn.Module):
+...     meta = {"mpp": 0.25, "input_size": 64}
+...     def __init__(self):
+...         super().__init__(); self.conv = torch.nn.Conv2d(3, 12, 1)
+...     def forward(self, x):
+...         y = self.conv(x); return {"np": y[:, :2], "hv": torch.tanh(y[:, 2:4]), "tp": y[:, 4:]}
+>>> import tempfile, pathlib
+>>> tiny = Tiny()
+>>> p = export_onnx(tiny, pathlib.Path(tempfile.mkdtemp()) / "tiny.onnx")
+>>> check_onnx(tiny, p) < 1e-4, read_onnx_metadata(p)["output_names"]
+(True, ['np', 'hv', 'tp'])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import InputFormatError, ModelError
+from .predict import atomic_path, model_meta
+
+OUTPUT_NAMES: tuple[str, str, str] = ("np", "hv", "tp")
+INPUT_NAME = "image"
+META_KEY = "cellcurate.meta"
+META_FILE = "meta.json"
+
+
+def export_metadata(model: Any, *, fmt: str) -> dict[str, Any]:
+    """JSON-ready metadata written into an exported model."""
+    from .. import __version__
+
+    meta = json.loads(json.dumps(model_meta(model), default=_jsonable))
+    meta.update(
+        {
+            "format": fmt,
+            "input": {"name": INPUT_NAME, "shape": ["B", 3, "H", "W"], "dtype": "float32", "range": [0.0, 1.0]},
+            "output_names": list(OUTPUT_NAMES),
+            "cellcurate_version": __version__,
+        }
+    )
+    return meta
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    if isinstance(v, (tuple, set)):
+        return list(v)
+    return str(v)
+
+
+def _tuple_module(model: Any) -> Any:
+    import torch
+
+    class TupleOutputs(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            out = self.inner(x)
+            return out["np"], out["hv"], out["tp"]
+
+    return TupleOutputs(model).eval()
+
+
+def _example(model: Any, *, batch: int = 1, size: int | None = None, seed: int = 0) -> Any:
+    import torch
+
+    s = int(size or model_meta(model).get("input_size") or 256)
+    s = max(32, s - s % 32)
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, s, s, generator=g)
+
+
+def _device_of(model: Any) -> Any:
+    import torch
+
+    params = list(model.parameters())
+    return params[0].device if params else torch.device("cpu")
+
+
+def export_torchscript(model: Any, path: str | os.PathLike[str], *, example_size: int | None = None) -> Path:
+    """Trace ``model`` (in eval mode, on CPU) to TorchScript and save it with ``meta.json``.
+
+    The traced module keeps the dict output of the package contract. Returns ``path``.
+    """
+    import torch
+
+    path = Path(path)
+    model = model.eval().cpu()
+    x = _example(model, size=example_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            traced = torch.jit.trace(model, x, strict=False, check_trace=False)
+        except Exception as exc:  # tracing errors come in many types; name the model
+            raise ModelError(f"cannot trace {type(model).__name__} to TorchScript ({type(exc).__name__}: {exc})", path=path) from None
+    meta = json.dumps(export_metadata(model, fmt="torchscript"), indent=2)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(traced, str(tmp), _extra_files={META_FILE: meta})
+    return path
+
+
+def export_onnx(
+    model: Any,
+    path: str | os.PathLike[str],
+    *,
+    opset: int = 17,
+    dynamic_hw: bool = True,
+    example_size: int | None = None,
+) -> Path:
+    """Export ``model`` (eval mode, CPU) to ONNX with named outputs, a dynamic batch axis (and
+    dynamic height/width with ``dynamic_hw``) and the metadata in ``metadata_props``."""
+    import onnx
+    import torch
+
+    path = Path(path)
+    model = model.eval().cpu()
+    x = _example(model, size=example_size)
+    axes: dict[str, dict[int, str]] = {}
+    for name in (INPUT_NAME, *OUTPUT_NAMES):
+        axes[name] = {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}
+    with atomic_path(path) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                torch.onnx.export(
+                    _tuple_module(model),
+                    (x,),
+                    str(tmp),
+                    input_names=[INPUT_NAME],
+                    output_names=list(OUTPUT_NAMES),
+                    dynamic_axes=axes,
+                    opset_version=opset,
+                    dynamo=False,
+                    do_constant_folding=True,
+                )
+            except Exception as exc:  # the exporter raises many types; name the model and opset
+                raise ModelError(
+                    f"cannot export {type(model).__name__} to ONNX opset {opset} ({type(exc).__name__}: {exc})", path=path
+                ) from None
+        proto = onnx.load(str(tmp))
+        del proto.metadata_props[:]
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META_KEY, json.dumps(export_metadata(model, fmt="onnx"))
+        proto.producer_name = "cellcurate"
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+    return path
+
+
+def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata :func:`export_onnx` stored (``{}`` when there is none)."""
+    import onnx
+
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for a bad file
+        raise InputFormatError(path, f"not a readable ONNX model ({type(exc).__name__})") from None
+    for p in proto.metadata_props:
+        if p.key == META_KEY:
+            try:
+                return dict(json.loads(p.value))
+            except json.JSONDecodeError:
+                raise InputFormatError(path, f"metadata entry {META_KEY!r} is not valid JSON") from None
+    return {}
+
+
+def read_torchscript_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The metadata :func:`export_torchscript` stored (``{}`` when there is none)."""
+    return load_torchscript(path).meta
+
+
+def load_torchscript(path: str | os.PathLike[str], *, device: str = "cpu") -> Any:
+    """Load an exported TorchScript model as an ``nn.Module`` with ``.meta`` and dict outputs."""
+    import torch
+
+    path = Path(path)
+    extra = {META_FILE: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated upstream, still supported
+            scripted = torch.jit.load(str(path), map_location=device, _extra_files=extra)
+    except (RuntimeError, ValueError) as exc:
+        raise InputFormatError(path, f"not a TorchScript model ({str(exc).splitlines()[0][:120]})") from None
+    try:
+        meta = json.loads(extra[META_FILE]) if extra[META_FILE] else {}
+    except json.JSONDecodeError:
+        raise InputFormatError(path, f"{META_FILE} inside the TorchScript archive is not valid JSON") from None
+
+    class TorchScriptModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scripted = scripted
+            self.meta = meta
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            out = self.scripted(x)
+            if isinstance(out, (tuple, list)):
+                return dict(zip(OUTPUT_NAMES, out))
+            return dict(out)
+
+    return TorchScriptModel().eval()
+
+
+def load_onnx(path: str | os.PathLike[str], *, threads: int | None = None) -> Any:
+    """Load an exported ONNX model into an onnxruntime CPU session, wrapped as an ``nn.Module``
+    (torch tensors in and out, ``.meta``), so evaluation and prediction treat it like the others."""
+    import onnxruntime as ort
+    import torch
+
+    path = Path(path)
+    meta = read_onnx_metadata(path)
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise InputFormatError(path, f"onnxruntime cannot load the model ({type(exc).__name__})") from None
+    names = [o.name for o in session.get_outputs()]
+    if set(names) != set(OUTPUT_NAMES):
+        raise InputFormatError(path, f"ONNX outputs must be {list(OUTPUT_NAMES)}, got {names}")
+    input_name = session.get_inputs()[0].name
+
+    class OnnxModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.meta = meta
+            self.session = session
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            res = self.session.run(names, {input_name: x.detach().float().cpu().numpy()})
+            return {n: torch.from_numpy(r).to(x.device) for n, r in zip(names, res)}
+
+    return OnnxModel().eval()
+
+
+def _max_diff(reference: Any, candidate: Any, inputs: Sequence[Any]) -> float:
+    import torch
+
+    worst = 0.0
+    with torch.inference_mode():
+        for x in inputs:
+            ref = reference(x)
+            try:
+                got = candidate(x)
+            except Exception as exc:  # onnxruntime / TorchScript raise their own types
+                msg = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+                raise ModelError(
+                    f"the exported model fails on input {tuple(x.shape)} (shapes fixed at export?): {msg}"
+                ) from None
+            for name in OUTPUT_NAMES:
+                a = ref[name].float().cpu()
+                b = torch.as_tensor(got[name]).float().cpu()
+                if a.shape != b.shape:
+                    raise ModelError(f"exported output {name!r} has shape {tuple(b.shape)}, PyTorch gives {tuple(a.shape)}")
+                worst = max(worst, float((a - b).abs().max()))
+    return worst
+
+
+def _check_inputs(model: Any, *, batch: int, seed: int) -> list[Any]:
+    s = _example(model, batch=1).shape[-1]
+    # the export size with a batch, then a different, non-square size: dynamic axes must hold
+    return [_example(model, batch=batch, size=s, seed=seed), _example(model, batch=1, size=s, seed=seed + 1)[..., : max(32, s - 32)]]
+
+
+def check_onnx(model: Any, path: str | os.PathLike[str], *, atol: float = 1e-4, batch: int = 2, seed: int = 0) -> float:
+    """Run the ONNX file with onnxruntime (CPU) and PyTorch on the same random inputs (a batch
+    at the export size, then one non-square tile); return the largest absolute difference over
+    all outputs. Raises ``ModelError`` when it exceeds ``atol``."""
+    path = Path(path)
+    model = model.eval().cpu()
+    try:
+        diff = _max_diff(model, load_onnx(path), _check_inputs(model, batch=batch, seed=seed))
+    except ModelError as exc:
+        raise ModelError(str(exc), path=path) from None
+    if not diff <= atol:
+        raise ModelError(f"ONNX outputs differ from PyTorch by {diff:.3g} > atol {atol:g}", path=path)
+    return diff
+
+
+def check_torchscript(model: Any, path: str | os.PathLike[str], *, atol: float = 1e-4, batch: int = 2, seed: int = 0) -> float:
+    """As :func:`check_onnx`, for a TorchScript file."""
+    path = Path(path)
+    model = model.eval().cpu()
+    try:
+        diff = _max_diff(model, load_torchscript(path), _check_inputs(model, batch=batch, seed=seed))
+    except ModelError as exc:
+        raise ModelError(str(exc), path=path) from None
+    if not diff <= atol:
+        raise ModelError(f"TorchScript outputs differ from PyTorch by {diff:.3g} > atol {atol:g}", path=path)
+    return diff
