@@ -129,3 +129,17 @@ def test_orphans_are_ignored_and_removed(tmp_path):
     (tmp_path / "s" / "units" / ".tmp-pannuke-fold2-dead").mkdir()
     assert len(Store.open(tmp_path / "s").images()) == 1
     assert store.remove_orphans() == ["units/.tmp-pannuke-fold2-dead"]
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_iter_images_matches_single_reads(tmp_path, stacked):
+    store = Store.create(tmp_path / "s")
+    items = [make_item(i, ["Neoplastic", "Dead"][: 1 + i % 2]) for i in range(5)]
+    write_unit(store, items, stacked=stacked)
+    got = {i: (im, ins) for i, im, ins in store.iter_images(batch=2)}
+    assert sorted(got) == sorted(f"pannuke/{it.key}" for it in items)
+    for image_id, (im, ins) in got.items():
+        ref = store.read(image_id)
+        assert np.array_equal(im, ref[0]) and np.array_equal(ins, ref[1])
+    assert [i for i, _, _ in store.iter_images(["pannuke/fold1/00003", "pannuke/fold1/00001"])] == [
+        "pannuke/fold1/00001", "pannuke/fold1/00003"]
