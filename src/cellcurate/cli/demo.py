@@ -55,6 +55,32 @@ def stage_summary(ctx: dict[str, Any]) -> None:
     click.echo(f"verify: OK ({', '.join(f'{v:,} {k}' for k, v in res.checked.items())})")
 
 
+def stage_relabel(ctx: dict[str, Any]) -> None:
+    """Rounds 1 (cross-source) and 2 (unified, cleanlab), scored against the synthetic truth."""
+    import pandas as pd
+
+    from ..datasets.store import Store
+    from ..relabel.rounds import RoundConfig, run_round
+
+    truth = pd.read_parquet(ctx["sample"].truth_path)
+    cfg = RoundConfig(seed=ctx["seed"])
+    scores = {}
+    with Store.open(ctx["store_path"], mode="a") as store:
+        for rnd in (1, 2):
+            res = run_round(store, rnd, config=cfg, truth=truth)
+            click.echo(res.summary())
+            scores[rnd] = res.metrics.get("truth", {})
+    r1, r2 = scores[1], scores[2]
+    click.echo("against the synthetic truth (targets: proposal accuracy >= 0.9; flags: recall >= 0.8 at precision >= 0.5):")
+    click.echo(f"  round 1 cross-source proposal accuracy {r1.get('proposal_accuracy', float('nan')):.3f} "
+               f"on {r1.get('n_proposals', 0)} nuclei")
+    click.echo(f"  round 2 flags: precision {r2.get('flag_precision', float('nan')):.3f}, "
+               f"recall {r2.get('flag_recall', float('nan')):.3f} against {r2.get('n_flipped', 0)} planted flips")
+    ctx["relabel_scores"] = scores
+    click.echo(f"reports: {ctx['store_path'] / 'rounds' / '1' / 'report.html'}, "
+               f"{ctx['store_path'] / 'rounds' / '2' / 'report.html'}")
+
+
 def stage_release(ctx: dict[str, Any]) -> None:
     from ..curation.queue import build_queue
     from ..curation.release import export_release, verify_release
@@ -124,6 +150,7 @@ STAGES: list[tuple[str, Any]] = [
     ("Synthetic sample in PanNuke and MoNuSAC release formats", stage_sample),
     ("Ingest", stage_ingest),
     ("Store summary", stage_summary),
+    ("Relabeling rounds 1 and 2", stage_relabel),
     ("Release v1", stage_release),
     ("Teacher, distilled student, evaluation, export", stage_models),
 ]
