@@ -1,0 +1,156 @@
+"""Review off napari: export the queue to CSV, import decisions from CSV (all or nothing).
+
+Export columns: :data:`EXPORT_COLUMNS` (the queue, then empty ``decision``, ``label``,
+``reviewer``, ``comment`` for the team to fill in). Import reads ``nucleus_id``, ``decision``
+(accept | keep | set_class | not_nucleus | skip | adjudicate), ``label`` (class name or id, for
+set_class / adjudicate), ``reviewer`` (default: the importing user) and ``comment``; rows with an
+empty ``decision`` are ignored. The whole file is validated first: unknown ids, unknown classes,
+bad actions and duplicate nucleus ids are reported one line each (``FILE:LINE: problem``) and
+nothing is applied; a valid file is appended in one ledger transaction.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ..datasets.store import Store
+from ..errors import ConfigError, InputFormatError, InputNotFoundError, StateError, StoreError
+from .queue import build_queue
+from .review import decision_event, record_many
+
+EXPORT_COLUMNS: tuple[str, ...] = (
+    "nucleus_id", "image_id", "source", "source_label", "current_label", "proposed_label", "score", "reason",
+    "round", "decision", "label", "reviewer", "comment",
+)
+IMPORT_ACTIONS: tuple[str, ...] = ("accept", "keep", "set_class", "not_nucleus", "skip", "adjudicate")
+
+
+class CsvValidationError(InputFormatError):
+    """A decisions CSV has problems; ``problems`` lists them, one ``FILE:LINE: message`` each."""
+
+    def __init__(self, path: str | os.PathLike[str], problems: list[str]) -> None:
+        super().__init__(path, f"{len(problems)} problem(s), nothing was applied: " + "; ".join(problems[:3]))
+        self.problems = problems
+
+
+def export_csv(store: Store, path: str | os.PathLike[str], *, reviewer: str | None = None,
+               include_reviewed: bool = False, **filters: Any) -> int:
+    """Write the queue (pending nuclei unless ``include_reviewed``) to ``path``; return the row count."""
+    q = build_queue(store, reviewer=reviewer, **filters)
+    if not include_reviewed:
+        q = q[~q["decided"]]
+    tax = store.taxonomy
+
+    def name(v: Any) -> str:
+        if pd.isna(v):
+            return ""
+        v = int(v)
+        return {-1: "not a nucleus", 0: "unresolved"}.get(v) or tax.class_name(v)
+
+    out = pd.DataFrame({
+        "nucleus_id": q["nucleus_id"].astype("int64"), "image_id": q["image_id"], "source": q["source"],
+        "source_label": q["source_label"], "current_label": [name(v) for v in q["label"]],
+        "proposed_label": [name(v) for v in q["proposed"]], "score": q["score"].round(4), "reason": q["reason"],
+        "round": q["round"], "decision": "", "label": "", "reviewer": "", "comment": "",
+    })
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        out.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise StoreError(f"cannot write the CSV: {exc.strerror or exc}", path=path) from None
+    return len(out)
+
+
+def import_csv(store: Store, path: str | os.PathLike[str], *, reviewer: str) -> list[int]:
+    """Validate a decisions CSV and append its decisions in one transaction; return their seqs.
+
+    Raises
+    ------
+    CsvValidationError
+        With every problem found (line numbers are the file's, header = line 1); nothing applied.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(path, "no such CSV file")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputFormatError(path, f"cannot read the CSV ({exc})") from None
+    missing = [c for c in ("nucleus_id", "decision") if c not in header]
+    if missing:
+        raise InputFormatError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}")
+
+    nuclei = store.nuclei(include_ignore=False)
+    known = set(int(n) for n in nuclei["nucleus_id"])
+    problems: list[str] = []
+    wanted: list[tuple[int, int, str, str | None, str]] = []  # (line, nid, action, label, reviewer)
+    seen: dict[int, int] = {}
+    for i, row in enumerate(rows, start=2):
+        action = (row.get("decision") or "").strip().lower()
+        if not action:
+            continue
+        raw_id = (row.get("nucleus_id") or "").strip()
+        where = f"{path}:{i}"
+        try:
+            nid = int(raw_id)
+        except ValueError:
+            problems.append(f"{where}: nucleus_id {raw_id!r} is not an integer")
+            continue
+        if nid not in known:
+            problems.append(f"{where}: unknown nucleus id {nid}")
+            continue
+        if nid in seen:
+            problems.append(f"{where}: duplicate nucleus id {nid} (also on line {seen[nid]})")
+            continue
+        seen[nid] = i
+        if action not in IMPORT_ACTIONS:
+            problems.append(f"{where}: unknown decision {action!r}; expected one of {', '.join(IMPORT_ACTIONS)}")
+            continue
+        label = (row.get("label") or "").strip() or None
+        if action in ("set_class", "adjudicate"):
+            if label is None:
+                problems.append(f"{where}: decision {action} needs a label (class name or id)")
+                continue
+            try:
+                if not (action == "adjudicate" and label.lower() in ("-1", "not_nucleus", "not a nucleus")):
+                    store.taxonomy.class_id(label)
+            except ConfigError as exc:
+                problems.append(f"{where}: {exc}")
+                continue
+        who = (row.get("reviewer") or "").strip() or reviewer
+        wanted.append((i, nid, action, label, who))
+    if problems:
+        raise CsvValidationError(path, problems)
+
+    # Fold the decided nuclei once, then build every event against that state.
+    ids = [w[1] for w in wanted]
+    events = store.ledger.events(nucleus_ids=ids) if ids else store.ledger.events(kinds=("round",))
+    events = pd.concat([events, store.ledger.events(kinds=("round",))], ignore_index=True)
+    events = events.drop_duplicates("seq").sort_values("seq", kind="stable")
+    by_nucleus = {int(k): g for k, g in events.groupby("nucleus_id")}
+    rounds = events[events["kind"] == "round"]
+    out: list[dict[str, Any]] = []
+    for line, nid, action, label, who in wanted:
+        ev = pd.concat([by_nucleus.get(nid, events.iloc[:0]), rounds]).sort_values("seq", kind="stable")
+        try:
+            e = decision_event(store, nid, action, reviewer=who, label=label, source="csv", events=ev)
+        except (ConfigError, StateError) as exc:
+            problems.append(f"{path}:{line}: {exc}")
+            continue
+        comment = (rows[line - 2].get("comment") or "").strip()
+        if comment:
+            e["payload"]["comment"] = comment
+        out.append(e)
+    if problems:
+        raise CsvValidationError(path, problems)
+    return record_many(store, out)
