@@ -55,6 +55,23 @@ def stage_summary(ctx: dict[str, Any]) -> None:
     click.echo(f"verify: OK ({', '.join(f'{v:,} {k}' for k, v in res.checked.items())})")
 
 
+def _label_accuracy(store: Any, truth: Any) -> tuple[float, int, int]:
+    """(accuracy of resolved current labels vs the true class, n resolved, n nuclei)."""
+    from ..relabel.truth import truth_for_nuclei
+
+    cur = store.current_labels()
+    cur = cur[cur["kind"] == "nucleus"]
+    true = truth_for_nuclei(store.nuclei(), truth).set_index("nucleus_id")["true_class"]
+    resolved = cur[cur["label"] > 0]
+    ok = (resolved["label"].to_numpy() == true.reindex(resolved["nucleus_id"]).to_numpy())
+    return float(ok.mean()) if len(ok) else float("nan"), len(resolved), len(cur)
+
+
+def _echo_accuracy(when: str, acc: tuple[float, int, int]) -> None:
+    click.echo(f"  labels vs synthetic truth {when}: {acc[0]:.3f} correct over {acc[1]:,} resolved "
+               f"of {acc[2]:,} nuclei")
+
+
 def stage_relabel(ctx: dict[str, Any]) -> None:
     """Rounds 1 (cross-source) and 2 (unified, cleanlab), scored against the synthetic truth."""
     import pandas as pd
@@ -66,19 +83,64 @@ def stage_relabel(ctx: dict[str, Any]) -> None:
     cfg = RoundConfig(seed=ctx["seed"])
     scores = {}
     with Store.open(ctx["store_path"], mode="a") as store:
+        before = _label_accuracy(store, truth)
         for rnd in (1, 2):
             res = run_round(store, rnd, config=cfg, truth=truth)
             click.echo(res.summary())
             scores[rnd] = res.metrics.get("truth", {})
+        after = _label_accuracy(store, truth)
     r1, r2 = scores[1], scores[2]
     click.echo("against the synthetic truth (targets: proposal accuracy >= 0.9; flags: recall >= 0.8 at precision >= 0.5):")
     click.echo(f"  round 1 cross-source proposal accuracy {r1.get('proposal_accuracy', float('nan')):.3f} "
                f"on {r1.get('n_proposals', 0)} nuclei")
     click.echo(f"  round 2 flags: precision {r2.get('flag_precision', float('nan')):.3f}, "
                f"recall {r2.get('flag_recall', float('nan')):.3f} against {r2.get('n_flipped', 0)} planted flips")
+    _echo_accuracy("after ingest", before)
+    _echo_accuracy("after rounds 1-2 (auto-accepted proposals)", after)
     ctx["relabel_scores"] = scores
     click.echo(f"reports: {ctx['store_path'] / 'rounds' / '1' / 'report.html'}, "
                f"{ctx['store_path'] / 'rounds' / '2' / 'report.html'}")
+
+
+def stage_review(ctx: dict[str, Any]) -> None:
+    """A simulated annotator answers every flag from the synthetic truth, through the same CSV path
+    a team reviewing outside napari uses (`curate review --export-csv` / `--import-csv`)."""
+    import pandas as pd
+
+    from ..curation.reviewcsv import export_csv, import_csv
+    from ..datasets.checks import format_summary, store_summary
+    from ..datasets.store import Store
+    from ..relabel.truth import truth_for_nuclei
+
+    csv_path = ctx["out"] / "review_queue.csv"
+    truth = pd.read_parquet(ctx["sample"].truth_path)
+    with Store.open(ctx["store_path"], mode="a") as store:
+        n = export_csv(store, csv_path)
+        click.echo(f"exported the review queue: {n} flagged nuclei -> {csv_path}")
+        if n == 0:
+            return
+        queue = pd.read_csv(csv_path)
+        tax = store.taxonomy
+        truth_of = truth_for_nuclei(store.nuclei(), truth).set_index("nucleus_id")["true_class"]
+        decisions, labels = [], []
+        for row in queue.itertuples(index=False):
+            true = tax.class_name(int(truth_of[row.nucleus_id]))
+            if true == row.current_label:
+                decisions.append("keep"), labels.append("")
+            elif true == row.proposed_label:
+                decisions.append("accept"), labels.append("")
+            else:
+                decisions.append("set_class"), labels.append(true)
+        queue["decision"], queue["label"], queue["reviewer"] = decisions, labels, "demo-annotator"
+        queue.to_csv(csv_path, index=False)
+        seqs = import_csv(store, csv_path, reviewer="demo-annotator")
+        counts = pd.Series(decisions).value_counts().to_dict()
+        click.echo(f"imported {len(seqs)} decisions by demo-annotator ("
+                   + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
+        summary = store_summary(store)
+        _echo_accuracy("after review", _label_accuracy(store, truth))
+    click.echo(format_summary(summary).split("Current unified labels")[1].join(["Current unified labels", ""]))
+    click.echo("(to review by hand instead: curate review " + str(ctx["store_path"]) + ")")
 
 
 def stage_release(ctx: dict[str, Any]) -> None:
@@ -151,6 +213,7 @@ STAGES: list[tuple[str, Any]] = [
     ("Ingest", stage_ingest),
     ("Store summary", stage_summary),
     ("Relabeling rounds 1 and 2", stage_relabel),
+    ("Review (a simulated annotator, through the CSV review path)", stage_review),
     ("Release v1", stage_release),
     ("Teacher, distilled student, evaluation, export", stage_models),
 ]
