@@ -484,6 +484,8 @@ class UnitWriter:
         self.stacked = stacked
         self._stack_img: Any = None
         self._stack_ins: Any = None
+        self._pool: Any = None
+        self._pending: Any = None
         if stacked is not None:
             n, h, w = stacked
             shard = min(TILES_PER_SHARD, max(n, 1))
@@ -630,14 +632,35 @@ class UnitWriter:
         return _typed(df, NUCLEUS_COLUMNS)
 
     def _flush(self) -> None:
+        """Hand the buffered tiles (one shard) to the writer thread, so compression and I/O overlap
+        with the conversion of the next tiles; at most one shard is in flight (bounded memory)."""
         if not self._buf_img:
             return
         s = self._buf_start
         e = s + len(self._buf_img)
-        self._stack_img[s:e] = np.stack(self._buf_img)
-        self._stack_ins[s:e] = np.stack(self._buf_ins)
+        img, ins = np.stack(self._buf_img), np.stack(self._buf_ins)
         self._buf_start = e
         self._buf_img, self._buf_ins = [], []
+        self._wait_pending()
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellcurate-shard-writer")
+        self._pending = self._pool.submit(self._write_slab, s, e, img, ins)
+
+    def _write_slab(self, s: int, e: int, img: np.ndarray, ins: np.ndarray) -> None:
+        self._stack_img[s:e] = img
+        self._stack_ins[s:e] = ins
+
+    def _wait_pending(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # re-raises a write error here, in the caller's thread
+
+    def _shutdown_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def prepare(self, report: IngestReport | None = None) -> "PreparedUnit":
         """Write the tables and rename the unit folder into place (not yet visible: see
@@ -645,6 +668,8 @@ class UnitWriter:
         store = self.store
         if self.stacked is not None:
             self._flush()
+            self._wait_pending()
+            self._shutdown_pool()
             if self._n != self.stacked[0]:
                 raise StoreError(f"unit {self.unit}: {self._n} images written, {self.stacked[0]} announced")
         images = _typed(pd.DataFrame(self._image_rows), IMAGE_COLUMNS)
@@ -690,6 +715,11 @@ class UnitWriter:
 
     def abort(self) -> None:
         self._done = True
+        try:
+            self._wait_pending()
+        except Exception:  # already failing: the folder is discarded either way
+            pass
+        self._shutdown_pool()
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
 
