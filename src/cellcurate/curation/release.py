@@ -39,10 +39,11 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from ..errors import ConfigError, InputFormatError, InputNotFoundError, StateError
+from ..errors import ConfigError, InputFormatError, StateError
 
-RELEASE_FORMAT = "cellcurate-release"
-RELEASE_FORMAT_VERSION = 1
+from ..datasets.release_format import RELEASE_FORMAT, read_release_manifest  # noqa: E402
+from ..datasets.release_format import SUPPORTED_FORMAT_VERSION as RELEASE_FORMAT_VERSION  # noqa: E402
+
 LICENCE = "CC BY-NC-SA 4.0"
 ATTRIBUTION = [
     "PanNuke: Gamper et al., 'PanNuke: an open pan-cancer histology dataset for nuclei instance "
@@ -550,17 +551,8 @@ def _remove_tree(path: Path) -> None:
 
 # -- verify -----------------------------------------------------------------------------------------
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    mpath = path / "manifest.json"
-    if not mpath.is_file():
-        raise InputNotFoundError(path, "not a release (no manifest.json)")
-    try:
-        manifest = json.loads(mpath.read_text("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputFormatError(mpath, f"manifest.json is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != RELEASE_FORMAT:
-        raise InputFormatError(mpath, f"format is not {RELEASE_FORMAT!r}")
-    return manifest
+    """The release's parsed ``manifest.json`` (format and version checked)."""
+    return read_release_manifest(path)
 
 
 def verify_release(path: str | Path) -> list[str]:

@@ -116,16 +116,9 @@ def assign_splits(
 
 def resolve_split(name: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """Split names a convenience name or a list of names stands for (``"train"`` ->
-    fold1, fold2, train)."""
-    names = [name] if isinstance(name, str) else list(name)
-    out: list[str] = []
-    for n in names:
-        if n in SPLIT_ALIASES:
-            out.extend(SPLIT_ALIASES[n])
-        elif n in SPLIT_NAMES:
-            out.append(n)
-        else:
-            raise ConfigError(
-                f"unknown split {n!r}; expected one of {', '.join(SPLIT_NAMES)} or {', '.join(SPLIT_ALIASES)}"
-            )
-    return tuple(dict.fromkeys(out))
+    fold1, fold2, train): the rule the release loader applies to a release's manifest."""
+    from ..datasets.release_format import resolve_release_split
+
+    manifest = {"splits": {"aliases": {k: list(v) for k, v in SPLIT_ALIASES.items()},
+                           "n_images": dict.fromkeys(SPLIT_NAMES, 0)}}
+    return resolve_release_split(manifest, name)

@@ -12,6 +12,7 @@ leaves the store exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -76,9 +77,20 @@ def _write_unit(store: Store, unit: str, source: str, items: Iterable[SourceImag
         return writer.prepare(report)
 
 
-def _commit_all(store: Store, prepared: list[PreparedUnit], result: IngestResult) -> None:
-    if prepared:
-        result.units.extend(store.commit(prepared))
+@contextlib.contextmanager
+def _transaction(store: Store, result: IngestResult) -> Iterator[list[PreparedUnit]]:
+    """Hold the store's write lock while units are prepared into the yielded list; commit them all
+    in one ledger transaction at the end, or discard every prepared folder on any error."""
+    prepared: list[PreparedUnit] = []
+    with store.write_lock("ingest"):
+        store.remove_orphans()
+        try:
+            yield prepared
+        except BaseException:
+            _discard(prepared)
+            raise
+        if prepared:
+            result.units.extend(store.commit(prepared))
 
 
 def ingest_pannuke(store: Store, path: str | Path, *, overwrite: bool = False,
@@ -98,24 +110,17 @@ def ingest_pannuke(store: Store, path: str | Path, *, overwrite: bool = False,
             result.units.append(UnitSummary(unit, "pannuke", "unchanged", arrays.n, _unit_nuclei(store, unit)))
             continue
         plan.append((fold, arrays, unit, fp))
-    prepared: list[PreparedUnit] = []
-    with store.write_lock("ingest"):
-        store.remove_orphans()
-        try:
-            total = sum(a.n for _, a, _, _ in plan)
-            with _progress(progress, total=total, unit="tile", desc="PanNuke") as bar:
-                for fold, arrays, unit, fp in plan:
-                    report = IngestReport()
-                    items = pannuke.iter_pannuke_fold(fold, report=report)
-                    h, w = arrays.images.shape[1:3]
-                    prepared.append(_write_unit(
-                        store, unit, "pannuke", items, fingerprint=fp, origin=str(fold.folder),
-                        stacked=(arrays.n, h, w), overwrite=overwrite, report=report, bar=bar))
-                    result.report.merge(report)
-        except BaseException:
-            _discard(prepared)
-            raise
-        _commit_all(store, prepared, result)
+    with _transaction(store, result) as prepared:
+        total = sum(a.n for _, a, _, _ in plan)
+        with _progress(progress, total=total, unit="tile", desc="PanNuke") as bar:
+            for fold, arrays, unit, fp in plan:
+                report = IngestReport()
+                items = pannuke.iter_pannuke_fold(fold, report=report)
+                h, w = arrays.images.shape[1:3]
+                prepared.append(_write_unit(
+                    store, unit, "pannuke", items, fingerprint=fp, origin=str(fold.folder),
+                    stacked=(arrays.n, h, w), overwrite=overwrite, report=report, bar=bar))
+                result.report.merge(report)
     return result
 
 
@@ -137,24 +142,17 @@ def ingest_monusac(store: Store, path: str | Path, *, split: str | None = None, 
             result.units.append(UnitSummary(unit, "monusac", "unchanged", len(unit_items), _unit_nuclei(store, unit)))
             continue
         plan.append((unit, unit_items, fp))
-    prepared: list[PreparedUnit] = []
-    with store.write_lock("ingest"):
-        store.remove_orphans()
-        try:
-            total = sum(len(u[1]) for u in plan)
-            with _progress(progress, total=total, unit="image", desc="MoNuSAC") as bar:
-                for unit, unit_items, fp in plan:
-                    report = IngestReport()
-                    stream = _read_each(unit_items, monusac.read_monusac_image, report)
-                    origin = str(unit_items[0].xml.parent)
-                    prepared.append(_write_unit(
-                        store, unit, "monusac", stream, fingerprint=fp, origin=origin, stacked=None,
-                        overwrite=overwrite, report=report, bar=bar))
-                    result.report.merge(report)
-        except BaseException:
-            _discard(prepared)
-            raise
-        _commit_all(store, prepared, result)
+    with _transaction(store, result) as prepared:
+        total = sum(len(u[1]) for u in plan)
+        with _progress(progress, total=total, unit="image", desc="MoNuSAC") as bar:
+            for unit, unit_items, fp in plan:
+                report = IngestReport()
+                stream = _read_each(unit_items, monusac.read_monusac_image, report)
+                origin = str(unit_items[0].xml.parent)
+                prepared.append(_write_unit(
+                    store, unit, "monusac", stream, fingerprint=fp, origin=origin, stacked=None,
+                    overwrite=overwrite, report=report, bar=bar))
+                result.report.merge(report)
     return result
 
 

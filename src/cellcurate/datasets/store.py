@@ -520,7 +520,6 @@ class UnitWriter:
     def add(self, item: SourceImage) -> None:
         """Add one image with its instances and nuclei."""
         item.validate()
-        tax = self.store.taxonomy
         i = self._n
         image_id = f"{self.source}/{item.key}"
         h, w = item.instances.shape
