@@ -3,14 +3,21 @@ import logging
 
 import numpy as np
 import pytest
+from relabel_features_reference import reference_batch_features
+from relabel_synth import build_store
 
 from cellcurate.errors import InputFormatError
+from cellcurate.relabel import features as features_mod
 from cellcurate.relabel.backbones import HandcraftedBackbone
 from cellcurate.relabel.features import (
-    FEATURE_NAMES, cache_dir, check_features, handcrafted_batch_features, handcrafted_image_features,
-    hematoxylin_eosin, nucleus_features,
+    FEATURE_NAMES,
+    cache_dir,
+    check_features,
+    handcrafted_batch_features,
+    handcrafted_image_features,
+    hematoxylin_eosin,
+    nucleus_features,
 )
-from relabel_synth import build_store
 
 F = {n: i for i, n in enumerate(FEATURE_NAMES)}
 
@@ -54,6 +61,100 @@ def test_hematoxylin_matches_skimage():
     h, e = hematoxylin_eosin(img)
     ref = rgb2hed(img)
     assert np.allclose(h, ref[..., 0], atol=5e-3) and np.allclose(e, ref[..., 1], atol=2e-2)
+
+
+def blob_tiles(n_tiles, size, n_nuclei, *, seed, r_max=14):
+    """Random overlapping ellipses (later ones cover earlier ones, so some ids vanish or split),
+    touching each other and the tile border, on a noisy H&E-like background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    imgs = np.clip(rng.normal((215, 170, 205), 12, (n_tiles, size, size, 3)), 0, 255).astype(np.uint8)
+    ins = np.zeros((n_tiles, size, size), np.int32)
+    for t in range(n_tiles):
+        for k in range(1, n_nuclei + 1):
+            cy, cx = rng.uniform(-4, size + 4, 2)
+            ry, rx = rng.uniform(1, r_max, 2)
+            m = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+            ins[t][m] = k
+            imgs[t][m] = np.clip(rng.normal(rng.uniform(40, 160, 3), 10, (int(m.sum()), 3)), 0, 255)
+    return imgs, ins
+
+
+def test_exact_rectangle():
+    img = np.full((12, 12, 3), 200, np.uint8)
+    ins = np.zeros((12, 12), np.int32)
+    ins[4:6, 3:6] = 1  # 2 × 3 pixels, every one on the boundary
+    img[ins == 1] = (60, 30, 90)
+    f = handcrafted_image_features(img, ins, 1, mpp=0.5)[0]
+    assert f[F["area_um2"]] == pytest.approx(6 * 0.25)
+    assert f[F["perimeter_um"]] == pytest.approx(6 * 1.12 * 0.5)
+    assert f[F["extent"]] == 1.0
+    assert f[F["dark_fraction"]] == 0.0 and f[F["std_h"]] == 0.0
+    assert f[F["grad_mean"]] > 0 and f[F["ring_mean_g"]] == 200
+    # axes from the second moments (+1/12 per pixel): var_x = 2/3 + 1/12, var_y = 1/4 + 1/12
+    assert f[F["major_um"]] == pytest.approx(4 * np.sqrt(2 / 3 + 1 / 12) * 0.5, rel=1e-5)
+    assert f[F["minor_um"]] == pytest.approx(4 * np.sqrt(1 / 4 + 1 / 12) * 0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize("size, n_tiles, n_nuclei, mpp", [(64, 5, 12, 0.25), (96, 2, 40, 0.5), (130, 1, 60, 0.24)])
+def test_matches_reference_implementation(size, n_tiles, n_nuclei, mpp):
+    imgs, ins = blob_tiles(n_tiles, size, n_nuclei, seed=size)
+    ns = [n_nuclei + 1] * n_tiles  # id n+1 and ids painted over have no pixels: NaN rows in both
+    new = np.concatenate(handcrafted_batch_features(imgs, ins, ns, mpp=[mpp] * n_tiles))
+    ref = np.concatenate(reference_batch_features(imgs, ins, ns, mpp=[mpp] * n_tiles))
+    assert np.array_equal(np.isnan(new), np.isnan(ref)) and np.isnan(new).any()
+    ok = np.isfinite(ref)
+    # float32 colour look-up tables against float64 ones: relative agreement ~1e-6
+    assert np.allclose(new[ok], ref[ok], rtol=2e-5, atol=1e-5)
+
+
+def test_chunks_do_not_change_values(monkeypatch):
+    imgs, ins = blob_tiles(7, 48, 15, seed=3)
+    ns = ins.reshape(7, -1).max(axis=1)
+    whole = handcrafted_batch_features(imgs, ins, ns, mpp=[0.25] * 7)
+    monkeypatch.setattr(features_mod, "CHUNK_PIXELS", 48 * 48 * 2)  # chunks of 2, 2, 2, 1 tiles
+    chunked = handcrafted_batch_features(imgs, ins, ns, mpp=[0.25] * 7)
+    for a, b in zip(whole, chunked):
+        assert np.array_equal(a, b, equal_nan=True)
+
+
+def test_max_filter_matches_scipy():
+    from scipy import ndimage
+
+    lab = np.zeros((2, 7, 9), np.uint8)
+    lab[0, 3, 4] = 5
+    out = features_mod._max_filter_square(lab, 1)
+    expected = np.zeros_like(lab)
+    expected[0, 2:5, 3:6] = 5
+    assert np.array_equal(out, expected)
+    rng = np.random.default_rng(0)
+    lab = rng.integers(0, 300, (3, 40, 33)).astype(np.uint16) * (rng.random((3, 40, 33)) < 0.05)
+    for r in (1, 2, 5, 8, 20):
+        ref = ndimage.maximum_filter(lab, size=(1, 2 * r + 1, 2 * r + 1), mode="constant", cval=0)
+        assert np.array_equal(features_mod._max_filter_square(lab, r), ref)
+
+
+def test_hematoxylin_eosin_tables_agree():
+    rng = np.random.default_rng(2)
+    px = rng.integers(0, 256, (5000, 3), dtype=np.uint8)
+    h, e = features_mod._hematoxylin_eosin_pixels(px[:, 0].copy(), px[:, 1].copy(), px[:, 2].copy())
+    h64, e64 = hematoxylin_eosin(px[None])
+    assert np.allclose(h, h64[0], atol=1e-6) and np.allclose(e, e64[0], atol=1e-6)
+
+
+BAD_INPUTS = [  # (images, instances, ns, mpp, message)
+    (np.zeros((1, 8, 8, 3), np.uint8), np.full((1, 8, 8), 3, np.int32), [2], [0.25], "ids outside 0..2"),
+    (np.zeros((1, 8, 8, 3), np.uint8), np.full((1, 8, 8), -1, np.int32), [2], [0.25], "ids outside"),
+    (np.zeros((1, 8, 8, 3), np.float32), np.zeros((1, 8, 8), np.int32), [0], [0.25], "uint8 images"),
+    (np.zeros((2, 8, 8, 3), np.uint8), np.zeros((2, 8, 8), np.int32), [0], [0.25, 0.25], "2 images but 1"),
+    (np.zeros((1, 8, 8, 3), np.uint8), np.zeros((1, 8, 9), np.int32), [0], [0.25], "do not match"),
+]
+
+
+@pytest.mark.parametrize("images, instances, ns, mpp, message", BAD_INPUTS)
+def test_bad_inputs(images, instances, ns, mpp, message):
+    with pytest.raises(InputFormatError, match=message):
+        handcrafted_batch_features(images, instances, ns, mpp=mpp)
 
 
 def test_batch_equals_single_and_missing_instance_is_nan():

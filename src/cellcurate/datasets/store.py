@@ -362,12 +362,12 @@ class Store:
         win = (slice(y0, y1), slice(x0, x1))
         return self._read(row, "image", win), self._read(row, "instances", win)
 
-    def iter_images(self, image_ids: list[str] | None = None, *, batch: int = TILES_PER_SHARD
-                    ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-        """Yield ``(image_id, image, instances)`` for many images, reading stacked tiles in slabs
-        of up to ``batch`` consecutive tiles (one decode pass per shard instead of one call per
-        tile). Order: by unit and position in the unit, which is the fast order; pass
-        ``image_ids`` to restrict the set (default: every image)."""
+    def iter_slabs(self, image_ids: list[str] | None = None, *, batch: int = TILES_PER_SHARD
+                   ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
+        """Yield ``(image_ids, images (B, H, W, 3), instances (B, H, W))`` slabs: runs of up to
+        ``batch`` consecutive tiles of a stacked unit read with one slice each (one decode pass
+        per shard), and native-size images one at a time (B = 1). Order: by unit and position,
+        the fast order; ``image_ids`` restricts the set (default: every image)."""
         if self._tables is None:
             self._load_tables()
         wanted = list(self._lookup) if image_ids is None else list(image_ids)
@@ -377,7 +377,7 @@ class Store:
             (unit, path, idx, _h, _w), image_id = rows[k]
             if idx < 0:
                 row = rows[k][0]
-                yield image_id, self._read(row, "image"), self._read(row, "instances")
+                yield [image_id], self._read(row, "image")[None], self._read(row, "instances")[None]
                 k += 1
                 continue
             j = k + 1
@@ -386,9 +386,15 @@ class Store:
                 j += 1
             img = np.asarray(self._array(unit, path)[idx : idx + (j - k)])
             ins = np.asarray(self._array(unit, "instances")[idx : idx + (j - k)])
-            for m in range(j - k):
-                yield rows[k + m][1], img[m], ins[m]
+            yield [r[1] for r in rows[k:j]], img, ins
             k = j
+
+    def iter_images(self, image_ids: list[str] | None = None, *, batch: int = TILES_PER_SHARD
+                    ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """Yield ``(image_id, image, instances)`` for many images, read in slabs (:meth:`iter_slabs`)."""
+        for ids, imgs, inss in self.iter_slabs(image_ids, batch=batch):
+            for m, image_id in enumerate(ids):
+                yield image_id, imgs[m], inss[m]
 
     def _read(self, row: tuple[str, str, int, int, int], what: str,
               window: tuple[slice, slice] | None = None) -> np.ndarray:

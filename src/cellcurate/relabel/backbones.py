@@ -64,32 +64,12 @@ def iter_image_batches(store: "Store", image_ids: list[str], *, batch: int = BAT
     """
     from tqdm import tqdm
 
-    images = store.images()
-    rows = images[images["image_id"].isin(set(image_ids))].sort_values(["unit", "zarr_index", "image_id"])
-    bar = tqdm(total=len(rows), disable=None if progress is None else not progress, desc=desc, unit="image")
+    mpp_of = store.images().set_index("image_id")["mpp"]
+    bar = tqdm(total=len(image_ids), disable=None if progress is None else not progress, desc=desc, unit="image")
     try:
-        for (unit, zpath), grp in rows.groupby(["unit", "zarr_path"], sort=True):
-            if int(grp["zarr_index"].iloc[0]) < 0:
-                for r in grp.itertuples():
-                    img, ins = store.read(str(r.image_id))
-                    bar.update(1)
-                    yield [str(r.image_id)], img[None], ins[None], np.array([float(r.mpp)])
-                continue
-            arr_img = store._array(str(unit), "images")
-            arr_ins = store._array(str(unit), "instances")
-            idx = grp["zarr_index"].to_numpy()
-            ids = grp["image_id"].astype(str).to_numpy()
-            mpp = grp["mpp"].to_numpy(np.float64)
-            start = 0
-            while start < len(idx):
-                # a run of consecutive indices, at most `batch` long, read as one slice
-                stop = start + 1
-                while stop < len(idx) and stop - start < batch and idx[stop] == idx[stop - 1] + 1:
-                    stop += 1
-                a, b = int(idx[start]), int(idx[stop - 1]) + 1
-                bar.update(stop - start)
-                yield list(ids[start:stop]), np.asarray(arr_img[a:b]), np.asarray(arr_ins[a:b]), mpp[start:stop]
-                start = stop
+        for ids, imgs, inss in store.iter_slabs(list(image_ids), batch=batch):
+            bar.update(len(ids))
+            yield ids, imgs, inss, mpp_of.reindex(ids).to_numpy(np.float64)
     finally:
         bar.close()
 
