@@ -293,25 +293,22 @@ def check_onnx(model: Any, path: str | os.PathLike[str], *, atol: float = 1e-4, 
     """Run the ONNX file with onnxruntime (CPU) and PyTorch on the same random inputs (a batch
     at the export size, then one non-square tile); return the largest absolute difference over
     all outputs. Raises ``ModelError`` when it exceeds ``atol``."""
-    path = Path(path)
-    model = model.eval().cpu()
-    try:
-        diff = _max_diff(model, load_onnx(path), _check_inputs(model, batch=batch, seed=seed))
-    except ModelError as exc:
-        raise ModelError(str(exc), path=path) from None
-    if not diff <= atol:
-        raise ModelError(f"ONNX outputs differ from PyTorch by {diff:.3g} > atol {atol:g}", path=path)
-    return diff
+    return _check_export(model, path, load_onnx, "ONNX", atol=atol, batch=batch, seed=seed)
 
 
 def check_torchscript(model: Any, path: str | os.PathLike[str], *, atol: float = 1e-4, batch: int = 2, seed: int = 0) -> float:
     """As :func:`check_onnx`, for a TorchScript file."""
+    return _check_export(model, path, load_torchscript, "TorchScript", atol=atol, batch=batch, seed=seed)
+
+
+def _check_export(model: Any, path: str | os.PathLike[str], load: Any, kind: str, *, atol: float, batch: int,
+                  seed: int) -> float:
     path = Path(path)
     model = model.eval().cpu()
     try:
-        diff = _max_diff(model, load_torchscript(path), _check_inputs(model, batch=batch, seed=seed))
+        diff = _max_diff(model, load(path), _check_inputs(model, batch=batch, seed=seed))
     except ModelError as exc:
         raise ModelError(str(exc), path=path) from None
     if not diff <= atol:
-        raise ModelError(f"TorchScript outputs differ from PyTorch by {diff:.3g} > atol {atol:g}", path=path)
+        raise ModelError(f"{kind} outputs differ from PyTorch by {diff:.3g} > atol {atol:g}", path=path)
     return diff
