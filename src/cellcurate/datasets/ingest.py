@@ -115,7 +115,7 @@ def ingest_pannuke(store: Store, path: str | Path, *, overwrite: bool = False,
         with _progress(progress, total=total, unit="tile", desc="PanNuke") as bar:
             for fold, arrays, unit, fp in plan:
                 report = IngestReport()
-                items = pannuke.iter_pannuke_fold(fold, report=report)
+                items = pannuke.iter_pannuke_fold(arrays, report=report)  # already opened and validated
                 h, w = arrays.images.shape[1:3]
                 prepared.append(_write_unit(
                     store, unit, "pannuke", items, fingerprint=fp, origin=str(fold.folder),
