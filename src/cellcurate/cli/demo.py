@@ -55,13 +55,23 @@ def stage_summary(ctx: dict[str, Any]) -> None:
     click.echo(f"verify: OK ({', '.join(f'{v:,} {k}' for k, v in res.checked.items())})")
 
 
-def _label_accuracy(store: Any, truth: Any) -> tuple[float, int, int]:
-    """(accuracy of resolved current labels vs the true class, n resolved, n nuclei)."""
-    from ..relabel.truth import truth_for_nuclei
+def _true_classes(ctx: dict[str, Any], store: Any) -> Any:
+    """True class per nucleus id (the truth joined to the store once; nuclei do not change after ingest)."""
+    if "true_class" not in ctx:
+        import pandas as pd
 
+        from ..relabel.truth import truth_for_nuclei
+
+        truth = pd.read_parquet(ctx["sample"].truth_path)
+        ctx["truth"] = truth
+        ctx["true_class"] = truth_for_nuclei(store.nuclei(), truth).set_index("nucleus_id")["true_class"]
+    return ctx["true_class"]
+
+
+def _label_accuracy(store: Any, true: Any) -> tuple[float, int, int]:
+    """(accuracy of resolved current labels vs the true class, n resolved, n nuclei)."""
     cur = store.current_labels()
     cur = cur[cur["kind"] == "nucleus"]
-    true = truth_for_nuclei(store.nuclei(), truth).set_index("nucleus_id")["true_class"]
     resolved = cur[cur["label"] > 0]
     ok = (resolved["label"].to_numpy() == true.reindex(resolved["nucleus_id"]).to_numpy())
     return float(ok.mean()) if len(ok) else float("nan"), len(resolved), len(cur)
@@ -74,21 +84,21 @@ def _echo_accuracy(when: str, acc: tuple[float, int, int]) -> None:
 
 def stage_relabel(ctx: dict[str, Any]) -> None:
     """Rounds 1 (cross-source) and 2 (unified, cleanlab), scored against the synthetic truth."""
-    import pandas as pd
 
     from ..datasets.store import Store
     from ..relabel.rounds import RoundConfig, run_round
 
-    truth = pd.read_parquet(ctx["sample"].truth_path)
     cfg = RoundConfig(seed=ctx["seed"])
     scores = {}
     with Store.open(ctx["store_path"], mode="a") as store:
-        before = _label_accuracy(store, truth)
+        true = _true_classes(ctx, store)
+        truth = ctx["truth"]
+        before = _label_accuracy(store, true)
         for rnd in (1, 2):
             res = run_round(store, rnd, config=cfg, truth=truth)
             click.echo(res.summary())
             scores[rnd] = res.metrics.get("truth", {})
-        after = _label_accuracy(store, truth)
+        after = _label_accuracy(store, true)
     r1, r2 = scores[1], scores[2]
     click.echo("against the synthetic truth (targets: proposal accuracy >= 0.9; flags: recall >= 0.8 at precision >= 0.5):")
     click.echo(f"  round 1 cross-source proposal accuracy {r1.get('proposal_accuracy', float('nan')):.3f} "
@@ -110,10 +120,7 @@ def stage_review(ctx: dict[str, Any]) -> None:
     from ..curation.reviewcsv import export_csv, import_csv
     from ..datasets.checks import format_summary, store_summary
     from ..datasets.store import Store
-    from ..relabel.truth import truth_for_nuclei
-
     csv_path = ctx["out"] / "review_queue.csv"
-    truth = pd.read_parquet(ctx["sample"].truth_path)
     with Store.open(ctx["store_path"], mode="a") as store:
         n = export_csv(store, csv_path)
         click.echo(f"exported the review queue: {n} flagged nuclei -> {csv_path}")
@@ -121,7 +128,7 @@ def stage_review(ctx: dict[str, Any]) -> None:
             return
         queue = pd.read_csv(csv_path)
         tax = store.taxonomy
-        truth_of = truth_for_nuclei(store.nuclei(), truth).set_index("nucleus_id")["true_class"]
+        truth_of = _true_classes(ctx, store)
         decisions, labels = [], []
         for row in queue.itertuples(index=False):
             true = tax.class_name(int(truth_of[row.nucleus_id]))
@@ -138,7 +145,7 @@ def stage_review(ctx: dict[str, Any]) -> None:
         click.echo(f"imported {len(seqs)} decisions by demo-annotator ("
                    + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
         summary = store_summary(store)
-        _echo_accuracy("after review", _label_accuracy(store, truth))
+        _echo_accuracy("after review", _label_accuracy(store, truth_of))
     click.echo(format_summary(summary).split("Current unified labels")[1].join(["Current unified labels", ""]))
     click.echo("(to review by hand instead: curate review " + str(ctx["store_path"]) + ")")
 
