@@ -471,6 +471,26 @@ def test_fold_fingerprint_is_content_sensitive(tmp_path):
     assert fold_fingerprint(fb) != fold_fingerprint(fa)
 
 
+def test_fold_fingerprint_sees_an_edit_in_the_middle_of_a_large_fold(tmp_path):
+    """Issue 10: the old fingerprint hashed the first/last MiB and 16 4-KiB blocks only."""
+    images, masks = blank(8)  # masks.npy: 8 x 256 x 256 x 6 float64 = 24 MiB
+    folder = write_fold(tmp_path, 1, images, masks)
+    (fold,) = discover_pannuke(folder)
+    before = fold_fingerprint(fold)
+    arr = np.load(fold.masks, mmap_mode="r+")
+    arr[4, 100:110, 100:110, 0] = 7.0  # a nucleus added in tile 4 (middle of the file)
+    arr[4, 100:110, 100:110, 5] = 0.0
+    arr.flush()
+    del arr
+    size = fold.masks.stat().st_size
+    header = size - masks.nbytes
+    first = header + (4 * T * T + 100 * T + 100) * 6 * 8
+    last = header + (4 * T * T + 109 * T + 109) * 6 * 8 + 6 * 8
+    sampled = [(0, 1 << 20), (size - (1 << 20), size)] + [(size * j // 17, size * j // 17 + 4096) for j in range(1, 17)]
+    assert not any(a < last and first < b for a, b in sampled)  # the edit lies outside what was sampled
+    assert fold_fingerprint(fold) != before
+
+
 def test_open_fold_returns_memmaps_and_types(tmp_path):
     images, masks = blank(1)
     write_fold(tmp_path, 1, images, masks)

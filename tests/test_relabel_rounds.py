@@ -201,3 +201,63 @@ def test_cli_relabel_and_issues(store, tmp_path):
     assert len(df) >= len(r.output.splitlines()) - 2 and {"nucleus_id", "reason", "score"} <= set(df.columns)
     r = runner.invoke(cli, ["issues", path, "--class", "Nope"])
     assert r.exit_code == 1 and "unknown class" in r.output
+
+
+# -- crash between folder rename and ledger commit (issue 10) -------------------------------------
+def test_crash_before_ledger_commit_leaves_no_finished_round_without_folder(store, monkeypatch):
+    import cellcurate.relabel.rounds as rounds
+    from cellcurate.datasets.checks import check_round_folders, verify_store
+
+    def crash(folder):
+        assert (folder / "summary.json").is_file()  # the folder is complete and in place
+        raise KeyboardInterrupt  # the process dies before the ledger commit
+
+    before = snapshot(store)
+    monkeypatch.setattr(rounds, "_before_commit", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_round(store, 1, config=CFG, progress=False)
+    assert snapshot(store) == before and active_run(store, 1) is None
+    assert not (store.path / "rounds" / "1").exists()  # an error is cleaned up
+    assert not [p for p in (store.path / "rounds").iterdir()]
+
+    # a hard crash (no cleanup) right after the rename: the folder is an orphan, never a finished round
+    monkeypatch.setattr(rounds, "remove_tree", lambda p: None)
+    with pytest.raises(KeyboardInterrupt):
+        run_round(store, 1, config=CFG, progress=False)
+    assert active_run(store, 1) is None and (store.path / "rounds" / "1").is_dir()
+    (problem,) = check_round_folders(store)
+    assert "rounds/1: orphan round folder" in problem
+    assert any("orphan round folder" in p for p in verify_store(store, deep=False, progress=False).problems)
+    monkeypatch.undo()
+    # the next run moves the orphan aside and the store verifies clean
+    run_round(store, 1, config=CFG, progress=False)
+    assert active_run(store, 1) is not None and check_round_folders(store) == []
+    assert list((store.path / "rounds").glob("1-superseded-orphan-*"))
+
+
+def test_failed_overwrite_puts_the_previous_folder_back(store, monkeypatch):
+    import cellcurate.relabel.rounds as rounds
+    from cellcurate.datasets.checks import check_round_folders
+
+    run_round(store, 1, config=CFG, progress=False)
+    first = json.loads((store.path / "rounds" / "1" / "summary.json").read_text())["metrics"]["run_seq"]
+
+    def fail(folder):
+        raise OSError(28, "No space left on device", str(folder))
+
+    monkeypatch.setattr(rounds, "_before_commit", fail)
+    with pytest.raises(OSError):
+        run_round(store, 1, config=CFG, overwrite=True, progress=False)
+    assert json.loads((store.path / "rounds" / "1" / "summary.json").read_text())["metrics"]["run_seq"] == first
+    assert check_round_folders(store) == [] and not list((store.path / "rounds").glob(".tmp-*"))
+
+
+def test_verify_reports_a_finished_round_whose_folder_is_missing(store):
+    import shutil
+
+    from cellcurate.datasets.checks import check_round_folders
+
+    run_round(store, 1, config=CFG, progress=False)
+    shutil.rmtree(store.path / "rounds" / "1")
+    (problem,) = check_round_folders(store)
+    assert "rounds/1: folder of round 1" in problem and "is missing" in problem

@@ -331,3 +331,49 @@ def test_cli_export_verify_diff(store, tmp_path):
     # default --out: <store>/releases
     r = runner.invoke(cli, ["export", str(path), "--version", "v9"])
     assert r.exit_code == 0 and (path / "releases" / "v9" / "manifest.json").is_file()
+
+
+# -- failures inside export (issue 10: shutil.rmtree(onexc=) does not exist on Python 3.11) ----------
+def _failing_after_freeze(errno_: int):
+    import cellcurate.curation.release as rel
+
+    original = rel._fsync_and_freeze
+
+    def fail(root):
+        original(root)  # the release files are read-only now, as in a real late failure
+        raise OSError(errno_, os.strerror(errno_), str(root / "manifest.json"))
+
+    return fail
+
+
+@pytest.mark.parametrize("errno_, message", [(28, "no space left on device"), (13, "Permission denied")])
+def test_export_failure_gives_one_line_error_and_leaves_nothing(store, tmp_path, monkeypatch, errno_, message):
+    from click.testing import CliRunner
+
+    import cellcurate.curation.release as rel
+    from cellcurate.cli.main import cli
+
+    path = store.path
+    store.close()
+    monkeypatch.setattr(rel, "_fsync_and_freeze", _failing_after_freeze(errno_))
+    out = tmp_path / "rel"
+    r = CliRunner().invoke(cli, ["export", str(path), "--version", "v1", "--out", str(out)])
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
+    assert "Traceback" not in r.output and not isinstance(r.exception, TypeError)
+    assert list(out.iterdir()) == []  # no .tmp-* folder, no release
+
+
+def test_remove_tree_removes_frozen_trees_on_this_python(tmp_path):
+    from cellcurate.core.atomic import remove_tree
+
+    root = tmp_path / "t"
+    (root / "sub").mkdir(parents=True)
+    for p in (root / "a", root / "sub" / "b"):
+        p.write_text("x")
+        p.chmod(stat.S_IRUSR)
+    (root / "sub").chmod(stat.S_IRUSR | stat.S_IXUSR)  # a read-only folder: its files cannot be unlinked
+    remove_tree(root)
+    assert not root.exists()
+    remove_tree(root)  # absent: no error

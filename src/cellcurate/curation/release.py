@@ -28,7 +28,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from ..core.atomic import fsync_dir, fsync_tree, remove_tree
+from ..core.constants import IGNORE_VALUE
 from ..errors import ConfigError, InputFormatError, StateError
 
 from ..datasets.release_format import RELEASE_FORMAT, read_release_manifest  # noqa: E402
@@ -54,7 +55,6 @@ ATTRIBUTION = [
 ]
 STACK_TILES_PER_SHARD = 64
 NATIVE_CHUNK = 512
-IGNORE_VALUE = 255
 
 OmeVersion = Literal["0.5", "0.4"]
 OME_VERSIONS: tuple[str, ...] = ("0.5", "0.4")
@@ -377,8 +377,9 @@ def export_release(
             os.rename(tmp, final)
         except OSError as exc:
             raise StateError(f"{final}: cannot put the release in place ({exc.strerror or exc})") from None
+        fsync_dir(root)
     except BaseException:
-        _remove_tree(tmp)
+        remove_tree(tmp)
         raise
     return ExportResult(final, manifest, n_images=len(images_out), n_nuclei=int((nuclei["kind"] == "nucleus").sum()))
 
@@ -526,27 +527,11 @@ def _hash_tree(root: Path) -> dict[str, dict[str, Any]]:
 
 
 def _fsync_and_freeze(root: Path) -> None:
+    """Make every file of the finished release read-only, then fsync files and folders."""
     for dirpath, _dirs, names in os.walk(root):
         for name in names:
-            p = os.path.join(dirpath, name)
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.chmod(p, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
-
-
-def _remove_tree(path: Path) -> None:
-    def onerror(func: Any, p: str, _exc: Any) -> None:
-        try:
-            os.chmod(p, stat.S_IWUSR | stat.S_IRUSR | stat.S_IXUSR)
-            func(p)
-        except OSError:
-            pass
-
-    if path.exists():
-        shutil.rmtree(path, onexc=onerror)
+            os.chmod(os.path.join(dirpath, name), stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+    fsync_tree(root)
 
 
 # -- verify -----------------------------------------------------------------------------------------

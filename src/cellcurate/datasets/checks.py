@@ -11,6 +11,9 @@ Checks, each naming the unit/file at fault:
 * (deep, the default) every instance map holds exactly the instance ids of its nuclei rows, with
   the recorded areas.
 
+Round folders are checked against the ledger's finished round runs
+(:func:`check_round_folders`): a missing folder and an orphan one are problems.
+
 Unregistered folders left by an interrupted ingest are reported as notes: readers ignore them and
 the next ingest removes them.
 """
@@ -117,6 +120,7 @@ def verify_store(store: Store, *, deep: bool = True, progress: bool | Callable[.
     if stray:
         P(f"ledger: {len(stray)} events refer to nuclei never ingested (e.g. {stray[0]})")
     res.checked["events"] = store.ledger.count()
+    res.problems.extend(check_round_folders(store))
 
     if deep and len(images):
         from tqdm.auto import tqdm
@@ -146,6 +150,52 @@ def verify_store(store: Store, *, deep: bool = True, progress: bool | Callable[.
                         bad = int(np.flatnonzero(counts[1 : n + 1] != want["area"].to_numpy())[0]) + 1
                         P(f"{row.unit}: image {row.image_id}, instance {bad}: area in the map differs from the table")
     return res
+
+
+def check_round_folders(store: Store) -> list[str]:
+    """Round folders vs the ledger's round runs (see :mod:`cellcurate.relabel.rounds`).
+
+    The round folder ``rounds/N`` is put in place before the ledger commits the run, and its
+    ``summary.json`` names the run (``metrics.run_seq``). So:
+
+    * a finished, not superseded run whose ``rounds/N`` is missing or belongs to another run is a
+      problem (cannot come from a crash; the folder was removed or replaced by hand);
+    * ``rounds/N`` whose run the ledger never finished is an orphan left by a crash between the
+      rename and the commit: its proposals and flags are not in the ledger, nothing reads it, and
+      ``curate relabel --round N --overwrite`` (or a first run) moves it aside.
+    """
+    problems: list[str] = []
+    rounds_dir = store.path / "rounds"
+    ev = store.ledger.events(kinds=("round",))
+    started = ev[ev["action"] == "started"]
+    finished = set(ev.loc[ev["action"] == "finished", "ref"].dropna().astype(int))
+    superseded = set(ev.loc[ev["action"] == "superseded", "ref"].dropna().astype(int))
+    active: dict[int, int] = {}
+    for rnd, seq in zip(started["round"].astype(int), started["seq"].astype(int)):
+        if seq in finished and seq not in superseded:
+            active[rnd] = max(seq, active.get(rnd, seq))
+    on_disk: dict[int, int | None] = {}
+    if rounds_dir.is_dir():
+        for d in rounds_dir.iterdir():
+            if not (d.is_dir() and d.name.isdigit()):
+                continue
+            try:
+                summary = json.loads((d / "summary.json").read_text("utf-8"))
+                on_disk[int(d.name)] = int(summary["metrics"]["run_seq"])
+            except (OSError, ValueError, KeyError, TypeError):
+                on_disk[int(d.name)] = None
+    for rnd, seq in sorted(active.items()):
+        if rnd not in on_disk:
+            problems.append(f"{rounds_dir / str(rnd)}: folder of round {rnd} (finished run seq {seq}) is missing")
+        elif on_disk[rnd] != seq:
+            problems.append(f"{rounds_dir / str(rnd)}: holds run seq {on_disk[rnd]}, the ledger's finished run "
+                            f"of round {rnd} is seq {seq}")
+    for rnd, seq in sorted(on_disk.items()):
+        if rnd not in active:
+            problems.append(f"{rounds_dir / str(rnd)}: orphan round folder (run seq {seq} was never committed "
+                            f"to the ledger; left by an interrupted round): rerun `curate relabel --round {rnd}`, "
+                            "which moves it aside")
+    return problems
 
 
 def label_name(store: Store, labels: pd.DataFrame) -> pd.Series:

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..core.atomic import atomic_write_text, fsync_dir, fsync_tree
 from ..errors import ConfigError, StoreError
 from .ledger import Ledger
 from .records import IngestReport, SourceImage
@@ -199,7 +200,7 @@ class Store:
         try:
             path.mkdir(parents=True, exist_ok=True)
             (path / "units").mkdir(exist_ok=True)
-            _atomic_write_text(path / "taxonomy.json", taxonomy.to_json())
+            atomic_write_text(path / "taxonomy.json", taxonomy.to_json())
             ledger = Ledger(path / "ledger.sqlite")
             ledger.set_meta("taxonomy_hash", taxonomy.hash)
             ledger.set_meta("created", _now())
@@ -208,7 +209,7 @@ class Store:
 
             meta = {"format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION,
                     "created": _now(), "cellcurate_version": __version__}
-            _atomic_write_text(path / "store.json", json.dumps(meta, indent=2) + "\n")  # written last
+            atomic_write_text(path / "store.json", json.dumps(meta, indent=2) + "\n")  # written last
         except OSError as exc:
             raise StoreError(f"cannot create the store: {exc.strerror or exc}", path=path) from None
         return cls(path, readonly=False)
@@ -685,9 +686,10 @@ class UnitWriter:
         report = report or self.report
         images.to_parquet(self.tmp_dir / "images.parquet", index=False)
         nuclei.to_parquet(self.tmp_dir / "nuclei.parquet", index=False)
-        _atomic_write_text(self.tmp_dir / "report.json", json.dumps(report.as_dict(), indent=2) + "\n")
-        _fsync_tree(self.tmp_dir)
+        atomic_write_text(self.tmp_dir / "report.json", json.dumps(report.as_dict(), indent=2) + "\n")
+        fsync_tree(self.tmp_dir)
         os.replace(self.tmp_dir, self.final_dir)
+        fsync_dir(self.final_dir.parent)
         self._done = True
         payloads: dict[tuple[str, str, str], str] = {}
         payload_col = []
@@ -743,29 +745,3 @@ def _typed(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     return df[list(columns)].astype(columns)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file atomically (temp file in the same folder, fsync, rename)."""
-    _atomic_write_text(Path(path), text)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush the files of a freshly written folder so a rename never exposes half-written data."""
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)

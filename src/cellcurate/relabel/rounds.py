@@ -17,18 +17,19 @@ made for nuclei a reviewer already decided (status ``reviewed``) nor for ``confl
 
 Writes: ``STORE/features/<backbone>/`` (cache), ``STORE/rounds/<N>/`` (config.json, summary.json,
 proposals.parquet, flags.parquet, oos.parquet, report.html + PNGs, written in a temp folder and
-renamed) and the ledger events of the run in one ``append`` (started, proposals, flags, finished),
-all under the store's write lock. Any error before that leaves the ledger unchanged.
+renamed into place *before* the ledger commits) and the ledger events of the run in one ``append``
+(started, proposals, flags, finished), all under the store's write lock. Any error before the
+commit leaves the ledger unchanged and puts the previous folder back; a crash between the rename
+and the commit leaves a folder whose ``run_seq`` the ledger never finished, which
+``curate verify`` reports (a finished round always has its folder).
 
 Dimensions: N nuclei, F features, K = 7 unified classes.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from ..core.atomic import atomic_write_json, fsync_dir, remove_tree, replace_dir
 from ..errors import ConfigError, StateError, StoreError
 from .backbones import BACKBONES, make_backbone
 from .classify import CLASSIFIERS, cross_val_probs, nucleus_groups, predict_mean
@@ -454,6 +456,9 @@ def _commit(store: "Store", round: int, cfg: RoundConfig, backbone_id: str, mode
     rounds_dir.mkdir(exist_ok=True)
     tmp = rounds_dir / f".tmp-{round}-{secrets.token_hex(4)}"
     tmp.mkdir()
+    final = rounds_dir / str(round)
+    aside: Path | None = None
+    placed = False
     try:
         started_seq = store.ledger.head()[0] + 1 + (1 if existing is not None else 0)
         actor = f"relabel:r{round}:{model_id}"
@@ -487,7 +492,7 @@ def _commit(store: "Store", round: int, cfg: RoundConfig, backbone_id: str, mode
                        "ref": started_seq, "payload": {"counts": counts}})
 
         # the round folder
-        (tmp / "config.json").write_text(json.dumps(config_doc, indent=2) + "\n", "utf-8")
+        atomic_write_json(tmp / "config.json", config_doc)
         props.drop(columns=["row"]).to_parquet(tmp / "proposals.parquet", index=False)
         all_flags.drop(columns=["row"]).to_parquet(tmp / "flags.parquet", index=False)
         if out.get("oos") is not None:
@@ -503,26 +508,37 @@ def _commit(store: "Store", round: int, cfg: RoundConfig, backbone_id: str, mode
         if cfg.report:
             write_report(store, tmp, round=round, labels=labels, props=props, flags=all_flags, metrics=metrics,
                          calibration=(conf, corr), gallery=cfg.gallery)
-        (tmp / "summary.json").write_text(json.dumps({"counts": counts, "metrics": metrics}, indent=2,
-                                                     default=_json) + "\n", "utf-8")
-        # commit point: one ledger transaction
-        seqs = store.ledger.append(events)
+        atomic_write_json(tmp / "summary.json", {"counts": counts, "metrics": metrics}, default=_json)
+        # The folder goes in place first, then the ledger commits: a crash in between leaves a
+        # folder whose run_seq the ledger never finished (curate verify reports it), never a
+        # finished round without its folder.
+        if final.exists():
+            aside = rounds_dir / (f"{round}-superseded-{existing if existing is not None else 'orphan'}"
+                                  f"-{secrets.token_hex(2)}")
+            os.replace(final, aside)
+        replace_dir(tmp, final)
+        placed = True
+        _before_commit(final)
+        seqs = store.ledger.append(events)  # commit point: one ledger transaction
+        real_started = seqs[1] if existing is not None else seqs[0]
+        if real_started != started_seq:  # another writer slipped in between head() and append()
+            store.ledger.append([{"kind": "round", "round": round, "actor": "relabel", "action": "superseded",
+                                  "ref": real_started, "payload": {"reason": "concurrent write; rerun"}}])
+            raise StoreError("another process wrote the ledger during the round; the run was retired, rerun it",
+                             path=store.path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if placed:
+            remove_tree(final)
+            if aside is not None:
+                os.replace(aside, final)
+                fsync_dir(rounds_dir)
+        remove_tree(tmp)
         raise
-    real_started = seqs[1] if existing is not None else seqs[0]
-    if real_started != started_seq:  # another writer slipped in between head() and append()
-        store.ledger.append([{"kind": "round", "round": round, "actor": "relabel", "action": "superseded",
-                              "ref": real_started, "payload": {"reason": "concurrent write; rerun"}}])
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise StoreError("another process wrote the ledger during the round; the run was retired, rerun it",
-                         path=store.path)
-    final = rounds_dir / str(round)
-    if final.exists():
-        os.replace(final, rounds_dir / f"{round}-superseded-{existing if existing is not None else 'orphan'}"
-                   f"-{secrets.token_hex(2)}")
-    os.replace(tmp, final)
     return RoundResult(round, False, plan, final, started_seq, counts, metrics, time.perf_counter() - t0)
+
+
+def _before_commit(folder: Path) -> None:
+    """Hook between putting the round folder in place and the ledger commit (tests crash here)."""
 
 
 def _flag_probs(flags: pd.DataFrame, props: pd.DataFrame, oos: pd.DataFrame | None, pcols: list[str]) -> np.ndarray:

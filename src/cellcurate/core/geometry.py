@@ -1,0 +1,101 @@
+"""The one polygon convention for a nucleus mask (QuPath's): pixel (row r, column c) is the
+square [c, c+1] × [r, r+1] in (x, y) image coordinates, and a polygon traces the outer edges of
+the mask's pixels, holes kept. Rasterising such a polygon by pixel centres gives back the exact
+mask, so the predict tables (``polygon`` column), QuPath GeoJSON export and import all describe
+a nucleus by the same outline.
+
+shapely is imported inside the functions.
+
+>>> import numpy as np
+>>> m = np.zeros((3, 3), bool); m[1, 1:3] = True
+>>> mask_to_geometry(m).bounds
+(1.0, 1.0, 3.0, 2.0)
+>>> mask_to_polygon(m).tolist()
+[[1.0, 1.0], [3.0, 1.0], [3.0, 2.0], [1.0, 2.0], [1.0, 1.0]]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["GEOMETRY_TYPES", "mask_to_geometry", "mask_to_polygon", "polygonal"]
+
+GEOMETRY_TYPES = ("Polygon", "MultiPolygon")
+
+
+def polygonal(geom: Any) -> Any:
+    """The Polygon/MultiPolygon part of a shapely geometry (``None`` when it has none)."""
+    import shapely
+
+    if geom is None or geom.is_empty:
+        return None
+    if geom.geom_type in GEOMETRY_TYPES:
+        return geom
+    parts = [g for g in getattr(geom, "geoms", []) if g.geom_type in GEOMETRY_TYPES]
+    if not parts:
+        return None
+    return shapely.union_all(parts)
+
+
+def mask_to_geometry(mask: np.ndarray, *, offset: tuple[int, int] = (0, 0)) -> Any:
+    """Polygon (or MultiPolygon) tracing the pixel edges of a binary mask.
+
+    Parameters
+    ----------
+    mask
+        (h, w) bool.
+    offset
+        (y0, x0) added to the coordinates (the crop's place in the image).
+
+    Returns
+    -------
+    shapely Polygon / MultiPolygon in (x, y) image coordinates, exterior counter-clockwise in
+    (x, y) (y down), holes kept; ``None`` for an empty mask.
+    """
+    import shapely
+
+    m = np.asarray(mask, dtype=bool)
+    if not m.any():
+        return None
+    # one rectangle per horizontal run of pixels, unioned
+    pad = np.zeros((m.shape[0], m.shape[1] + 2), dtype=np.int8)
+    pad[:, 1:-1] = m
+    d = np.diff(pad, axis=1)
+    rs, cs = np.nonzero(d == 1)
+    re_, ce = np.nonzero(d == -1)
+    order_s = np.lexsort((cs, rs))
+    order_e = np.lexsort((ce, re_))
+    rows, c0, c1 = rs[order_s], cs[order_s], ce[order_e]
+    y0, x0 = offset
+    boxes = shapely.box(c0 + x0, rows + y0, c1 + x0, rows + 1 + y0)
+    geom = shapely.union_all(boxes)
+    geom = shapely.simplify(geom, 0)  # drop collinear vertices of the staircase
+    geom = shapely.geometry.polygon.orient(geom, 1.0) if geom.geom_type == "Polygon" else geom
+    if not geom.is_valid:
+        geom = polygonal(shapely.make_valid(geom))
+    return geom
+
+
+def mask_to_polygon(mask: np.ndarray, *, offset: tuple[int, int] = (0, 0), tolerance: float = 0.0) -> np.ndarray:
+    """Outer ring of :func:`mask_to_geometry` as a (V, 2) float64 array of (x, y), first == last.
+
+    When the mask has several components, the ring of the largest one; holes are not part of the
+    ring. ``tolerance > 0`` simplifies it (Douglas-Peucker, pixels; then it no longer
+    rasterises back exactly). An empty mask gives a (0, 2) array. Vertices start at the
+    lowest-leftmost corner (smallest y, then smallest x), so the output is deterministic.
+    """
+    import shapely
+
+    geom = mask_to_geometry(mask, offset=offset)
+    if geom is None:
+        return np.zeros((0, 2))
+    if geom.geom_type == "MultiPolygon":
+        geom = max(geom.geoms, key=lambda g: g.area)
+    if tolerance > 0:
+        geom = shapely.simplify(geom, tolerance)
+    ring = np.asarray(geom.exterior.coords, dtype=np.float64)[:-1]
+    start = int(np.lexsort((ring[:, 0], ring[:, 1]))[0])
+    ring = np.roll(ring, -start, axis=0)
+    return np.vstack([ring, ring[:1]])
