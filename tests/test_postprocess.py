@@ -209,3 +209,19 @@ def test_postprocess_end_to_end_classes():
     assert res.classes[np.array(order) - 1].tolist() == [3, 2]
     np.testing.assert_allclose(res.probs[order[1] - 1][[2, 6]], [0.7, 0.3], atol=1e-6)
     assert set(np.unique(res.class_map()).tolist()) == {0, 2, 3}
+
+
+def test_predict_polygon_and_geojson_geometry_are_the_same_outline():
+    """Issue 10: one polygon convention for a nucleus (parquet ``polygon`` vs QuPath GeoJSON)."""
+    from shapely.geometry import Polygon
+
+    from cellcurate.curation.qupath import geometry_mask, mask_to_geometry
+
+    yy, xx = np.mgrid[:20, :20]
+    mask = (yy - 9) ** 2 + (xx - 10) ** 2 <= 30
+    ring = mask_to_polygon(mask, offset=(5, 7))
+    geom = mask_to_geometry(mask, offset=(5, 7))
+    assert Polygon(ring).equals(geom)  # same outline, vertex for vertex up to the start point
+    assert Polygon(ring).area == mask.sum()
+    back = geometry_mask(Polygon(ring), (40, 40), window=(5, 7, 25, 27))
+    assert np.array_equal(back, mask)

@@ -66,3 +66,67 @@ def test_cnn_backbone_small(small_store):
     feats, ids = bb.extract(small_store, small_store.nuclei(include_ignore=False), progress=False)
     assert feats.shape == (len(ids), 16) and np.isfinite(feats).all()
     assert bb.id.startswith("cnn-") and bb.id != CNNBackbone(epochs=2).id
+
+
+# -- device, batching, meta build, one registry (issue 10) ----------------------------------------
+def test_device_cpu_works_and_cuda_without_a_device_is_a_config_error(monkeypatch):
+    assert TimmBackbone(encoder="tiny-vit-test", device="cpu").device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert TimmBackbone(encoder="tiny-vit-test", device="auto").device == "cpu"
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        TimmBackbone(encoder="tiny-vit-test", device="cuda")
+    with pytest.raises(ConfigError, match="unknown --device"):
+        TimmBackbone(encoder="tiny-vit-test", device="tpu")
+
+
+def test_batched_windows_equal_one_image_at_a_time():
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 255, (48, 48, 3), dtype=np.uint8), rng.integers(0, 255, (200, 90, 3), dtype=np.uint8)]
+    bb = TimmBackbone(encoder="tiny-vit-test", batch=3)
+    together = bb.batch_tokens(imgs, [0.25, 0.5])
+    for img, mpp, (tok, px) in zip(imgs, [0.25, 0.5], together):
+        alone, px1 = TimmBackbone(encoder="tiny-vit-test", batch=1).tile_tokens(img, mpp)
+        assert px == px1 and tok.shape == alone.shape
+        np.testing.assert_allclose(tok, alone, atol=1e-5)
+
+
+def test_weights_are_assigned_to_a_model_built_on_meta(tmp_path, monkeypatch):
+    import cellcurate.core.encoders as reg
+
+    ref = TimmBackbone(encoder="tiny-vit-test")
+    path = tmp_path / "ok.pt"
+    torch.save(ref._load().state_dict(), path)
+    calls = []
+    real = reg.create_timm_model
+
+    def spy(spec, *, meta=False):
+        calls.append(meta)
+        return real(spec, meta=meta)
+
+    monkeypatch.setattr(reg, "create_timm_model", spy)
+    loaded = TimmBackbone(encoder="tiny-vit-test", weights=str(path))._load()
+    assert calls[0] is True  # never a random init before the file is read
+    for k, v in ref._load().state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_one_encoder_registry_for_relabel_and_models(monkeypatch):
+    from dataclasses import replace
+
+    import cellcurate.core.encoders as reg
+    from cellcurate.models.encoders import build_encoder, resolve_encoder
+
+    spec = replace(reg.ENCODERS["micro-vit"], name="my-new-encoder")
+    monkeypatch.setitem(reg.ENCODERS, "my-new-encoder", spec)  # the one line that adds an encoder
+    assert TimmBackbone(encoder="my-new-encoder").spec == spec
+    assert resolve_encoder("my-new-encoder") == spec and build_encoder("my-new-encoder").spec == spec
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_features_close_to_cpu(small_store):
+    cpu = TimmBackbone(encoder="tiny-vit-test", device="cpu")
+    gpu = TimmBackbone(encoder="tiny-vit-test", device="cuda")
+    assert gpu.precision == "fp16" and gpu.id != cpu.id and gpu.batch == 64
+    a, _ = cpu.extract(small_store, small_store.nuclei(include_ignore=False), progress=False)
+    b, _ = gpu.extract(small_store, small_store.nuclei(include_ignore=False), progress=False)
+    assert np.abs(a - b).max() < 0.05 * max(1.0, float(np.abs(a).max()))

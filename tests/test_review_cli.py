@@ -102,3 +102,23 @@ def test_cli_errors_are_one_line(store, tmp_path):
     assert r.exit_code == 1 and "no such CSV file" in r.stderr
     r = runner.invoke(cli, ["review", str(store.path), "--adjudicate", "1", "Neutrophil"])
     assert r.exit_code == 1 and "no nucleus 1" in r.stderr
+
+
+def test_export_csv_temp_name_is_unique_per_write(store, tmp_path, monkeypatch):
+    """Issue 10: the CSV went through the fixed name ``.queue.csv.tmp``; two writers shared it."""
+    import os as _os
+
+    out = tmp_path / "queue.csv"
+    seen = []
+    real_replace = _os.replace
+
+    def spy(src, dst):
+        seen.append(str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(_os, "replace", spy)
+    export_csv(store, out, reviewer="ana")
+    export_csv(store, out, reviewer="ana")
+    temps = [s for s in seen if s.endswith(".tmp") and ".queue.csv." in s]
+    assert len(temps) == 2 and temps[0] != temps[1] and temps[0] != str(tmp_path / ".queue.csv.tmp")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".queue")) == []

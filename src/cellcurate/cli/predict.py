@@ -4,7 +4,7 @@ Per image ``NAME.png`` the command writes ``NAME_instances.tif`` (int32 instance
 ``NAME_nuclei.parquet`` (one row per nucleus, see :func:`cellcurate.models.postprocess.instance_table`)
 and ``NAME.geojson``, written by the QuPath export's own writer
 (:func:`cellcurate.curation.qupath.write_geojson`): one ``detection`` per nucleus whose polygon
-traces the nucleus' pixel edges exactly (:func:`cellcurate.curation.qupath.mask_to_geometry`),
+traces the nucleus' pixel edges exactly (:func:`cellcurate.core.geometry.mask_to_geometry`),
 classified with the class name and colour, with measurements ``area_px`` (and ``area_um2`` when
 the pixel size is known), ``nucleus_prob`` and ``prob_<Class>``, and metadata ``image`` and
 ``instance_id``. Feature ids are UUIDs derived from the image name and the instance id, so a
@@ -29,7 +29,7 @@ def prediction_features(prediction: Any, *, image_name: str) -> Any:
     import pandas as pd
     from scipy import ndimage as ndi
 
-    from ..curation.qupath import mask_to_geometry
+    from ..core.geometry import mask_to_geometry
 
     colors = dict(zip(prediction.class_names, prediction.colors))
     inst = prediction.instances
@@ -80,7 +80,13 @@ def command(model_path: Path, images: tuple[Path, ...], out_dir: Path, mpp: floa
     from tqdm.auto import tqdm
 
     from ..curation.qupath import write_geojson
-    from ..models.predict import load_for_inference, predict_image, read_image, resolve_device, save_prediction
+    from ..models.predict import (
+        load_for_inference,
+        predict_image,
+        read_image,
+        resolve_device,
+        save_prediction,
+    )
 
     dev = resolve_device(device)
     model = load_for_inference(model_path, device=dev, encoder_weights=encoder_weights)

@@ -26,9 +26,11 @@ import click
 @click.option("--truth", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="truth.parquet of a synthetic sample: add proposal accuracy and flag precision/recall.")
 @click.option("--no-report", is_flag=True, help="Skip report.html and its figures.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where cnn/timm backbones run: cpu, cuda, cuda:N or auto (CUDA: batched, fp16).")
 def command(store_path: Path, round_: int, backbone: str, weights: Path | None, encoder: str | None,
             classifier: str, auto_accept: float, folds: int, seed: int, dry_run: bool, overwrite: bool,
-            truth: Path | None, no_report: bool) -> None:
+            truth: Path | None, no_report: bool, device: str) -> None:
     """Run relabeling round N on STORE: proposals, cleanlab flags, ledger events and a report."""
     import pandas as pd
 
@@ -43,7 +45,8 @@ def command(store_path: Path, round_: int, backbone: str, weights: Path | None, 
         except (OSError, ValueError) as exc:
             raise InputFormatError(truth, f"cannot read the truth table ({exc})") from None
     cfg = RoundConfig(backbone=backbone, encoder=encoder, weights=None if weights is None else str(weights),
-                      classifier=classifier, folds=folds, seed=seed, auto_accept=auto_accept, report=not no_report)
+                      classifier=classifier, folds=folds, seed=seed, auto_accept=auto_accept, report=not no_report,
+                      device=device)
     store = Store.open(store_path, mode="r" if dry_run else "a")
     try:
         result = run_round(store, round_, config=cfg, overwrite=overwrite, dry_run=dry_run, truth=truth_df)

@@ -184,14 +184,14 @@ def create_timm_model(spec: EncoderSpec, *, meta: bool = False) -> Any:
 
 
 def build_timm_model(spec: EncoderSpec, *, weights: str | os.PathLike[str] | None = None,
-                     random_init: bool = False, seed: int = 0) -> Any:
+                     random_init: bool = False, seed: int | None = None) -> Any:
     """A headless timm model on CPU: the file's weights, or (explicitly) random ones.
 
     With ``weights`` the model is created on the ``meta`` device and the file's tensors assigned
     (strict: :func:`~cellcurate.core.weights.load_state_dict_strict`); buffers that the file does
     not hold (non-persistent ones) are then rebuilt for real. Without, a spec that is not
     ``random_ok`` raises :class:`~cellcurate.errors.ModelError` unless ``random_init``; random
-    weights are drawn with ``torch.manual_seed(seed)``.
+    weights are drawn from torch's global generator, seeded first with ``seed`` when given.
     """
     import torch
 
@@ -201,7 +201,8 @@ def build_timm_model(spec: EncoderSpec, *, weights: str | os.PathLike[str] | Non
                 f"encoder {spec.name!r} needs a local weights file (--weights); "
                 "random initialisation must be asked for explicitly (random_init=True / --tiny)"
             )
-        torch.manual_seed(seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         return create_timm_model(spec)
     path = Path(weights)
     if not path.is_file():

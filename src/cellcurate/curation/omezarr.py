@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..core.constants import IGNORE_VALUE
 from ..errors import ConfigError
 
 OME_VERSIONS: tuple[str, ...] = ("0.5", "0.4")
@@ -109,9 +110,9 @@ def write_ome_image(path: str | Path, image: np.ndarray, instances: np.ndarray, 
         image_label: dict[str, Any] = {"source": {"image": "../../"}}
         if lname == "classes":
             image_label["colors"] = [{"label-value": c.id, "rgba": [*c.rgb, 255]} for c in taxonomy.classes] + [
-                {"label-value": 255, "rgba": IGNORE_RGBA}]
+                {"label-value": IGNORE_VALUE, "rgba": IGNORE_RGBA}]
             image_label["properties"] = [{"label-value": c.id, "class": c.name} for c in taxonomy.classes] + [
-                {"label-value": 255, "class": "ignore"}]
+                {"label-value": IGNORE_VALUE, "class": "ignore"}]
         if version == "0.4":
             image_label = {"version": "0.4", **image_label}
         _put(g, {"image-label": image_label,

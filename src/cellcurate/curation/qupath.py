@@ -30,8 +30,6 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import os
-import secrets
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,9 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from ..core.atomic import atomic_write_bytes
+from ..core.geometry import GEOMETRY_TYPES, mask_to_geometry
+from ..core.geometry import polygonal as _polygonal
 from ..errors import ConfigError, InputFormatError, InputNotFoundError, StoreError
 
 ObjectType = Literal["detection", "cell", "annotation"]
@@ -47,7 +48,6 @@ OBJECT_TYPES: tuple[str, ...] = ("detection", "cell", "annotation")
 IGNORE_CLASS = "Ignore*"
 IGNORE_COLOR = [180, 180, 180]
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://cellcurate/nucleus")
-GEOMETRY_TYPES = ("Polygon", "MultiPolygon")
 
 
 def feature_uuid(nucleus_id: int) -> str:
@@ -62,63 +62,7 @@ def _rgb(color: Any) -> list[int]:
     return [int(c) for c in color][:3]
 
 
-# -- mask -> polygon ------------------------------------------------------------------------------
-def mask_to_geometry(mask: np.ndarray, *, offset: tuple[int, int] = (0, 0)) -> Any:
-    """Polygon (or MultiPolygon) tracing the pixel edges of a binary mask.
-
-    Parameters
-    ----------
-    mask
-        (h, w) bool.
-    offset
-        (y0, x0) added to the coordinates (the crop's place in the image).
-
-    Returns
-    -------
-    shapely Polygon / MultiPolygon in (x, y) image coordinates, holes kept; ``None`` for an empty
-    mask.
-
-    >>> m = np.zeros((3, 3), bool); m[1, 1:3] = True
-    >>> mask_to_geometry(m).bounds
-    (1.0, 1.0, 3.0, 2.0)
-    """
-    import shapely
-
-    m = np.asarray(mask, dtype=bool)
-    if not m.any():
-        return None
-    # one rectangle per horizontal run of pixels, unioned
-    pad = np.zeros((m.shape[0], m.shape[1] + 2), dtype=np.int8)
-    pad[:, 1:-1] = m
-    d = np.diff(pad, axis=1)
-    rs, cs = np.nonzero(d == 1)
-    re_, ce = np.nonzero(d == -1)
-    order_s = np.lexsort((cs, rs))
-    order_e = np.lexsort((ce, re_))
-    rows, c0, c1 = rs[order_s], cs[order_s], ce[order_e]
-    y0, x0 = offset
-    boxes = shapely.box(c0 + x0, rows + y0, c1 + x0, rows + 1 + y0)
-    geom = shapely.union_all(boxes)
-    geom = shapely.simplify(geom, 0)  # drop collinear vertices of the staircase
-    geom = shapely.geometry.polygon.orient(geom, 1.0) if geom.geom_type == "Polygon" else geom
-    if not geom.is_valid:
-        geom = _polygonal(shapely.make_valid(geom))
-    return geom
-
-
-def _polygonal(geom: Any) -> Any:
-    import shapely
-
-    if geom is None or geom.is_empty:
-        return None
-    if geom.geom_type in GEOMETRY_TYPES:
-        return geom
-    parts = [g for g in getattr(geom, "geoms", []) if g.geom_type in GEOMETRY_TYPES]
-    if not parts:
-        return None
-    return shapely.union_all(parts)
-
-
+# -- mask <-> polygon (the convention lives in cellcurate.core.geometry) ---------------------------
 def geometry_mask(geom: Any, shape: tuple[int, int], *, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """Pixels whose centre lies inside ``geom`` (holes excluded), over ``window`` (y0, x0, y1, x1)
     of an image of ``shape`` (default: the geometry's bounds). Returns (y1-y0, x1-x0) bool."""
@@ -216,13 +160,7 @@ def write_geojson(path: str | Path, features: list[dict[str, Any]] | pd.DataFram
     data = json.dumps({"type": "FeatureCollection", "features": feats}, separators=(",", ":")).encode("utf-8")
     if compress:
         data = gzip.compress(data, mtime=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
     return path
 
 

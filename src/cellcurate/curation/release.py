@@ -40,10 +40,9 @@ import pandas as pd
 
 from ..core.atomic import fsync_dir, fsync_tree, remove_tree
 from ..core.constants import IGNORE_VALUE
-from ..errors import ConfigError, InputFormatError, StateError
-
 from ..datasets.release_format import RELEASE_FORMAT, read_release_manifest  # noqa: E402
 from ..datasets.release_format import SUPPORTED_FORMAT_VERSION as RELEASE_FORMAT_VERSION  # noqa: E402
+from ..errors import ConfigError, InputFormatError, StateError
 
 LICENCE = "CC BY-NC-SA 4.0"
 ATTRIBUTION = [

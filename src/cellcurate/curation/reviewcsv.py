@@ -18,8 +18,15 @@ from typing import Any
 
 import pandas as pd
 
+from ..core.atomic import atomic_path
 from ..datasets.store import Store
-from ..errors import ConfigError, InputFormatError, InputNotFoundError, StateError, StoreError
+from ..errors import (
+    ConfigError,
+    InputFormatError,
+    InputNotFoundError,
+    StateError,
+    StoreError,
+)
 from .queue import build_queue
 from .review import decision_event, record_many
 
@@ -59,10 +66,9 @@ def export_csv(store: Store, path: str | os.PathLike[str], *, reviewer: str | No
         "round": q["round"], "decision": "", "label": "", "reviewer": "", "comment": "",
     })
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        out.to_csv(tmp, index=False)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # a unique temp name: two writers never share one
+            out.to_csv(tmp, index=False)
     except OSError as exc:
         raise StoreError(f"cannot write the CSV: {exc.strerror or exc}", path=path) from None
     return len(out)

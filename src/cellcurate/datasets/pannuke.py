@@ -53,7 +53,12 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputFormatError, InputNotFoundError
-from .records import OPTIONAL_SOURCE_COLUMNS, SOURCE_NUCLEI_COLUMNS, IngestReport, SourceImage
+from .records import (
+    OPTIONAL_SOURCE_COLUMNS,
+    SOURCE_NUCLEI_COLUMNS,
+    IngestReport,
+    SourceImage,
+)
 
 __all__ = [
     "PANNUKE_CHANNELS",

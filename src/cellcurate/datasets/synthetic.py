@@ -39,6 +39,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import pandas as pd
 
+from ..core.constants import IGNORE_VALUE
 from ..errors import ConfigError, StateError
 
 __all__ = [
@@ -66,7 +67,7 @@ CLASS_NAMES: tuple[str, ...] = (
     "Neoplastic", "Lymphocyte", "Connective", "Dead", "Epithelial", "Macrophage", "Neutrophil",
 )
 _NEO, _LYM, _CON, _DEAD, _EPI, _MAC, _NEU = 1, 2, 3, 4, 5, 6, 7
-IGNORE_CLASS = 255
+IGNORE_CLASS = IGNORE_VALUE  # the class-map ignore id (cellcurate.core.constants)
 
 #: PanNuke mask channels 0-4 (channel 5 is the background mask).
 PANNUKE_LABELS: tuple[str, ...] = ("Neoplastic", "Inflammatory", "Connective", "Dead", "Epithelial")

@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..core.constants import IGNORE_VALUE
 from ..errors import ConfigError, InputFormatError
 
 IGNORE = "ignore"
@@ -55,7 +56,7 @@ class Taxonomy:
         self._by_id = {c.id: c for c in self.classes}
         self._by_name = {c.name.lower(): c for c in self.classes}
         self.background: int = int(self._data.get("background", 0))
-        self.ignore: int = int(self._data.get("ignore", 255))
+        self.ignore: int = int(self._data.get("ignore", IGNORE_VALUE))
 
     # -- construction -------------------------------------------------------------------------
     @classmethod

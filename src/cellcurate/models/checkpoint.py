@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..core.atomic import atomic_write_with
+from ..core.weights import read_state_dict, safe_torch_load
 from ..errors import ModelError
 from .encoders import EncoderSpec, build_encoder
 from .student import Student, StudentConfig
@@ -49,17 +50,6 @@ CONFIG_NAME = "config.json"
 OPTIMIZER_NAME = "optimizer.pt"
 FORMAT = "cellcurate-model"
 FORMAT_VERSION = 1
-
-
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
@@ -133,11 +123,11 @@ def save_checkpoint(
     }
     text = json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n"
     state = _state_to_save(model)
-    _atomic_write_bytes(out / MODEL_NAME, lambda fh: torch.save(state, fh))
+    atomic_write_with(out / MODEL_NAME, lambda fh: torch.save(state, fh))
     if optimizer is not None:
         opt_state = optimizer.state_dict()
-        _atomic_write_bytes(out / OPTIMIZER_NAME, lambda fh: torch.save(opt_state, fh))
-    _atomic_write_bytes(out / CONFIG_NAME, lambda fh: fh.write(text.encode("utf-8")))
+        atomic_write_with(out / OPTIMIZER_NAME, lambda fh: torch.save(opt_state, fh))
+    atomic_write_with(out / CONFIG_NAME, lambda fh: fh.write(text.encode("utf-8")))
     return out
 
 
@@ -165,14 +155,7 @@ def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _load_state(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise ModelError("checkpoint weights not found", path=path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"cannot read weights safely ({type(exc).__name__}: {first})", path=path) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError("checkpoint does not hold a state dict of tensors", path=path)
-    return state
+    return read_state_dict(path, what="checkpoint weights", unwrap=False, map_location=map_location)
 
 
 def _build(doc: dict[str, Any], cfg_path: Path, encoder_weights: str | os.PathLike[str] | None) -> nn.Module:
@@ -267,8 +250,4 @@ def load_optimizer_state(dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     path = _folder(dir) / OPTIMIZER_NAME
     if not path.is_file():
         return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"cannot read optimizer state ({type(exc).__name__}: {first})", path=path) from None
+    return safe_torch_load(path, what="optimizer state")

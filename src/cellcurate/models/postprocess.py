@@ -22,7 +22,8 @@ Per-instance probabilities: mean softmax of the type channels over the instance'
 
 Coordinates (:func:`instance_table`, :func:`mask_to_polygon`): x = column, y = row, and pixel
 (row r, column c) covers the square [c, c+1) × [r, r+1), as in QuPath; so a pixel's centre is
-(c + 0.5, r + 0.5). Polygons run along pixel edges' midpoints (``find_contours`` at level 0.5).
+(c + 0.5, r + 0.5). Polygons trace the pixel edges (:mod:`cellcurate.core.geometry`, the same
+outline as the QuPath GeoJSON export), so they rasterise back to the exact mask.
 
 >>> import numpy as np
 >>> inst = np.zeros((6, 6), np.int32); inst[1:4, 1:4] = 1
@@ -40,8 +41,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
-from skimage import measure, morphology, segmentation
+from skimage import morphology, segmentation
 
+from ..core.geometry import mask_to_polygon as _core_mask_to_polygon
 from ..errors import ConfigError
 
 #: Sobel response of a sharp fall by 2 (an h/v map jumping from +1 to -1 between two pixels).
@@ -273,39 +275,27 @@ def postprocess(
     return Postprocessed(instances=instances, classes=classes, probs=probs)
 
 
-def mask_to_polygon(mask: np.ndarray, *, offset: tuple[int, int] = (0, 0), tolerance: float = 0.5) -> np.ndarray:
-    """Outer boundary of a binary mask as a closed polygon.
+def mask_to_polygon(mask: np.ndarray, *, offset: tuple[int, int] = (0, 0), tolerance: float = 0.0) -> np.ndarray:
+    """Outer boundary of a binary mask as a closed polygon, in the project's one convention
+    (:func:`cellcurate.core.geometry.mask_to_polygon`: pixel edges, as the QuPath GeoJSON export).
 
     Parameters
     ----------
     mask
-        (h, w) bool; when it has several components, the longest boundary is returned.
+        (h, w) bool; when it has several components, the largest one's boundary is returned.
     offset
         (row, column) of ``mask[0, 0]`` in the full image.
     tolerance
-        Douglas-Peucker tolerance in pixels (0 keeps every vertex).
+        Simplification tolerance in pixels (0, the default, keeps the exact pixel-edge outline).
 
     Returns
     -------
-    (V, 2) float64 vertices (x, y) in the module's coordinate convention, first == last;
-    (0, 2) for an empty mask.
+    (V, 2) float64 vertices (x, y), first == last; (0, 2) for an empty mask.
     """
-    mask = np.asarray(mask, dtype=bool)
-    if not mask.any():
-        return np.zeros((0, 2))
-    padded = np.pad(mask, 1).astype(np.float32)
-    contours = measure.find_contours(padded, 0.5)
-    contour = max(contours, key=len)
-    if tolerance > 0:
-        contour = measure.approximate_polygon(contour, tolerance)
-    if not np.array_equal(contour[0], contour[-1]):
-        contour = np.vstack([contour, contour[:1]])
-    # padded index -> image index (-1), pixel index -> pixel-edge coordinates (+0.5)
-    xy = np.column_stack([contour[:, 1] + offset[1] - 0.5, contour[:, 0] + offset[0] - 0.5])
-    return xy
+    return _core_mask_to_polygon(mask, offset=offset, tolerance=tolerance)
 
 
-def instance_polygons(instances: np.ndarray, *, tolerance: float = 0.5) -> list[np.ndarray]:
+def instance_polygons(instances: np.ndarray, *, tolerance: float = 0.0) -> list[np.ndarray]:
     """:func:`mask_to_polygon` of every instance 1..n (loop over instances, not pixels).
 
     Returns a list of n (V, 2) arrays; an id absent from the map gives a (0, 2) array.

@@ -34,15 +34,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
+from ..core.atomic import atomic_path
 from ..errors import ConfigError, InputFormatError, InputNotFoundError, ModelError
 from .postprocess import PostprocessConfig, instance_table, postprocess
 
@@ -331,22 +330,6 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     if arr.dtype != np.uint8:
         raise InputFormatError(path, f"expected 8-bit RGB, got dtype {arr.dtype}")
     return np.ascontiguousarray(arr[..., :3])
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
 
 
 def save_prediction(prediction: Prediction, out_dir: str | os.PathLike[str], stem: str) -> dict[str, Path]:

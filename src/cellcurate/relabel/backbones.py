@@ -12,9 +12,11 @@ its configuration or weights change), a JSON-able :meth:`~Backbone.config` and
 - ``timm``: any timm encoder from a local weights file (``torch.load(weights_only=True)`` or
   safetensors), run once per window of the image at the encoder's pixel size; the patch tokens under
   each nucleus are averaged (weighted by the pixels the nucleus covers in each token).
+  Encoders come from the one registry :mod:`cellcurate.core.encoders` (shared with the models):
   ``h-optimus-0`` is known by name (``vit_giant_patch14_reg4_dinov2``, 224 px at 0.5 µm/px, its
   published mean/std). ``tiny-vit-test`` is a random-weight configuration for tests and must be
   asked for by name; a missing or mismatched weights file is a :class:`~cellcurate.errors.ModelError`.
+  ``device``: ``cpu`` (default), ``cuda`` (batched windows in fp16) or ``auto``.
 
 Dimensions: M nuclei, F features, B tiles, H×W pixels, T tokens of a window.
 """
@@ -212,97 +214,65 @@ class CNNBackbone:
 
 
 # -- timm ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EncoderConfig:
-    name: str
-    timm_name: str
-    timm_kwargs: dict[str, Any] = field(default_factory=dict)
-    mpp: float = 0.5
-    input_size: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    random_ok: bool = False
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 
-#: Encoders known by name. H-Optimus-0: 224 px at 0.5 µm/px with its published normalisation.
-KNOWN_ENCODERS: dict[str, EncoderConfig] = {
-    "h-optimus-0": EncoderConfig(
-        "h-optimus-0", "vit_giant_patch14_reg4_dinov2",
-        {"init_values": 1e-5, "img_size": 224, "dynamic_img_size": True}, 0.5, 224,
-        (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)),
-    "tiny-vit-test": EncoderConfig(
-        "tiny-vit-test", "vit_tiny_patch16_224",
-        {"depth": 2, "embed_dim": 32, "num_heads": 2, "img_size": 64, "patch_size": 8, "dynamic_img_size": True},
-        0.5, 64, (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517), random_ok=True),
-}
-
-
-def resolve_encoder_config(name: str) -> EncoderConfig:
-    """A known name (``h-optimus-0``, ``tiny-vit-test``) or any timm architecture name."""
-    if name in KNOWN_ENCODERS:
-        return KNOWN_ENCODERS[name]
-    if name == "vit_giant_patch14_reg4_dinov2":
-        return KNOWN_ENCODERS["h-optimus-0"]
-    import timm
-
-    if not timm.list_models(name):
-        raise ConfigError(f"unknown encoder {name!r}; expected h-optimus-0, tiny-vit-test or a timm model name")
-    return EncoderConfig(name, name, {"dynamic_img_size": True} if name.startswith(("vit", "eva")) else {})
-
-
-def read_state_dict(path: Path) -> dict[str, Any]:
-    """A state dict of tensors from ``.safetensors`` or a ``torch.save`` file, read safely."""
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; ``cuda`` / ``cuda:N`` must be available."""
     import torch
 
-    if not path.is_file():
-        raise ModelError("weights file not found", path=path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path), device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling refused, truncated file, bad header, ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"cannot read weights safely ({type(exc).__name__}: {first[:160]})", path=path) from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError("weights file does not hold a state dict of tensors", path=path)
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    name = str(device).strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device is available (use --device cpu or auto)")
+        return name
+    raise ConfigError(f"unknown --device {device!r}; expected auto, cpu, cuda or cuda:N")
 
 
 @dataclass
 class TimmBackbone:
-    """A timm encoder from a local weights file; tokens under each nucleus pooled (F = embed dim)."""
+    """A timm encoder from a local weights file; tokens under each nucleus pooled (F = embed dim).
+
+    The encoder comes from the one registry (:mod:`cellcurate.core.encoders`), is built on the
+    ``meta`` device and gets the file's tensors assigned (never a random init first). Windows of
+    several tiles go through the encoder together, ``batch`` at a time; on CUDA in fp16
+    (autocast), on CPU in fp32.
+    """
 
     encoder: str = "h-optimus-0"
     weights: str | None = None
     device: str = "cpu"
-    batch: int = 8
+    batch: int | None = None  # windows per forward: 8 on CPU, 64 on CUDA
     _model: Any = field(default=None, init=False, repr=False)
     _digest: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.spec = resolve_encoder_config(self.encoder)
+        from ..core.encoders import resolve_encoder
+
+        self.spec = resolve_encoder(self.encoder)
+        self.device = resolve_device(self.device)
+        if self.batch is None:
+            self.batch = 64 if self.device.startswith("cuda") else 8
+        if self.batch < 1:
+            raise ConfigError(f"batch must be >= 1, got {self.batch}")
         if self.weights is None and not self.spec.random_ok:
             raise ModelError(f"encoder {self.encoder!r} needs a local weights file (--weights FILE); "
                              "random weights are used only for the explicit test encoder tiny-vit-test")
         if self.weights is not None:
+            from ..core.weights import file_digest
+
             p = Path(self.weights)
             if not p.is_file():
                 raise ModelError("weights file not found", path=p)
-            self._digest = _file_sha256(p)
+            self._digest = file_digest(p)
+
+    @property
+    def precision(self) -> str:
+        return "fp16" if self.device.startswith("cuda") else "fp32"
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -310,9 +280,12 @@ class TimmBackbone:
 
     def config(self) -> dict[str, Any]:
         s = self.spec
-        return {"backbone": "timm", "encoder": s.name, "timm_name": s.timm_name, "timm_kwargs": s.timm_kwargs,
-                "mpp": s.mpp, "input_size": s.input_size, "mean": list(s.mean), "std": list(s.std),
-                "weights_sha256": self._digest or "random-seed-0"}
+        cfg = {"backbone": "timm", "encoder": s.name, "timm_name": s.timm_name, "timm_kwargs": s.timm_kwargs,
+               "mpp": s.mpp, "input_size": s.input_size, "mean": list(s.mean), "std": list(s.std),
+               "weights_sha256": self._digest or "random-seed-0"}
+        if self.precision != "fp32":  # fp16 features differ in the last bits: their own cache
+            cfg["precision"] = self.precision
+        return cfg
 
     @property
     def id(self) -> str:
@@ -320,46 +293,23 @@ class TimmBackbone:
             json.dumps(self.config(), sort_keys=True).encode()).hexdigest()[:12]
 
     def _load(self) -> Any:
-        if self._model is not None:
-            return self._model
-        import timm
-        import torch
+        if self._model is None:
+            from ..core.encoders import build_timm_model
 
-        torch.manual_seed(0)
-        kwargs = {"pretrained": False, "num_classes": 0, **self.spec.timm_kwargs}
-        model = timm.create_model(self.spec.timm_name, **kwargs)
-        if self.weights is not None:
-            path = Path(self.weights)
-            state = read_state_dict(path)
-            own = model.state_dict()
-            state = {k: v for k, v in state.items() if k in own or not k.startswith(("head.", "fc."))}
-            missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-            if missing or unexpected:
-                raise ModelError(f"weights do not fit {self.spec.timm_name}: {len(missing)} missing keys "
-                                 f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})",
-                                 path=path)
-            bad = [k for k, v in own.items() if tuple(state[k].shape) != tuple(v.shape)]
-            if bad:
-                k = bad[0]
-                raise ModelError(f"weights do not fit {self.spec.timm_name}: {len(bad)} shape mismatches "
-                                 f"(e.g. {k}: file {tuple(state[k].shape)}, model {tuple(own[k].shape)})", path=path)
-            model.load_state_dict(state, strict=True)
-        self._model = model.eval().to(self.device)
+            model = build_timm_model(self.spec, weights=self.weights, seed=0)
+            self._model = model.eval().to(self.device)
         return self._model
 
-    def tile_tokens(self, image: np.ndarray, mpp: float) -> tuple[np.ndarray, float]:
-        """Patch tokens of one image at the encoder's pixel size.
-
-        Returns (gh, gw, C) float32 tokens and the size of one token in image pixels.
-        """
+    def _windows(self, image: np.ndarray, mpp: float) -> tuple[Any, tuple[int, int], float]:
+        """Normalised (n_h * n_w, 3, win, win) windows of one image at the encoder's pixel size,
+        the window grid (n_h, n_w) and the size of one token in image pixels."""
         import torch
         import torch.nn.functional as F
 
-        model = self._load()
-        patch = int(model.patch_embed.patch_size[0])
+        patch = int(self._load().patch_embed.patch_size[0])
         scale = mpp / self.spec.mpp  # image px -> encoder px
         h, w = image.shape[:2]
-        x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255.0)
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div(255.0)
         nh, nw = max(patch, int(round(h * scale))), max(patch, int(round(w * scale)))
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
         mean = torch.tensor(self.spec.mean).view(1, 3, 1, 1)
@@ -368,18 +318,47 @@ class TimmBackbone:
         win = self.spec.input_size
         ph, pw = -(-nh // win) * win, -(-nw // win) * win
         x = F.pad(x, (0, pw - nw, 0, ph - nh))
-        g = win // patch
         windows = x.unfold(2, win, win).unfold(3, win, win)  # (1, 3, nH, nW, win, win)
         n_h, n_w = windows.shape[2], windows.shape[3]
-        windows = windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, win, win)
+        return windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, 3, win, win), (n_h, n_w), patch / scale
+
+    def _forward(self, windows: Any) -> Any:
+        """Patch tokens (N, g*g, C) float32 on CPU of (N, 3, win, win) windows, ``batch`` at a time."""
+        import torch
+
+        model = self._load()
+        prefix = int(getattr(model, "num_prefix_tokens", 1))
         outs = []
-        with torch.no_grad():
-            for s in range(0, len(windows), self.batch):
-                feats = model.forward_features(windows[s:s + self.batch].to(self.device))
-                prefix = int(getattr(model, "num_prefix_tokens", 1))
-                outs.append(feats[:, prefix:].float().cpu())
-        tok = torch.cat(outs).reshape(n_h, n_w, g, g, -1).permute(0, 2, 1, 3, 4).reshape(n_h * g, n_w * g, -1)
-        return tok.numpy(), patch / scale
+        cuda = self.device.startswith("cuda")
+        with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.float16, enabled=cuda):
+            for s in range(0, len(windows), int(self.batch or 1)):
+                xb = windows[s:s + int(self.batch or 1)].to(self.device, non_blocking=cuda)
+                outs.append(model.forward_features(xb)[:, prefix:].float().cpu())
+        return torch.cat(outs) if outs else torch.zeros((0, 0, 0))
+
+    def batch_tokens(self, images: list[np.ndarray], mpps: list[float]) -> list[tuple[np.ndarray, float]]:
+        """:meth:`tile_tokens` of several images, their windows batched through the encoder together."""
+        import torch
+
+        prepared = [self._windows(img, float(m)) for img, m in zip(images, mpps)]
+        if not prepared:
+            return []
+        tokens = self._forward(torch.cat([p[0] for p in prepared]))
+        g = self.spec.input_size // int(self._load().patch_embed.patch_size[0])
+        out, start = [], 0
+        for windows, (n_h, n_w), tok_px in prepared:
+            t = tokens[start:start + len(windows)]
+            start += len(windows)
+            t = t.reshape(n_h, n_w, g, g, -1).permute(0, 2, 1, 3, 4).reshape(n_h * g, n_w * g, -1)
+            out.append((t.numpy(), tok_px))
+        return out
+
+    def tile_tokens(self, image: np.ndarray, mpp: float) -> tuple[np.ndarray, float]:
+        """Patch tokens of one image at the encoder's pixel size.
+
+        Returns (gh, gw, C) float32 tokens and the size of one token in image pixels.
+        """
+        return self.batch_tokens([image], [mpp])[0]
 
     def extract(self, store: "Store", nuclei: "pd.DataFrame", *,
                 progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -388,8 +367,8 @@ class TimmBackbone:
         per_image: dict[str, np.ndarray] = {}
         for ids, imgs, inss, mpps in iter_image_batches(store, list(nuclei["image_id"].unique()),
                                                         progress=progress, desc="timm features"):
-            for image_id, img, ins, mpp in zip(ids, imgs, inss, mpps):
-                tok, tok_px = self.tile_tokens(img, float(mpp))
+            toks = self.batch_tokens(list(imgs), [float(m) for m in mpps])
+            for image_id, ins, (tok, tok_px) in zip(ids, inss, toks):
                 gh, gw, c = tok.shape
                 n = int(ins.max(initial=0))
                 fg = np.flatnonzero(ins)

@@ -34,12 +34,12 @@ import json
 import logging
 import os
 import secrets
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..core.atomic import remove_tree, replace_dir
 from ..errors import InputFormatError, StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -461,11 +461,11 @@ def save_cache(store: Store, backbone: Backbone, feats: np.ndarray, ids: np.ndar
         if folder.exists():
             old = folder.parent / f".old-{backbone.id}-{secrets.token_hex(4)}"
             os.replace(folder, old)
-        os.replace(tmp, folder)
+        replace_dir(tmp, folder)  # fsync files and folder, rename, fsync the parent
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise
     return folder
 

@@ -40,7 +40,7 @@ import pandas as pd
 
 from ..core.atomic import atomic_write_json, fsync_dir, remove_tree, replace_dir
 from ..errors import ConfigError, StateError, StoreError
-from .backbones import BACKBONES, make_backbone
+from .backbones import BACKBONES, DEVICES, make_backbone
 from .classify import CLASSIFIERS, cross_val_probs, nucleus_groups, predict_mean
 from .detect import find_issues
 from .features import cache_dir, check_features, load_cached, nucleus_features
@@ -68,10 +68,13 @@ class RoundConfig:
     max_train: int | None = 40000
     gallery: int = 24
     report: bool = True
+    device: str = "cpu"
 
     def validate(self) -> "RoundConfig":
         if self.backbone not in BACKBONES:
             raise ConfigError(f"unknown backbone {self.backbone!r}; expected one of {', '.join(BACKBONES)}")
+        if self.device != "auto" and self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"unknown --device {self.device!r}; expected auto, cpu, cuda or cuda:N")
         if self.classifier not in CLASSIFIERS:
             raise ConfigError(f"unknown classifier {self.classifier!r}; expected one of {', '.join(CLASSIFIERS)}")
         if not isinstance(self.folds, int) or self.folds < 2:
@@ -217,7 +220,8 @@ def run_round(store: "Store", round: int, *, config: RoundConfig | None = None, 
     if existing is not None and active_run(store, round + 1) is not None:
         raise StateError(f"{store.path}: round {round + 1} builds on round {round}; overwrite round "
                          f"{round + 1} after round {round}, or start a new round instead")
-    backbone = make_backbone(cfg.backbone, weights=cfg.weights, encoder=cfg.encoder, seed=cfg.seed)
+    backbone = make_backbone(cfg.backbone, weights=cfg.weights, encoder=cfg.encoder, seed=cfg.seed,
+                             device=cfg.device)
     labels = _labels_before(store, existing)
 
     plan = _plan(store, round, cfg, labels, backbone, existing)

@@ -1,0 +1,142 @@
+"""cellcurate.core: atomic writes (fsync, unique temps, nothing left on failure), safe weights,
+the one encoder registry, constants, and that the writers of other layers go through it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellcurate.core import atomic
+from cellcurate.core.atomic import atomic_path, atomic_write_json, atomic_write_text, remove_tree, replace_dir
+from cellcurate.core.constants import IGNORE_VALUE, ignore_value, n_classes
+from cellcurate.errors import ModelError
+
+
+@pytest.fixture()
+def synced(monkeypatch):
+    """Record every path fsynced through core.atomic (files and folders)."""
+    files: list[str] = []
+    dirs: list[str] = []
+    real_file, real_dir = atomic.fsync_file, atomic.fsync_dir
+    monkeypatch.setattr(atomic, "fsync_file", lambda p: (files.append(str(p)), real_file(p))[1])
+    monkeypatch.setattr(atomic, "fsync_dir", lambda p: (dirs.append(str(p)), real_dir(p))[1])
+    return files, dirs
+
+
+def test_atomic_write_fsyncs_file_and_folder_and_uses_a_fresh_temp(tmp_path, synced):
+    files, dirs = synced
+    atomic_write_text(tmp_path / "a.txt", "one")
+    atomic_write_text(tmp_path / "a.txt", "two")
+    assert (tmp_path / "a.txt").read_text() == "two"
+    assert len(files) == 2 and files[0] != files[1] and all(Path(f).name.startswith(".a.txt.") for f in files)
+    assert dirs == [str(tmp_path)] * 2
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_atomic_path_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    atomic_write_json(tmp_path / "c.json", {"v": 1})
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "c.json") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+    assert (tmp_path / "c.json").read_text() == '{\n  "v": 1\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["c.json"]
+
+
+def test_replace_dir_fsyncs_every_file_and_the_parent(tmp_path, synced):
+    files, dirs = synced
+    tmp = tmp_path / ".tmp-x"
+    (tmp / "sub").mkdir(parents=True)
+    (tmp / "a").write_text("a")
+    (tmp / "sub" / "b").write_text("b")
+    replace_dir(tmp, tmp_path / "x")
+    assert sorted(Path(f).name for f in files) == ["a", "b"]
+    assert str(tmp_path) in dirs and (tmp_path / "x" / "sub" / "b").read_text() == "b"
+
+
+def test_remove_tree_never_raises(tmp_path):
+    remove_tree(tmp_path / "absent")
+    (tmp_path / "f").write_text("x")
+    remove_tree(tmp_path / "f")
+    assert not (tmp_path / "f").exists()
+
+
+def test_constants():
+    class T:
+        classes = list(range(7))
+        ignore = 250
+
+    assert IGNORE_VALUE == 255 and n_classes(T()) == 7 and ignore_value(T()) == 250
+    from cellcurate.datasets.taxonomy import Taxonomy
+
+    tax = Taxonomy.default()
+    assert n_classes(tax) == 7 and ignore_value(tax) == IGNORE_VALUE
+
+
+def test_ignore_value_is_defined_once():
+    """Issue 10: 255 was defined in four places."""
+    from cellcurate.curation import release
+    from cellcurate.datasets import synthetic
+
+    assert release.IGNORE_VALUE is IGNORE_VALUE and synthetic.IGNORE_CLASS == IGNORE_VALUE
+
+
+# -- weights -------------------------------------------------------------------------------------
+def test_read_state_dict_refuses_pickles_and_junk(tmp_path):
+    import torch
+
+    from cellcurate.core.weights import read_state_dict, safe_torch_load
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"w": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(ModelError, match=r"evil\.pt: cannot read weights safely"):
+        read_state_dict(tmp_path / "evil.pt")
+    (tmp_path / "junk.safetensors").write_bytes(b"nope")
+    with pytest.raises(ModelError, match=r"junk\.safetensors: cannot read weights safely"):
+        read_state_dict(tmp_path / "junk.safetensors")
+    torch.save({"model": {"module.a": torch.ones(2)}}, tmp_path / "wrapped.pt")
+    assert list(read_state_dict(tmp_path / "wrapped.pt")) == ["a"]
+    with pytest.raises(ModelError, match="optimizer state file not found"):
+        safe_torch_load(tmp_path / "none.pt", what="optimizer state")
+
+
+# -- the writers of other layers go through core (fsync) ---------------------------------------------
+def test_checkpoint_files_are_fsynced(tmp_path, synced):
+    from cellcurate.models.checkpoint import save_checkpoint
+    from cellcurate.models.student import Student
+
+    files, _ = synced
+    save_checkpoint(tmp_path / "ck", Student(channels=(8, 16, 32, 64, 64)), config={"seed": 0}, epoch=1,
+                    metrics={})
+    names = sorted(Path(f).name.split(".")[1] for f in files)
+    assert names == ["config", "model"]
+
+
+def test_predict_outputs_are_fsynced(tmp_path, synced):
+    from cellcurate.models.predict import Prediction, save_prediction
+
+    files, _ = synced
+    inst = np.zeros((8, 8), np.int32)
+    inst[2:5, 2:5] = 1
+    pred = Prediction(inst, pd.DataFrame({"instance_id": [1], "class_id": [1]}), ["A"], ["#ff0000"])
+    save_prediction(pred, tmp_path, "x")
+    assert sorted(Path(f).name.split(".")[1] for f in files) == ["x_instances", "x_nuclei"]
+
+
+def test_feature_cache_is_fsynced(tmp_path, synced):
+    from cellcurate.relabel.backbones import HandcraftedBackbone
+    from cellcurate.relabel.features import save_cache
+    from relabel_synth import build_store
+
+    files, dirs = synced
+    store = build_store(tmp_path / "s", tiles=1, patients=1)
+    ids = store.nuclei(include_ignore=False)["nucleus_id"].to_numpy(np.int64)
+    folder = save_cache(store, HandcraftedBackbone(), np.zeros((len(ids), 3), np.float32), ids)
+    assert {"features.npy", "nucleus_ids.npy", "meta.json"} <= {Path(f).name for f in files}
+    assert str(folder.parent) in dirs
