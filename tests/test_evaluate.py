@@ -221,13 +221,15 @@ def test_oracle_scores_one_and_empty_scores_zero(dataset):
     res = evaluate_models({"oracle": Oracle(), "empty": Empty()}, dataset, tile=128, overlap=32, progress=False)
     assert res["n_images"] == 4 and res["image_ids"] == ["p0", "m0", "s0", "p1"]
     o, e = res["models"]["oracle"], res["models"]["empty"]
-    for key in ("PQ", "SQ", "DQ", "bPQ", "mPQ", "AJI", "Dice", "F1_detection", "F1_classification"):
+    for key in ("PQ", "SQ", "DQ", "bPQ", "mPQ", "mPQ+", "AJI", "AJI+", "Dice", "F1_detection", "F1_classification",
+                "type_accuracy"):
         assert o[key] == pytest.approx(1.0), key
     assert o["R2_counts"] == pytest.approx(1.0)
     assert o["counts"]["true"] == o["counts"]["pred"]
     assert sum(map(sum, o["counts"]["true"])) == 9 + 14 + 3 + 5
-    for key in ("PQ", "bPQ", "mPQ", "AJI", "F1_detection"):
+    for key in ("PQ", "bPQ", "mPQ", "mPQ+", "AJI", "AJI+", "F1_detection"):
         assert e[key] == 0.0, key
+    assert math.isnan(e["type_accuracy"])  # no pairs
     assert math.isnan(e["Dice"]) is False and e["Dice"] == 0.0
 
 
@@ -245,7 +247,11 @@ def test_report_files(dataset, tmp_path):
     assert sorted(p.name for p in paths.values()) == ["counts.png", "metrics.json", "metrics.md", "pq_per_class.png"]
     doc = json.loads(paths["json"].read_text())  # strict JSON: NaN became null
     assert doc["models"]["oracle"]["mPQ"] == 1.0
-    assert doc["models"]["empty"]["per_class"]["Dead"]["F1"] is None or isinstance(doc["models"]["empty"]["per_class"]["Dead"]["F1"], float)
+    # the empty model: F1 0 for a class with true nuclei, undefined (NaN -> null) for one without
+    empty = doc["models"]["empty"]["per_class"]
+    want = {c: (0.0 if empty[c]["n_true"] > 0 else None) for c in empty}
+    assert {c: empty[c]["F1"] for c in empty} == want
+    assert 0.0 in want.values() and None in want.values()  # both cases are exercised
     md = paths["markdown"].read_text()
     assert "| metric | oracle | empty | definition |" in md
     assert "| mPQ | 1.0000 | 0.0000 |" in md
@@ -361,6 +367,14 @@ def test_cli_evaluate_on_a_real_release(exported, tmp_path):
             assert model[key] is None or 0.0 <= model[key] <= 1.0
     assert sum(map(sum, doc["models"]["empty"]["counts"]["true"])) > 0
     assert doc["models"]["empty"]["F1_detection"] == 0.0
+    # PanNuke's per-tissue table: the release's tissues (MoNuSAC images have none)
+    import pandas as pd
+
+    images = pd.read_parquet(tmp_path / "rel" / "v1" / "images.parquet")
+    test_tissues = images.loc[images["split"].isin(["fold3", "test"]), "tissue"]
+    want = {("(none)" if pd.isna(t) else t) for t in test_tissues}
+    assert set(doc["models"]["empty"]["per_tissue"]) == want
+    assert doc["settings"]["pairing"] == "hovernet" and "per tissue (PanNuke)" in res.output
 
 
 def test_model_names_are_short_and_unique(tmp_path):

@@ -128,8 +128,10 @@ def test_match_centroids_prefers_more_pairs_over_shorter_distance():
     pred = np.array([[0.0, 5.0], [x, y]])
     dist = np.linalg.norm(true[:, None] - pred[None], axis=-1)
     np.testing.assert_allclose(dist, [[5, 11.5], [12, 12.5]])
-    ti, pj = match_centroids(true, pred, radius=12)
+    ti, pj = match_centroids(true, pred, radius=12, pairing="maximum")
     assert sorted(zip(ti.tolist(), pj.tolist())) == [(0, 1), (1, 0)]
+    ti, pj = match_centroids(true, pred, radius=12)  # HoVer-Net: least total distance, then drop
+    assert sorted(zip(ti.tolist(), pj.tolist())) == [(0, 0)]
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -138,7 +140,7 @@ def test_match_centroids_is_a_maximum_matching(seed):
     true = rng.uniform(0, 30, size=(rng.integers(1, 6), 2))
     pred = rng.uniform(0, 30, size=(rng.integers(1, 6), 2))
     radius = 10.0
-    ti, pj = match_centroids(true, pred, radius=radius)
+    ti, pj = match_centroids(true, pred, radius=radius, pairing="maximum")
     assert len(set(ti)) == len(ti) and len(set(pj)) == len(pj)
     dist = np.linalg.norm(true[:, None] - pred[None], axis=-1)
     assert (dist[ti, pj] <= radius).all()
@@ -217,7 +219,11 @@ def test_split_metrics_two_images_exact():
     assert pc["A"]["PQ"] == pytest.approx(1 / 1.5)
     assert pc["B"]["PQ"] == pytest.approx(1 / 1.5)
     assert pc["C"]["PQ"] == 0.0
-    assert r["mPQ"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+    assert r["mPQ+"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)  # CoNIC: split sums per class
+    # PanNuke: image 1 A 2/3, B 0 (C absent from its truth) -> 1/3; image 2 B 1 (A, C absent) -> 1
+    assert [im["mPQ"] for im in r["per_image"]] == pytest.approx([1 / 3, 1.0])
+    assert r["mPQ"] == pytest.approx((1 / 3 + 1) / 2)
+    assert r["type_accuracy"] == pytest.approx(2 / 3)  # pairs (A,A) (B,A) (B,B)
     # bPQ per image: image 1 TP 2 -> DQ 1, SQ 0.8 -> 0.8; image 2 TP1 FP1 -> DQ 2/3, SQ 1
     assert r["bPQ"] == pytest.approx((0.8 + 2 / 3) / 2)
     # AJI image 1: C 16 + 12, U 16 + 20 -> 28/36; image 2: C 16, U 16 + 16 -> 0.5
@@ -291,3 +297,85 @@ def test_split_metrics_perfect_prediction_scores_one(seed):
     r = acc.result()
     for key in ("PQ", "bPQ", "mPQ", "AJI", "Dice", "F1_detection", "F1_classification"):
         assert r[key] == pytest.approx(1.0), key
+
+
+# -- conventions that differ (issue 10), computed by hand ----------------------------------------
+def _squares(shape, centres, *, half=1, classes=None):
+    inst = np.zeros(shape, np.int64)
+    cls = np.zeros(shape, np.uint8)
+    for i, (r, c) in enumerate(centres, start=1):
+        inst[r - half:r + half + 1, c - half:c + half + 1] = i
+        cls[r - half:r + half + 1, c - half:c + half + 1] = 1 if classes is None else classes[i - 1]
+    return inst, cls
+
+
+def test_issue_case_hovernet_pairing_versus_maximum_matching():
+    true = np.array([[0.0, 0.0], [0.0, 12.0]])
+    pred = np.array([[0.0, 0.0], [10.0, 5.0]])
+    ti, pj = match_centroids(true, pred, radius=12)  # default: HoVer-Net pair_coordinates
+    assert list(zip(ti.tolist(), pj.tolist())) == [(0, 0)]  # t1-p1 is 12.21 px: dropped
+    ti, pj = match_centroids(true, pred, radius=12, pairing="maximum")
+    assert sorted(zip(ti.tolist(), pj.tolist())) == [(0, 1), (1, 0)]  # 11.18 px and 12 px
+    # the same scene as instance maps: detection F1 1/2 (HoVer-Net) vs 1 (maximum matching)
+    t, tc = _squares((48, 48), [(20, 20), (20, 32)])
+    p, pc = _squares((48, 48), [(20, 20), (30, 25)])
+    for pairing, f1 in (("hovernet", 0.5), ("maximum", 1.0)):
+        acc = SplitMetrics(["A"], pairing=pairing)
+        acc.add(t, tc, p, pc)
+        r = acc.result()
+        assert r["F1_detection"] == pytest.approx(f1) and r["pairing"] == pairing
+    with pytest.raises(ConfigError, match="unknown pairing"):
+        SplitMetrics(["A"], pairing="greedy")
+
+
+def test_pannuke_mpq_and_bpq_average_per_tissue_conic_mpq_plus_accumulates():
+    acc = SplitMetrics(["A", "B", "C"])
+    t1, c1 = boxes((20, 20), [(0, 4, 0, 4, 1), (10, 14, 10, 14, 2)])
+    p1, q1 = boxes((20, 20), [(0, 4, 0, 4, 1), (10, 14, 11, 15, 1)])
+    t2, c2 = boxes((20, 20), [(2, 6, 2, 6, 2)])
+    p2, q2 = boxes((20, 20), [(2, 6, 2, 6, 2), (15, 19, 15, 19, 3)])
+    t3, c3 = boxes((20, 20), [(2, 6, 2, 6, 3)])
+    acc.add(t1, c1, p1, q1, image_id="one", tissue="Breast")  # mPQ 1/3, bPQ 0.8
+    acc.add(t2, c2, p2, q2, image_id="two", tissue="Colon")  # mPQ 1, bPQ 2/3
+    acc.add(t3, c3, t3, c3, image_id="three", tissue="Colon")  # mPQ 1, bPQ 1
+    r = acc.result()
+    assert r["per_tissue"]["Breast"]["mPQ"] == pytest.approx(1 / 3)
+    assert r["per_tissue"]["Colon"]["mPQ"] == pytest.approx(1.0)
+    assert r["per_tissue"]["Colon"]["bPQ"] == pytest.approx((2 / 3 + 1) / 2)
+    assert r["per_tissue"]["Colon"]["n_images"] == 2
+    assert r["mPQ"] == pytest.approx((1 / 3 + 1) / 2)  # per tissue, not (1/3 + 1 + 1) / 3 per image
+    assert r["bPQ"] == pytest.approx((0.8 + 5 / 6) / 2)  # not (0.8 + 2/3 + 1) / 3
+    # CoNIC mPQ+: A TP1 FP1 -> 2/3; B TP1 FN1 -> 2/3; C TP1 FP1 -> 2/3
+    assert r["mPQ+"] == pytest.approx(2 / 3)
+
+
+def test_aji_plus_pairs_one_to_one_where_aji_lets_two_truths_share_a_prediction():
+    from cellcurate.models.metrics import aji_plus
+
+    true = np.array([[1, 1, 1, 1, 2, 2, 2, 2]])
+    pred = np.array([[1, 1, 1, 1, 1, 1, 1, 1]])
+    # AJI: both truths take the prediction: C 4 + 4, U 8 + 8
+    assert aji(true, pred) == pytest.approx(0.5)
+    # AJI+: one pair (C 4, U 8) and the other truth unpaired (U + 4)
+    assert aji_plus(true, pred) == pytest.approx(4 / 12)
+    assert aji_plus(true, true) == 1.0 and math.isnan(aji_plus(np.zeros((2, 2)), np.zeros((2, 2))))
+    acc = SplitMetrics(["A"])
+    acc.add(true, (true > 0).astype(np.uint8), pred, (pred > 0).astype(np.uint8))
+    r = acc.result()
+    assert r["AJI"] == pytest.approx(0.5) and r["AJI+"] == pytest.approx(4 / 12)
+
+
+@pytest.mark.parametrize("big", [10**7, 2**31 - 1, 2**40])
+def test_cost_does_not_grow_with_the_largest_instance_id(big):
+    """Issue 10: one nucleus with id 10^7 took 5.5 s, id 2^31 - 1 raised MemoryError."""
+    t, c = boxes((16, 16), [(2, 6, 2, 6, 1), (8, 12, 8, 12, 2)])
+    ref = SplitMetrics(["A", "B"])
+    ref.add(t, c, t, c)
+    renamed = np.where(t == 2, big, t).astype(np.int64)
+    acc = SplitMetrics(["A", "B"])
+    acc.add(renamed, c, renamed, c)
+    a, b = acc.result(), ref.result()
+    for key in ("PQ", "mPQ", "mPQ+", "bPQ", "AJI", "AJI+", "F1_detection", "F1_classification"):
+        assert a[key] == b[key] == 1.0, key
+    with pytest.raises(ConfigError, match=">= 0"):
+        SplitMetrics(["A"]).add(-t, c, t, c)

@@ -19,16 +19,20 @@ import click
 @click.option("--overlap", default=64, show_default=True, help="Overlap between tiles in pixels.")
 @click.option("--batch-size", default=8, show_default=True, help="Tiles per forward pass.")
 @click.option("--radius", default=12.0, show_default=True, help="Centroid matching radius in pixels (F1).")
+@click.option("--pairing", type=click.Choice(["hovernet", "maximum"]), default="hovernet", show_default=True,
+              help="Centroid pairing for F1: HoVer-Net's pair_coordinates (published numbers) or maximum matching.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
 @click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A teacher's encoder weights, overriding the path in its config.json.")
 def command(
     models: tuple[Path, ...], release_path: Path, split: str, out_dir: Path, device: str, tile: int, overlap: int,
-    batch_size: int, radius: float, limit: int | None, encoder_weights: Path | None,
+    batch_size: int, radius: float, pairing: str, limit: int | None, encoder_weights: Path | None,
 ) -> None:
     """Evaluate one or more MODELs (checkpoint folders, TorchScript or ONNX files) on a release split.
 
-    Reports PQ, mPQ, bPQ, AJI, Dice, detection and per-class F1 and R² of per-image counts, the
+    Reports, each under its own name: PQ/DQ/SQ (split sums), PanNuke mPQ and bPQ (per image,
+    averaged per tissue, with the per-tissue table), CoNIC mPQ+ (split sums), AJI and AJI+, Dice,
+    detection F1, HoVer-Net per-class F1 and type accuracy, and R² of per-image counts; the
     models side by side (e.g. teacher and student).
     """
     from torch.utils.data import Subset
@@ -43,8 +47,16 @@ def command(
     dataset = load_release(release_path, split)
     if limit is not None and limit < len(dataset):
         dataset = Subset(dataset, range(limit))
+    images = getattr(dataset, "images", None)
+    if images is None and hasattr(dataset, "dataset"):  # a Subset of the release
+        images = getattr(dataset.dataset, "images", None)
+    tissues = None
+    if images is not None and "tissue" in images:
+        import pandas as pd
+
+        tissues = {str(i): (None if pd.isna(t) else str(t)) for i, t in zip(images["image_id"], images["tissue"])}
     results = evaluate_models(loaded, dataset, tile=tile, overlap=overlap, batch_size=batch_size,
-                              device=dev, radius=radius)
+                              device=dev, radius=radius, pairing=pairing, tissues=tissues)
     results["release"] = str(release_path)
     results["split"] = split
     paths = write_report(results, out_dir, title=f"Evaluation on {release_path.name} / {split}")

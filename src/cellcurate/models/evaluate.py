@@ -68,6 +68,8 @@ def evaluate_models(
     batch_size: int = 8,
     device: str | None = None,
     radius: float = 12.0,
+    pairing: str = "hovernet",
+    tissues: Mapping[str, str | None] | None = None,
     config: PostprocessConfig | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -85,6 +87,12 @@ def evaluate_models(
         Tiled inference (see :func:`~cellcurate.models.predict.infer_tiled`).
     radius
         Centroid matching radius in pixels for detection/classification F1.
+    pairing
+        Centroid pairing: ``"hovernet"`` (HoVer-Net's ``pair_coordinates``, published-comparable)
+        or ``"maximum"`` (maximum matching); see :mod:`cellcurate.models.metrics`.
+    tissues
+        image_id -> tissue, for PanNuke's per-tissue mPQ/bPQ (an item's own ``tissue`` key wins;
+        images without one form one group).
     config
         Post-processing thresholds.
     progress
@@ -104,7 +112,7 @@ def evaluate_models(
     for name, names in names_by_model.items():
         if names != class_names:
             raise ModelError(f"model {name!r} predicts classes {names}, the others {class_names}; cannot compare them")
-    accs = {name: SplitMetrics(class_names, radius=radius) for name in models}
+    accs = {name: SplitMetrics(class_names, radius=radius, pairing=pairing) for name in models}  # type: ignore[arg-type]
     seconds = {name: 0.0 for name in models}
     image_ids: list[str] = []
     total = len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
@@ -112,6 +120,7 @@ def evaluate_models(
     for index, item in enumerate(bar):
         image_id, image, inst, cls, mpp = _item_arrays(item, index)
         image_ids.append(image_id)
+        tissue = item.get("tissue", (tissues or {}).get(image_id))
         for name, model in models.items():
             t0 = time.perf_counter()
             pred = predict_image(
@@ -119,7 +128,7 @@ def evaluate_models(
                 device=device, config=config, with_polygons=False,
             )
             seconds[name] += time.perf_counter() - t0
-            accs[name].add(inst, cls, pred.instances, pred.class_map(), image_id=image_id)
+            accs[name].add(inst, cls, pred.instances, pred.class_map(), image_id=image_id, tissue=tissue)
     if not image_ids:
         raise ConfigError("the dataset holds no images to evaluate")
     results: dict[str, Any] = {}
@@ -133,7 +142,7 @@ def evaluate_models(
         "models": results,
         "n_images": len(image_ids),
         "image_ids": image_ids,
-        "settings": {"tile": tile, "overlap": overlap, "radius_px": radius, "iou_threshold": 0.5,
+        "settings": {"tile": tile, "overlap": overlap, "radius_px": radius, "pairing": pairing, "iou_threshold": 0.5,
                      "postprocess": vars(config or PostprocessConfig())},
     }
 
@@ -180,8 +189,21 @@ def metrics_markdown(results: Mapping[str, Any], *, title: str = "Evaluation") -
             vals = [_fmt(results["models"][m]["per_class"][cname].get(key)) for m in models]
             n_true = results["models"][models[0]]["per_class"][cname]["n_true"]
             lines.append(f"| {cname} | " + " | ".join(vals) + f" | {n_true} |")
-    lines += ["", "Definitions: see `cellcurate.models.metrics` (PanNuke/HoVer-Net conventions; "
-              f"centroid radius {results['settings']['radius_px']} px; – = undefined).", ""]
+    tissues = sorted({t for m in models for t in results["models"][m].get("per_tissue", {})})
+    if tissues:
+        lines += ["", "## mPQ / bPQ per tissue (PanNuke)", "",
+                  "| tissue | images | " + " | ".join(f"{m} mPQ | {m} bPQ" for m in models) + " |",
+                  "| --- | ---: | " + " | ".join("---: | ---:" for _ in models) + " |"]
+        for t in tissues:
+            first = results["models"][models[0]]["per_tissue"].get(t, {})
+            vals = []
+            for m in models:
+                e = results["models"][m].get("per_tissue", {}).get(t, {})
+                vals.append(f"{_fmt(e.get('mPQ'))} | {_fmt(e.get('bPQ'))}")
+            lines.append(f"| {t} | {first.get('n_images', 0)} | " + " | ".join(vals) + " |")
+    pairing = results["settings"].get("pairing", "hovernet")
+    lines += ["", "Definitions: see `cellcurate.models.metrics` (PanNuke/HoVer-Net/CoNIC conventions; "
+              f"centroid radius {results['settings']['radius_px']} px, {pairing} pairing; – = undefined).", ""]
     return "\n".join(lines)
 
 

@@ -8,31 +8,49 @@ Definitions (every one is checked against hand-computed cases in ``tests/test_me
 Matching
     Segmentation: a true and a predicted instance match when IoU > 0.5; at that threshold a
     match is unique (two instances cannot both overlap one by more than half).
-    Detection: centroids match within ``radius`` pixels (12 px at 0.25 µm/px, the PanNuke /
-    HoVer-Net convention; distance <= radius counts), one-to-one, by Hungarian assignment
-    (``scipy.optimize.linear_sum_assignment``) on distances where pairs beyond the radius cost
-    more than any feasible assignment, so the matching has the largest number of pairs and,
-    among those, the smallest total distance.
+    Detection: centroids match within ``radius`` pixels (12 px at 0.25 µm/px; distance <= radius
+    counts), one-to-one. Two pairings (``pairing=``):
+
+    - ``"hovernet"`` (default; the numbers the field publishes): HoVer-Net's
+      ``pair_coordinates`` - Hungarian assignment on the raw distances (least total distance over
+      all points), then the pairs farther than ``radius`` are dropped;
+    - ``"maximum"``: a maximum matching - Hungarian assignment where pairs beyond the radius
+      cost more than any feasible assignment, so it has the most pairs within the radius and,
+      among those, the least total distance.
+
+    They differ when the least-distance assignment spends a point on a far partner: true
+    (0, 0), (0, 12) and predicted (0, 0), (10, 5) give 1 pair with ``hovernet`` (t0-p0, and
+    t1-p1 at 12.2 px is dropped) and 2 with ``maximum`` (t0-p1 at 11.2 px, t1-p0 at 12 px).
 
 PQ, DQ, SQ
     ``DQ = TP / (TP + FP/2 + FN/2)``, ``SQ = sum of matched IoUs / TP``, ``PQ = DQ * SQ``;
     NaN when ``TP + FP + FN == 0``. ``PQ`` in a summary is the *dataset-level binary* PQ: all
     classes merged, TP/FP/FN/IoU sums accumulated over the whole split.
-bPQ
-    PanNuke's binary PQ: PQ per image with all classes merged, then the mean over images; an
-    image without any true nucleus is skipped (as in the PanNuke evaluation code).
-mPQ
-    Multi-class PQ, accumulated (CoNIC "mPQ+" style): for each class c, match true instances of
-    class c against predicted instances of class c (IoU > 0.5), sum TP/FP/FN/IoU over all images
-    of the split, compute PQ_c from the sums; mPQ = mean of PQ_c over the classes with
-    ``TP + FP + FN > 0`` over the split (a class absent from both truth and prediction
-    everywhere is skipped; a class only predicted scores 0).
+bPQ (PanNuke)
+    PanNuke's binary PQ (the official ``PanNuke-metrics`` ``run.py``): PQ per image with all
+    classes merged (an image without any true nucleus is skipped), mean over the images of each
+    tissue, then the mean over tissues. Images without a tissue (MoNuSAC) form one group.
+mPQ (PanNuke)
+    PanNuke's multi-class PQ: per image, PQ_c of each class c whose truth holds an instance in
+    that image (a class absent from the image's truth is skipped, even if predicted), their mean
+    is the image's mPQ; mean over the images of each tissue, then over tissues.
+    ``per_tissue`` holds each tissue's mPQ and bPQ (PanNuke's per-tissue table).
+mPQ+ (CoNIC)
+    Multi-class PQ accumulated over the split (CoNIC 2022): for each class c, match true
+    instances of class c against predicted instances of class c (IoU > 0.5), sum TP/FP/FN/IoU
+    over all images, compute PQ_c from the sums; mPQ+ = mean of PQ_c over the classes with
+    ``TP + FP + FN > 0`` over the split (a class only predicted scores 0).
 AJI
     Aggregated Jaccard Index (Kumar et al. 2017), per image: each true instance takes the
     predicted instance with the highest IoU (a predicted instance may be taken by several true
     ones); ``C += |G ∩ S|``, ``U += |G ∪ S|`` (``U += |G|`` when nothing overlaps); the areas of
     predicted instances never taken are added to U; ``AJI = C / U``. Mean over images with at
     least one true nucleus.
+AJI+
+    HoVer-Net's ``get_fast_aji_plus``, per image: true and predicted instances are paired one to
+    one by Hungarian assignment maximising IoU, pairs without overlap dropped; ``C`` sums the
+    pairs' intersections, ``U`` their unions plus the areas of every unpaired true and predicted
+    instance; ``AJI+ = C / U``. Mean over images with at least one true nucleus.
 Dice
     Pixel foreground Dice ``2|T ∩ P| / (|T| + |P|)`` per image, mean over images that have
     true or predicted foreground.
@@ -44,6 +62,9 @@ Classification F1 (HoVer-Net, Graham et al. 2019, eq. 10 with TN_c = 0 as in its
     ``TP_c`` pairs with true = pred = c, ``FP_c`` pairs with pred = c != true, ``FN_c`` pairs with
     true = c != pred, ``FP_u`` unpaired predictions of class c, ``FN_u`` unpaired true nuclei of
     class c; ``F1_c = 2 TP_c / (2 TP_c + 2 FP_c + 2 FN_c + FP_u + FN_u)``.
+Type accuracy
+    HoVer-Net's ``acc_type``: the fraction of centroid-paired nuclei whose predicted class equals
+    the true class, over the split.
 R² of counts
     Per class, ``sklearn.metrics.r2_score`` of the N per-image predicted counts against the N true
     counts; NaN when N < 2 or the true counts are constant; the summary is the mean over classes
@@ -54,6 +75,9 @@ Ignore regions
     with more than that fraction there is removed from the prediction, and ignore pixels are left
     out of Dice. The class of a true instance is the majority of its class-map pixels (0 and 255
     do not vote; 0 when none is left); the class of a predicted instance likewise.
+Instance ids
+    Any non-negative integers; nothing is sized by the largest id (a map whose ids exceed its
+    pixel count is renumbered 1..n first), so an id of 2**31 - 1 costs what an id of 1 costs.
 
 >>> import numpy as np
 >>> true = np.array([[1, 1, 1, 1, 0, 2, 2, 2, 2, 0, 0, 0]])
@@ -67,16 +91,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
+from ..core.constants import IGNORE_VALUE
 from ..errors import ConfigError
 from .postprocess import majority_vote
 
-IGNORE_CLASS = 255
+IGNORE_CLASS = IGNORE_VALUE
+Pairing = Literal["hovernet", "maximum"]
+PAIRINGS: tuple[str, ...] = ("hovernet", "maximum")
 
 
 @dataclass
@@ -191,6 +218,29 @@ def aji(true: np.ndarray, pred: np.ndarray) -> float:
     return c / u
 
 
+def aji_plus(true: np.ndarray, pred: np.ndarray) -> float:
+    """AJI+ of one image (HoVer-Net's ``get_fast_aji_plus``; see the module docstring); NaN when
+    both maps are empty, 0 when only one is."""
+    true_ids, pred_ids, inter, ta, pa = pairwise_overlap(true, pred)
+    if len(true_ids) == 0 and len(pred_ids) == 0:
+        return math.nan
+    if len(true_ids) == 0 or len(pred_ids) == 0:
+        return 0.0
+    union = ta[:, None] + pa[None, :] - inter
+    iou = inter / union
+    rows, cols = linear_sum_assignment(-iou)
+    keep = iou[rows, cols] > 0
+    rows, cols = rows[keep], cols[keep]
+    c = int(inter[rows, cols].sum())
+    u = int(union[rows, cols].sum())
+    paired_t = np.zeros(len(true_ids), bool)
+    paired_t[rows] = True
+    paired_p = np.zeros(len(pred_ids), bool)
+    paired_p[cols] = True
+    u += int(ta[~paired_t].sum()) + int(pa[~paired_p].sum())
+    return c / u
+
+
 def dice(true_fg: np.ndarray, pred_fg: np.ndarray, *, valid: np.ndarray | None = None) -> float:
     """Pixel Dice of two (H, W) foreground masks, over ``valid`` pixels only; NaN when both empty."""
     t = np.asarray(true_fg, bool)
@@ -221,18 +271,31 @@ def centroids(instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids, np.column_stack([cy, cx])
 
 
-def match_centroids(true_pts: np.ndarray, pred_pts: np.ndarray, *, radius: float = 12.0) -> tuple[np.ndarray, np.ndarray]:
-    """One-to-one pairs of points within ``radius`` with the most pairs, then least total distance.
+def match_centroids(true_pts: np.ndarray, pred_pts: np.ndarray, *, radius: float = 12.0,
+                    pairing: Pairing = "hovernet") -> tuple[np.ndarray, np.ndarray]:
+    """One-to-one pairs of points within ``radius``.
 
     Parameters
     ----------
     true_pts, pred_pts
         (n, 2) and (m, 2) float coordinates.
+    radius
+        Largest distance of a pair (inclusive).
+    pairing
+        ``"hovernet"`` (HoVer-Net's ``pair_coordinates``: least total distance over all points,
+        then pairs beyond ``radius`` dropped) or ``"maximum"`` (the most pairs within ``radius``,
+        then the least total distance). See the module docstring.
 
     Returns
     -------
     Two (p,) int arrays: indices into ``true_pts`` and ``pred_pts``.
+
+    >>> t = np.array([[0.0, 0.0], [0.0, 12.0]]); p = np.array([[0.0, 0.0], [10.0, 5.0]])
+    >>> [len(match_centroids(t, p, radius=12, pairing=k)[0]) for k in ("hovernet", "maximum")]
+    [1, 2]
     """
+    if pairing not in PAIRINGS:
+        raise ConfigError(f"unknown pairing {pairing!r}; expected one of {', '.join(PAIRINGS)}")
     true_pts = np.asarray(true_pts, float).reshape(-1, 2)
     pred_pts = np.asarray(pred_pts, float).reshape(-1, 2)
     if radius <= 0:
@@ -240,6 +303,10 @@ def match_centroids(true_pts: np.ndarray, pred_pts: np.ndarray, *, radius: float
     if len(true_pts) == 0 or len(pred_pts) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     dist = cdist(true_pts, pred_pts)
+    if pairing == "hovernet":
+        rows, cols = linear_sum_assignment(dist)
+        ok = dist[rows, cols] <= radius
+        return rows[ok].astype(np.int64), cols[ok].astype(np.int64)
     feasible = dist <= radius
     if not feasible.any():
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -295,6 +362,31 @@ def r2_counts(true_counts: np.ndarray, pred_counts: np.ndarray) -> np.ndarray:
 # -- ignore regions -------------------------------------------------------------------------------
 
 
+def compact_ids(instances: np.ndarray) -> np.ndarray:
+    """An (H, W) instance map whose ids are bounded by its pixel count: returned as is when they
+    already are, otherwise renumbered 1..n in id order (0 stays background).
+
+    >>> compact_ids(np.array([[0, 2**31 - 1], [7, 7]])).tolist()
+    [[0, 2], [1, 1]]
+    """
+    inst = np.asarray(instances)
+    if inst.size == 0:
+        return inst
+    if not np.issubdtype(inst.dtype, np.integer):
+        if not np.all(np.mod(inst, 1) == 0):
+            raise ConfigError(f"instance ids must be integers, got dtype {inst.dtype} with fractions")
+        inst = inst.astype(np.int64)
+    lo, hi = int(inst.min()), int(inst.max())
+    if lo < 0:
+        raise ConfigError(f"instance ids must be >= 0, got {lo}")
+    if hi <= inst.size:
+        return inst
+    ids, inverse = np.unique(inst.ravel(), return_inverse=True)
+    if ids[0] != 0:
+        inverse = inverse + 1
+    return inverse.reshape(inst.shape).astype(np.int64)
+
+
 def drop_ignored(instances: np.ndarray, ignore: np.ndarray, *, max_overlap: float = 0.5) -> np.ndarray:
     """Copy of an (H, W) instance map without the instances whose area lies in the (H, W) bool
     ``ignore`` mask by more than ``max_overlap``."""
@@ -323,14 +415,15 @@ class SplitMetrics:
     >>> cls = np.where(inst == 1, 1, np.where(inst == 2, 3, 0)).astype(np.uint8)
     >>> acc = SplitMetrics(class_names=["A", "B", "C"])
     >>> _ = acc.add(inst, cls, inst, cls, image_id="x")
-    >>> r = acc.result(); r["PQ"], r["mPQ"], r["F1_detection"]
-    (1.0, 1.0, 1.0)
+    >>> r = acc.result(); r["PQ"], r["mPQ"], r["mPQ+"], r["F1_detection"], r["type_accuracy"]
+    (1.0, 1.0, 1.0, 1.0, 1.0)
     """
 
     class_names: Sequence[str]
     iou_threshold: float = 0.5
     radius: float = 12.0
     ignore_overlap: float = 0.5
+    pairing: Pairing = "hovernet"
     binary: PQCounts = field(default_factory=PQCounts)
     per_class: list[PQCounts] = field(default_factory=list)
     images: list[dict[str, Any]] = field(default_factory=list)
@@ -342,6 +435,8 @@ class SplitMetrics:
         self.class_names = list(self.class_names)
         self.per_class = [PQCounts() for _ in self.class_names]
         match_iou(np.zeros((0, 0)), threshold=self.iou_threshold)
+        if self.pairing not in PAIRINGS:
+            raise ConfigError(f"unknown pairing {self.pairing!r}; expected one of {', '.join(PAIRINGS)}")
 
     @property
     def n_classes(self) -> int:
@@ -355,71 +450,103 @@ class SplitMetrics:
         pred_classes: np.ndarray,
         *,
         image_id: str = "",
+        tissue: str | None = None,
     ) -> dict[str, Any]:
         """Add one image.
 
         Parameters
         ----------
         true_instances, pred_instances
-            (H, W) int instance maps, 0 = background.
+            (H, W) int instance maps, 0 = background; ids any non-negative integers.
         true_classes
             (H, W) int class map: 0 background, 1..K, 255 ignore.
         pred_classes
             (H, W) int class map of the prediction (0 background, 1..K).
+        image_id
+            Name of the image in the per-image records.
+        tissue
+            The image's tissue (PanNuke averages mPQ and bPQ per tissue); None: no tissue.
 
         Returns
         -------
-        The per-image record (also kept for :meth:`result`): bPQ, AJI, Dice and per-class counts.
+        The per-image record (also kept for :meth:`result`): bPQ, mPQ, AJI, AJI+, Dice and
+        per-class counts.
         """
         shapes = {np.shape(a) for a in (true_instances, true_classes, pred_instances, pred_classes)}
         if len(shapes) != 1 or len(next(iter(shapes))) != 2:
             raise ConfigError(f"image {image_id!r}: all four maps must be the same (H, W) shape, got {sorted(shapes)}")
         true_classes = np.asarray(true_classes)
         ignore = true_classes == IGNORE_CLASS
-        true_inst = drop_ignored(np.asarray(true_instances), ignore, max_overlap=self.ignore_overlap)
-        pred_inst = drop_ignored(np.asarray(pred_instances), ignore, max_overlap=self.ignore_overlap)
+        true_inst = drop_ignored(compact_ids(true_instances), ignore, max_overlap=self.ignore_overlap)
+        pred_inst = drop_ignored(compact_ids(pred_instances), ignore, max_overlap=self.ignore_overlap)
         k = self.n_classes
 
         t_cls_of = majority_vote(true_inst, true_classes, n_labels=k + 1)
         p_cls_of = majority_vote(pred_inst, np.asarray(pred_classes), n_labels=k + 1)
 
-        iou, true_ids, pred_ids = pairwise_iou(true_inst, pred_inst)
+        true_ids, pred_ids, inter, ta, pa = pairwise_overlap(true_inst, pred_inst)
+        union = ta[:, None] + pa[None, :] - inter
+        iou = np.divide(inter, union, out=np.zeros(inter.shape, np.float64), where=union > 0)
         rows, cols = match_iou(iou, threshold=self.iou_threshold)
         img_counts = PQCounts(len(rows), len(pred_ids) - len(rows), len(true_ids) - len(rows), float(iou[rows, cols].sum()))
         self.binary = self.binary + img_counts
         t_cls = t_cls_of[true_ids] if len(true_ids) else np.zeros(0, np.int64)
         p_cls = p_cls_of[pred_ids] if len(pred_ids) else np.zeros(0, np.int64)
         same = t_cls[rows] == p_cls[cols]
+        pq_img: list[float] = []
         for c in range(1, k + 1):
             in_t = int((t_cls == c).sum())
             in_p = int((p_cls == c).sum())
             hit = same & (t_cls[rows] == c)
             tp = int(hit.sum())
-            self.per_class[c - 1] = self.per_class[c - 1] + PQCounts(tp, in_p - tp, in_t - tp, float(iou[rows[hit], cols[hit]].sum()))
+            counts_c = PQCounts(tp, in_p - tp, in_t - tp, float(iou[rows[hit], cols[hit]].sum()))
+            self.per_class[c - 1] = self.per_class[c - 1] + counts_c
+            pq_img.append(counts_c.pq if in_t else math.nan)  # PanNuke: a class absent from the truth is skipped
 
         _, t_pts = centroids(true_inst)
         _, p_pts = centroids(pred_inst)
-        ti, pj = match_centroids(t_pts, p_pts, radius=self.radius)
+        ti, pj = match_centroids(t_pts, p_pts, radius=self.radius, pairing=self.pairing)
         self._paired.append(np.column_stack([t_cls[ti], p_cls[pj]]))
         self._unpaired_true.append(np.delete(t_cls, ti))
         self._unpaired_pred.append(np.delete(p_cls, pj))
 
         record: dict[str, Any] = {
             "image_id": str(image_id),
+            "tissue": None if tissue is None or (isinstance(tissue, float) and math.isnan(tissue)) else str(tissue),
             "bPQ": img_counts.pq if len(true_ids) else math.nan,
+            "mPQ": _nanmean(pq_img),
             "AJI": aji(true_inst, pred_inst) if len(true_ids) else math.nan,
+            "AJI+": aji_plus(true_inst, pred_inst) if len(true_ids) else math.nan,
             "Dice": dice(true_inst > 0, pred_inst > 0, valid=~ignore),
             "n_true": len(true_ids),
             "n_pred": len(pred_ids),
             "detection_tp": len(ti),
+            "PQ_class": pq_img,
             "true_counts": np.bincount(t_cls, minlength=k + 1)[1 : k + 1].tolist(),
             "pred_counts": np.bincount(p_cls, minlength=k + 1)[1 : k + 1].tolist(),
         }
         self.images.append(record)
         return record
 
+    def per_tissue(self) -> dict[str, dict[str, float]]:
+        """PanNuke's per-tissue table: tissue -> mPQ and bPQ (means over its images), images,
+        and PQ per class (mean over its images whose truth holds the class). Images without a
+        tissue are grouped under ``"(none)"``."""
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in self.images:
+            groups.setdefault(r["tissue"] or "(none)", []).append(r)
+        out: dict[str, dict[str, Any]] = {}
+        for tissue in sorted(groups):
+            rs = groups[tissue]
+            entry: dict[str, Any] = {"n_images": len(rs), "mPQ": _nanmean([r["mPQ"] for r in rs]),
+                                     "bPQ": _nanmean([r["bPQ"] for r in rs])}
+            for c, name in enumerate(self.class_names):
+                entry[f"PQ_{name}"] = _nanmean([r["PQ_class"][c] for r in rs])
+            out[tissue] = entry
+        return out
+
     def result(self) -> dict[str, Any]:
-        """Summary metrics, per-class metrics, per-image records and the count tables."""
+        """Summary metrics, per-class and per-tissue metrics, per-image records and the count tables."""
         k = self.n_classes
         paired = np.concatenate(self._paired) if self._paired else np.zeros((0, 2), np.int64)
         un_t = np.concatenate(self._unpaired_true) if self._unpaired_true else np.zeros(0, np.int64)
@@ -429,10 +556,12 @@ class SplitMetrics:
         true_counts = np.array([r["true_counts"] for r in self.images], float).reshape(-1, k)
         pred_counts = np.array([r["pred_counts"] for r in self.images], float).reshape(-1, k)
         r2 = r2_counts(true_counts, pred_counts)
+        tissues = self.per_tissue()
 
         per_class: dict[str, dict[str, float]] = {}
         for c, name in enumerate(self.class_names, start=1):
             entry: dict[str, float] = dict(self.per_class[c - 1].as_dict())
+            entry["PQ_pannuke"] = _nanmean([r["PQ_class"][c - 1] for r in self.images])
             entry["F1"] = classification_f1(paired[:, 0], paired[:, 1], un_t, un_p, c)
             entry["R2_counts"] = float(r2[c - 1])
             entry["n_true"] = int(true_counts[:, c - 1].sum())
@@ -446,16 +575,21 @@ class SplitMetrics:
             "PQ": self.binary.pq,
             "DQ": self.binary.dq,
             "SQ": self.binary.sq,
-            "bPQ": _nanmean([r["bPQ"] for r in self.images]),
-            "mPQ": _nanmean(pq_c),
+            "bPQ": _nanmean([t["bPQ"] for t in tissues.values()]),
+            "mPQ": _nanmean([t["mPQ"] for t in tissues.values()]),
+            "mPQ+": _nanmean(pq_c),
             "AJI": _nanmean([r["AJI"] for r in self.images]),
+            "AJI+": _nanmean([r["AJI+"] for r in self.images]),
             "Dice": _nanmean([r["Dice"] for r in self.images]),
             "F1_detection": 2 * tp_d / det_den if det_den else math.nan,
             "precision_detection": tp_d / (tp_d + fp_d) if tp_d + fp_d else math.nan,
             "recall_detection": tp_d / (tp_d + fn_d) if tp_d + fn_d else math.nan,
             "F1_classification": _nanmean(f1_c),
+            "type_accuracy": float((paired[:, 0] == paired[:, 1]).mean()) if tp_d else math.nan,
             "R2_counts": _nanmean(r2.tolist()),
+            "pairing": self.pairing,
             "per_class": per_class,
+            "per_tissue": tissues,
             "per_image": [{key: v for key, v in r.items() if not key.endswith("_counts")} for r in self.images],
             "counts": {"true": true_counts.astype(int).tolist(), "pred": pred_counts.astype(int).tolist()},
         }
@@ -466,14 +600,17 @@ SUMMARY_METRICS: dict[str, str] = {
     "PQ": "binary PQ, sums over the split",
     "DQ": "binary detection quality",
     "SQ": "binary segmentation quality",
-    "bPQ": "binary PQ, mean over images (PanNuke)",
-    "mPQ": "per-class PQ from split sums, mean over classes",
+    "bPQ": "binary PQ per image, mean per tissue, mean over tissues (PanNuke)",
+    "mPQ": "per-class PQ per image, mean per tissue, mean over tissues (PanNuke)",
+    "mPQ+": "per-class PQ from split sums, mean over classes (CoNIC)",
     "AJI": "aggregated Jaccard index, mean over images",
+    "AJI+": "AJI with one-to-one pairs (HoVer-Net), mean over images",
     "Dice": "pixel foreground Dice, mean over images",
-    "F1_detection": "centroid F1 within the radius",
+    "F1_detection": "centroid F1 within the radius (pairing in settings)",
     "precision_detection": "centroid precision",
     "recall_detection": "centroid recall",
     "F1_classification": "HoVer-Net per-class F1, mean over classes",
+    "type_accuracy": "class agreement of centroid-paired nuclei (HoVer-Net acc_type)",
     "R2_counts": "R² of per-image counts, mean over classes",
 }
 
