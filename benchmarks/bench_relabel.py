@@ -235,7 +235,7 @@ def part_features(out: Path) -> dict:
         res["n_nuclei_end_to_end"] = int(len(nuc))
         t = time.perf_counter()
         k = 0
-        for ids, imgs, inss, mpp in iter_image_batches(store, pk_ids, progress=False):
+        for _ids, imgs, inss, _mpp in iter_image_batches(store, pk_ids, progress=False):
             for img, ins in zip(imgs, inss):
                 for rp in regionprops(ins, intensity_image=img):
                     _ = (rp.area, rp.perimeter, rp.eccentricity, rp.solidity, rp.intensity_mean)

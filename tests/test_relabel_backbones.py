@@ -29,12 +29,12 @@ def test_wrong_weights_name_the_file(tmp_path):
     torch.save({"patch_embed.proj.weight": torch.zeros(5, 3, 8, 8)}, bad)
     bb = TimmBackbone(encoder="tiny-vit-test", weights=str(bad))
     with pytest.raises(ModelError, match="weights do not fit") as info:
-        bb.feature_names
+        _ = bb.feature_names
     assert "wrong.pt" in str(info.value)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a zip")
     with pytest.raises(ModelError, match="cannot read weights safely"):
-        TimmBackbone(encoder="tiny-vit-test", weights=str(junk)).feature_names
+        _ = TimmBackbone(encoder="tiny-vit-test", weights=str(junk)).feature_names
 
 
 def test_matching_weights_load_and_change_the_id(tmp_path):

@@ -77,7 +77,7 @@ def test_decisions_fold_and_leave_the_queue(store):
     before_b = current_label(store, b)
     d1 = decide(store, a, "accept", reviewer="ana")
     d2 = decide(store, b, "set_class", reviewer="ana", label="Macrophage")
-    d3 = decide(store, c, "not_nucleus", reviewer="ana")
+    decide(store, c, "not_nucleus", reviewer="ana")
     assert (d1.label, d1.ref, d1.round) == (prop_a, int(q["flag_seq"].iloc[0]), 1)
     assert (d2.label, d2.prev_label) == (6, before_b)
     cur = store.current_labels().set_index("nucleus_id")

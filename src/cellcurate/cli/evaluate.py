@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -44,7 +45,7 @@ def command(
     dev = resolve_device(device)
     loaded = {name: load_for_inference(p, device=dev, encoder_weights=encoder_weights)
               for name, p in zip(model_names(models), models)}
-    dataset = load_release(release_path, split)
+    dataset: Any = load_release(release_path, split)
     if limit is not None and limit < len(dataset):
         dataset = Subset(dataset, range(limit))
     images = getattr(dataset, "images", None)

@@ -68,7 +68,7 @@ class FeatureEncoder(nn.Module):
         if blocks is not None and hasattr(backbone, "patch_embed"):
             depth = len(blocks)
             self.levels = [max(0, depth * k // 4 - 1) for k in (1, 2, 3, 4)]
-            self.patch = int(backbone.patch_embed.patch_size[0])
+            self.patch = int(backbone.patch_embed.patch_size[0])  # type: ignore[union-attr,index]
         else:
             self.levels = [-4, -3, -2, -1]
             self.patch = 32
@@ -91,7 +91,8 @@ class FeatureEncoder(nn.Module):
         import json
 
         spec = json.dumps({**self.spec.to_dict(), "levels": self.levels}, sort_keys=True)
-        weights = self.weights_sha256 if self.weights is not None else "random:" + _param_digest(self)
+        digest = self.weights_sha256 if self.weights is not None else None
+        weights = digest if digest is not None else "random:" + _param_digest(self)
         return hashlib.sha256((spec + "|" + weights).encode()).hexdigest()[:24]
 
     def _probe_channels(self) -> list[int]:
@@ -104,9 +105,9 @@ class FeatureEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x: (B, 3, h, w) normalised, h and w multiples of :attr:`patch` -> 4 × (B, C_l, g_h, g_w)."""
         if self.levels[0] < 0:
-            out = self.backbone.forward_intermediates(x, indices=4, intermediates_only=True)
+            out = self.backbone.forward_intermediates(x, indices=4, intermediates_only=True)  # type: ignore[operator]
             return list(out)
-        out = self.backbone.forward_intermediates(
+        out = self.backbone.forward_intermediates(  # type: ignore[operator]
             x, indices=self._unique, norm=False, output_fmt="NCHW", intermediates_only=True
         )
         by_index = dict(zip(self._unique, out))

@@ -47,8 +47,11 @@ BATCH_TILES = 64
 
 
 class Backbone(Protocol):
-    id: str
-    feature_names: tuple[str, ...]
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def feature_names(self) -> tuple[str, ...]: ...
 
     def config(self) -> dict[str, Any]: ...
 
