@@ -100,14 +100,77 @@ def test_noncontiguous_ids_relabel_to_1_n_by_channel_then_id(tmp_path):
     np.testing.assert_array_equal(item.instances, expected)
 
 
-def test_overlap_lower_channel_wins_and_losers_are_counted(tmp_path):
+def _binarize_official(x: np.ndarray) -> np.ndarray:
+    """PanNuke-metrics ``utils.binarize`` (TissueImageAnalytics/PanNuke-metrics), as published:
+    channels in order, each instance overwrites what was there (the highest channel wins)."""
+    out = np.zeros([x.shape[0], x.shape[1]])
+    count = 1
+    for i in range(x.shape[2]):
+        x_ch = x[:, :, i]
+        unique_vals = np.unique(x_ch).tolist()
+        unique_vals.remove(0)
+        for j in unique_vals:
+            x_tmp = x_ch == j
+            out *= 1 - x_tmp
+            out += count * x_tmp
+            count += 1
+    return out.astype("int32")
+
+
+def test_overlap_highest_channel_wins_as_the_official_evaluation(tmp_path):
+    """Issue 10: the lowest channel used to win, so a Connective nucleus drawn over a Neoplastic
+    one lost those pixels and one lying wholly inside it was dropped."""
+    images, masks = blank(1)
+    draw(masks, 0, 0, 3, slice(0, 10), slice(0, 10))  # Neoplastic, 100 px
+    draw(masks, 0, 2, 4, slice(5, 15), slice(5, 15))  # Connective over it: 25 px claimed twice
+    draw(masks, 0, 3, 2, slice(1, 3), slice(1, 3))  # Dead, wholly inside the Neoplastic one
+    write_fold(tmp_path, 1, images, masks)
+    (item,), report = read_all(tmp_path)
+    item.validate()
+    assert list(zip(item.nuclei["origin_channel"], item.nuclei["origin_instance"])) == [(0, 3), (2, 4), (3, 2)]
+    assert np.count_nonzero(item.instances == 1) == 100 - 25 - 4
+    assert np.count_nonzero(item.instances == 2) == 100 and (item.instances[5:10, 5:10] == 2).all()
+    assert np.count_nonzero(item.instances == 3) == 4  # the covered nucleus is kept
+    assert report.counts["overlap_pixels"] == 25 + 4 and report.counts["instances_lost_to_overlap"] == 0
+    # the same partition as the official binarize (ids aside)
+    official = _binarize_official(masks[0, :, :, :5])
+    assert np.array_equal(item.instances > 0, official > 0)
+    pairs = set(zip(item.instances.ravel().tolist(), official.ravel().tolist()))
+    assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})  # one-to-one
+
+
+def test_overlap_rule_is_recorded_and_part_of_the_fingerprint(tmp_path):
+    import json
+
+    from cellcurate.datasets.ingest import ingest_pannuke
+    from cellcurate.datasets.store import Store
+    from cellcurate.errors import ConfigError, StateError
+
+    images, masks = blank(1)
+    draw(masks, 0, 0, 3, slice(0, 10), slice(0, 10))
+    draw(masks, 0, 2, 4, slice(5, 15), slice(5, 15))
+    write_fold(tmp_path / "src", 1, images, masks)
+    with Store.create(tmp_path / "store") as store:
+        ingest_pannuke(store, tmp_path / "src", progress=False)
+        unit_dir = store.path / store.units()["dir"].iloc[0]
+        assert json.loads((unit_dir / "report.json").read_text())["settings"] == {"pannuke_overlap": "highest"}
+        with pytest.raises(StateError, match="--overwrite"):
+            ingest_pannuke(store, tmp_path / "src", progress=False, overlap="lowest")
+        ingest_pannuke(store, tmp_path / "src", progress=False, overlap="lowest", overwrite=True)
+        unit_dir = store.path / store.units()["dir"].iloc[0]
+        assert json.loads((unit_dir / "report.json").read_text())["settings"] == {"pannuke_overlap": "lowest"}
+        with pytest.raises(ConfigError, match="unknown PanNuke overlap rule"):
+            ingest_pannuke(store, tmp_path / "src", progress=False, overlap="first")
+
+
+def test_overlap_lowest_rule_lower_channel_wins_and_losers_are_counted(tmp_path):
     images, masks = blank(2)
     draw(masks, 1, 0, 3, slice(0, 10), slice(0, 10))  # Neoplastic, 100 px
     draw(masks, 1, 1, 4, slice(5, 15), slice(5, 15))  # Inflammatory, 25 px under Neoplastic
     draw(masks, 1, 3, 2, slice(0, 3), slice(0, 3))  # Dead, entirely under Neoplastic -> lost
     draw(masks, 1, 4, 9, slice(7, 8), slice(7, 8))  # Epithelial, one pixel claimed 3 times -> lost
     write_fold(tmp_path, 1, images, masks)
-    items, report = read_all(tmp_path)
+    items, report = read_all(tmp_path, overlap="lowest")
     item = items[1]
     item.validate()
     assert list(zip(item.nuclei["origin_channel"], item.nuclei["origin_instance"])) == [(0, 3), (1, 4)]
@@ -208,9 +271,9 @@ def test_huge_ids_take_the_sorting_path(tmp_path):
     item.validate()
     assert list(zip(item.nuclei["origin_channel"], item.nuclei["origin_instance"])) == [
         (0, 2**40), (1, 10_000_000), (1, 2**40)]
-    assert np.count_nonzero(item.instances == 1) == 4
+    assert np.count_nonzero(item.instances == 1) == 3  # its overlap pixel goes to the higher channel
     assert np.count_nonzero(item.instances == 2) == 2
-    assert np.count_nonzero(item.instances == 3) == 3
+    assert np.count_nonzero(item.instances == 3) == 4
     assert report.counts["overlap_pixels"] == 1
 
 

@@ -81,7 +81,11 @@ def _with_common(f: Any) -> Any:
 
 @command.command("pannuke")
 @_with_common
-def pannuke_cmd(source: Path, store_path: Path, overwrite: bool, taxonomy: Path | None, as_json: bool) -> None:
+@click.option("--overlap", type=click.Choice(["highest", "lowest"]), default="highest", show_default=True,
+              help="Mask channel that wins a pixel claimed by two: highest (official PanNuke evaluation) "
+                   "or lowest (the rule before issue 10). Recorded in the unit's report.json.")
+def pannuke_cmd(source: Path, store_path: Path, overwrite: bool, taxonomy: Path | None, as_json: bool,
+                overlap: str) -> None:
     """Ingest PanNuke: a release root (`Fold 1/`, `Fold 2/`, ...) or one `Fold k` folder."""
     from ..datasets.ingest import ingest_pannuke
     from ..datasets.pannuke import looks_like_pannuke
@@ -89,7 +93,7 @@ def pannuke_cmd(source: Path, store_path: Path, overwrite: bool, taxonomy: Path 
     if not looks_like_pannuke(source):
         _wrong_source_hint(source, "pannuke")
     with _store_for_ingest(store_path, taxonomy) as store:
-        _print_result(ingest_pannuke(store, source, overwrite=overwrite), as_json)
+        _print_result(ingest_pannuke(store, source, overwrite=overwrite, overlap=overlap), as_json)
 
 
 @command.command("monusac")

@@ -94,8 +94,14 @@ def _transaction(store: Store, result: IngestResult) -> Iterator[list[PreparedUn
 
 
 def ingest_pannuke(store: Store, path: str | Path, *, overwrite: bool = False,
-                   progress: bool | ProgressFactory = True) -> IngestResult:
-    """Ingest a PanNuke release root (all folds found) or one ``Fold k`` folder."""
+                   progress: bool | ProgressFactory = True, overlap: str = "highest") -> IngestResult:
+    """Ingest a PanNuke release root (all folds found) or one ``Fold k`` folder.
+
+    ``overlap``: which mask channel wins a pixel claimed by several (``"highest"``, the official
+    PanNuke evaluation's rule, or ``"lowest"``; see :mod:`cellcurate.datasets.pannuke`). It is
+    recorded in each unit's ``report.json`` (``settings.pannuke_overlap``) and in the fold
+    fingerprint, so re-ingesting with the other rule is a change that needs ``overwrite``.
+    """
     from . import pannuke
 
     result = IngestResult("pannuke")
@@ -104,7 +110,7 @@ def ingest_pannuke(store: Store, path: str | Path, *, overwrite: bool = False,
     for fold in folds:
         arrays = pannuke.open_fold(fold)  # validates headers, shapes and types.npy before any write
         unit = f"pannuke-fold{fold.fold}"
-        fp = pannuke.fold_fingerprint(fold)
+        fp = pannuke.fold_fingerprint(fold, overlap=overlap)  # type: ignore[arg-type]
         status = _check_unit(store, unit, fp, overwrite)
         if status == "unchanged" and not overwrite:
             result.units.append(UnitSummary(unit, "pannuke", "unchanged", arrays.n, _unit_nuclei(store, unit)))
@@ -114,8 +120,9 @@ def ingest_pannuke(store: Store, path: str | Path, *, overwrite: bool = False,
         total = sum(a.n for _, a, _, _ in plan)
         with _progress(progress, total=total, unit="tile", desc="PanNuke") as bar:
             for fold, arrays, unit, fp in plan:
-                report = IngestReport()
-                items = pannuke.iter_pannuke_fold(arrays, report=report)  # already opened and validated
+                report = IngestReport(settings={"pannuke_overlap": overlap})
+                items = pannuke.iter_pannuke_fold(arrays, report=report,  # already opened and validated
+                                                  overlap=overlap)  # type: ignore[arg-type]
                 h, w = arrays.images.shape[1:3]
                 prepared.append(_write_unit(
                     store, unit, "pannuke", items, fingerprint=fp, origin=str(fold.folder),

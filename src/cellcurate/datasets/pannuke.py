@@ -15,9 +15,13 @@ Conversion rules
 * Each of channels 0-4 is its own instance map. An instance is the pair (channel, raw id): the
   same raw id in two channels gives two instances, never one.
 * Instance ids in the output are 1..n, numbered by channel, then by raw id (ascending).
-* **Overlap rule**: a pixel claimed by more than one channel goes to the instance of the
-  *lowest channel index* (Neoplastic > Inflammatory > Connective > Dead > Epithelial).
-  Such pixels are counted in ``report.counts["overlap_pixels"]`` (once per pixel); an instance
+* **Overlap rule** (``overlap=``, recorded in the unit's ``report.json`` and part of the fold
+  fingerprint): a pixel claimed by more than one channel goes to the instance of the *highest
+  channel index* (``"highest"``, the default: Epithelial > Dead > Connective > Inflammatory >
+  Neoplastic), as the official PanNuke evaluation's ``binarize`` and the CellViT and torch-em
+  converters do, so a nucleus drawn over another class's nucleus is kept and the stored ground
+  truth is the official one. ``"lowest"`` (the rule before issue 10) gives the pixel to the
+  lowest channel index instead. Such pixels are counted in ``report.counts["overlap_pixels"]`` (once per pixel); an instance
   that loses every pixel this way is dropped and counted in ``"instances_lost_to_overlap"``
   (with a warning naming the file and tile).
 * Channel 5 (Background) is not used for instances; pixels where it disagrees with the
@@ -48,11 +52,12 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 
-from ..errors import InputFormatError, InputNotFoundError
+from ..errors import ConfigError, InputFormatError, InputNotFoundError
 from .records import (
     OPTIONAL_SOURCE_COLUMNS,
     SOURCE_NUCLEI_COLUMNS,
@@ -64,7 +69,10 @@ __all__ = [
     "PANNUKE_CHANNELS",
     "PANNUKE_TISSUES",
     "PANNUKE_MPP",
+    "DEFAULT_OVERLAP",
+    "OVERLAP_RULES",
     "FoldArrays",
+    "OverlapRule",
     "PannukeFold",
     "discover_pannuke",
     "fold_fingerprint",
@@ -92,6 +100,14 @@ _CHANNEL_LABELS = np.array(PANNUKE_CHANNELS, dtype=object)
 _MAX_ID = 2**53  # float64 holds integers exactly up to here
 _TABLE_LIMIT = 1 << 20  # relabel with a lookup table while 8 * (max id + 1) stays below this
 _HASH_BLOCK = 1 << 22  # fingerprint: bytes read at a time
+OverlapRule = Literal["highest", "lowest"]
+OVERLAP_RULES: tuple[str, ...] = ("highest", "lowest")
+DEFAULT_OVERLAP: OverlapRule = "highest"
+
+
+def _check_overlap(overlap: str) -> None:
+    if overlap not in OVERLAP_RULES:
+        raise ConfigError(f"unknown PanNuke overlap rule {overlap!r}; expected one of {', '.join(OVERLAP_RULES)}")
 
 
 # -- discovery --------------------------------------------------------------------------------
@@ -297,16 +313,18 @@ def open_fold(fold: PannukeFold) -> FoldArrays:
 
 
 # -- fingerprint ------------------------------------------------------------------------------
-def fold_fingerprint(fold: PannukeFold) -> str:
+def fold_fingerprint(fold: PannukeFold, *, overlap: OverlapRule = DEFAULT_OVERLAP) -> str:
     """Content fingerprint of a fold: sha256 over the role, size and *whole* content of its three
     files, streamed in 4 MiB blocks (bounded memory whatever the fold size).
 
     Any edit anywhere in a file changes it (a nucleus added in the middle of a 24 MiB
     ``masks.npy`` included); used to make re-ingest of the same files a no-op. Reads the fold
-    once (about 1-2 s per GB on one core).
+    once (about 1-2 s per GB on one core). The overlap rule is part of it: converting the same
+    files with another rule is a change (``--overwrite``).
     """
+    _check_overlap(overlap)
     h = hashlib.sha256(b"pannuke-fold-v2")
-    h.update(f"fold{fold.fold}".encode())
+    h.update(f"fold{fold.fold}|overlap={overlap}".encode())
     for role, path in (("images", fold.images), ("types", fold.types), ("masks", fold.masks)):
         if not path.is_file():
             raise InputNotFoundError(path, f"{path.name} not found")
@@ -406,13 +424,13 @@ class _TileResult:
     bg_disagreement: int
 
 
-def _convert_mask(tile: np.ndarray) -> _TileResult | None:
+def _convert_mask(tile: np.ndarray, overlap: OverlapRule = DEFAULT_OVERLAP) -> _TileResult | None:
     """Instance map of one C-contiguous (H, W, 6) mask tile; None when an id in channels 0-4 is
     not an integer >= 0.
 
     One contiguous pass finds the nonzero entries of channels 0-4; everything after works on
     those sparse entries only. Entries come sorted by (pixel, channel), so the first entry of
-    each pixel is its lowest channel: the overlap winner.
+    each pixel is its lowest channel and the last its highest: the overlap winner.
     """
     h, w, c6 = tile.shape
     flat = tile.reshape(-1)
@@ -438,10 +456,16 @@ def _convert_mask(tile: np.ndarray) -> _TileResult | None:
     size = int(keys.max()) + 1
     claimed = _unique_sorted(keys, size)
     if first.all():  # no pixel claimed twice
-        overlap, lost, win_keys, win_pix, present = 0, [], keys, pix, claimed
+        n_overlap, lost, win_keys, win_pix, present = 0, [], keys, pix, claimed
     else:
-        overlap = int(np.count_nonzero(first[:-1] & ~first[1:]))
-        win_keys, win_pix = keys[first], pix[first]
+        n_overlap = int(np.count_nonzero(first[:-1] & ~first[1:]))
+        if overlap == "lowest":
+            win = first
+        else:  # the last entry of each pixel: its highest channel
+            win = np.empty(idx.size, dtype=bool)
+            win[-1] = True
+            np.not_equal(pix[1:], pix[:-1], out=win[:-1])
+        win_keys, win_pix = keys[win], pix[win]
         present = _unique_sorted(win_keys, size)
         lost = []
         if present.size != claimed.size:
@@ -463,7 +487,7 @@ def _convert_mask(tile: np.ndarray) -> _TileResult | None:
     n_fg = win_pix.size
     bg_on_fg = int(np.count_nonzero(bg[win_pix]))
     bg_dis = bg_on_fg + (h * w - n_fg) - (int(np.count_nonzero(bg)) - bg_on_fg)
-    return _TileResult(instances.reshape(h, w), p_chan.astype(np.int16), p_id, overlap, lost, bg_dis)
+    return _TileResult(instances.reshape(h, w), p_chan.astype(np.int16), p_id, n_overlap, lost, bg_dis)
 
 
 def _nuclei_table(res: _TileResult) -> pd.DataFrame:
@@ -497,6 +521,7 @@ def iter_pannuke_fold(
     batch_size: int = 32,
     start: int = 0,
     stop: int | None = None,
+    overlap: OverlapRule = DEFAULT_OVERLAP,
 ) -> Iterator[SourceImage]:
     """Stream the tiles ``start:stop`` of one fold as :class:`SourceImage` (rules: module doc).
 
@@ -512,6 +537,9 @@ def iter_pannuke_fold(
         Tiles read per positioned read; memory grows by ~4.7 MB per tile of batch (float64).
     start, stop
         Tile range (Python slice semantics, no negative indices).
+    overlap
+        Which channel wins a pixel claimed by several: ``"highest"`` (official PanNuke
+        evaluation, default) or ``"lowest"`` (module doc).
 
     Raises
     ------
@@ -519,6 +547,7 @@ def iter_pannuke_fold(
         On the first tile whose image values leave 0..255 or whose mask ids are not integral and
         >= 0 (the message names the file and the tile index), or any check of :func:`open_fold`.
     """
+    _check_overlap(overlap)
     arrays = fold if isinstance(fold, FoldArrays) else open_fold(fold)
     pf = arrays.fold
     report = report if report is not None else IngestReport()
@@ -557,7 +586,7 @@ def iter_pannuke_fold(
             masks = msk_reader.read(s, e)
             for j in range(e - s):
                 i = s + j
-                res = _convert_mask(masks[j])
+                res = _convert_mask(masks[j], overlap)
                 if res is None:
                     raise InputFormatError(
                         pf.masks, f"masks.npy tile {i} holds mask ids that are not integers >= 0 in channels 0-4"
@@ -609,14 +638,15 @@ def iter_pannuke_fold(
         msk_reader.close()
 
 
-def iter_pannuke(path: str | os.PathLike[str], *, report: IngestReport | None = None) -> Iterator[SourceImage]:
+def iter_pannuke(path: str | os.PathLike[str], *, report: IngestReport | None = None,
+                 overlap: OverlapRule = DEFAULT_OVERLAP) -> Iterator[SourceImage]:
     """Stream every fold under ``path`` (a release root or one ``Fold k`` folder), fold by fold.
 
     All folds are opened (headers checked) before the first tile is yielded.
     """
     arrays = [open_fold(f) for f in discover_pannuke(path)]
     for a in arrays:
-        yield from iter_pannuke_fold(a, report=report)
+        yield from iter_pannuke_fold(a, report=report, overlap=overlap)
 
 
 def _one_line(exc: BaseException) -> str:

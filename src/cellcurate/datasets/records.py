@@ -102,6 +102,9 @@ class IngestReport:
     counts: Counter[str] = field(default_factory=Counter)
     warnings: list[str] = field(default_factory=list)
     max_warnings: int = 200
+    #: conversion choices that shape the stored data (e.g. ``{"pannuke_overlap": "highest"}``);
+    #: written to the unit's ``report.json``
+    settings: dict[str, str] = field(default_factory=dict)
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] += int(n)
@@ -115,6 +118,10 @@ class IngestReport:
         self.counts.update(other.counts)
         room = self.max_warnings - len(self.warnings)
         self.warnings.extend(other.warnings[: max(room, 0)])
+        self.settings.update(other.settings)
 
     def as_dict(self) -> dict[str, object]:
-        return {"counts": dict(sorted(self.counts.items())), "warnings": list(self.warnings)}
+        out: dict[str, object] = {"counts": dict(sorted(self.counts.items())), "warnings": list(self.warnings)}
+        if self.settings:
+            out["settings"] = dict(sorted(self.settings.items()))
+        return out
