@@ -49,17 +49,23 @@ def test_cross_val_probs_deterministic_and_separable():
 
 
 def test_find_issues_reasons():
-    rng = np.random.default_rng(0)
-    n = 200
-    y = rng.integers(0, 3, n)
+    """Planted swaps must come out as likely_class_swap, isolated errors as confident_disagreement
+    (issue 10: the test only checked that some issue was found)."""
+    n = 300
+    true = np.arange(n) % 3
     probs = np.full((n, 3), 0.02)
-    probs[np.arange(n), y] = 0.96
-    swapped = np.arange(0, 40, 2)  # half of them 0<->1 swaps, both directions
-    for i in swapped:
-        y[i] = [1, 0, 0][probs[i].argmax()] if probs[i].argmax() != 2 else 2
+    probs[np.arange(n), true] = 0.96  # the model knows the true class
+    y = true.copy()
+    swap_01 = np.flatnonzero(true == 0)[:10]
+    swap_10 = np.flatnonzero(true == 1)[:10]
+    lone_20 = np.flatnonzero(true == 2)[:3]  # one direction only: not a swap
+    y[swap_01], y[swap_10], y[lone_20] = 1, 0, 0
     iss = find_issues(y, probs)
-    assert iss.issue.sum() >= 1
-    assert set(iss.reason[iss.issue]) <= {"confident_disagreement", "likely_class_swap"}
+    planted = np.r_[swap_01, swap_10]
+    assert np.flatnonzero(iss.issue).tolist() == sorted(np.r_[planted, lone_20].tolist())
+    assert (iss.reason[planted] == "likely_class_swap").all()
+    assert (iss.reason[lone_20] == "confident_disagreement").all()
+    assert (iss.suggested[planted] == true[planted]).all() and (iss.suggested[lone_20] == 2).all()
     assert (iss.score[iss.issue] > 0.9).all() and sorted(iss.rank[iss.issue]) == list(range(1, iss.issue.sum() + 1))
     assert not iss.issue[y == probs.argmax(axis=1)].any()
 

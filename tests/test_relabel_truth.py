@@ -33,10 +33,10 @@ def test_rounds_against_truth(sample_store):
     cfg = RoundConfig(folds=3)
     r1 = run_round(store, 1, config=cfg, truth=truth, progress=False)
     t1 = r1.metrics["truth"]
-    assert t1["n_proposals"] > 50 and t1["proposal_accuracy"] >= 0.85
+    assert t1["n_proposals"] > 50 and t1["proposal_accuracy"] >= 0.9  # README target
     r2 = run_round(store, 2, config=cfg, truth=truth, progress=False)
     t2 = score_against_truth(store, truth, round=2)
     assert t2 == pytest.approx(r2.metrics["truth"], nan_ok=True)
-    assert t2["flag_recall"] >= 0.6 and t2["flag_precision"] >= 0.5
+    assert t2["flag_recall"] >= 0.8 and t2["flag_precision"] >= 0.5  # README target
     assert (store.path / "rounds" / "2" / "gallery.png").exists()
     assert "Against the synthetic truth" in (store.path / "rounds" / "2" / "report.html").read_text()
