@@ -61,11 +61,42 @@ def test_tiny_vit_features_pool_tokens(small_store):
     assert (small_store.path / "features" / bb.id / "meta.json").exists()
 
 
-def test_cnn_backbone_small(small_store):
-    bb = CNNBackbone(epochs=1, width=4, per_class=50)
+def test_cnn_backbone_small_in_sample(small_store):
+    bb = CNNBackbone(epochs=1, width=4, per_class=50, oof_folds=1)
     feats, ids = bb.extract(small_store, small_store.nuclei(include_ignore=False), progress=False)
-    assert feats.shape == (len(ids), 16) and np.isfinite(feats).all()
-    assert bb.id.startswith("cnn-") and bb.id != CNNBackbone(epochs=2).id
+    assert feats.shape == (len(ids), 16) and np.isfinite(feats).all() and len(bb.feature_names) == 16
+    assert bb.id.startswith("cnn-") and bb.id != CNNBackbone(epochs=2).id != CNNBackbone(oof_folds=1).id
+
+
+def test_cnn_features_come_from_nets_that_never_saw_the_nucleus_group(small_store, monkeypatch):
+    """Issue 10: the cnn backbone was trained on the labels it then checks."""
+    from cellcurate.relabel.classify import nucleus_groups
+
+    nuclei = small_store.nuclei(include_ignore=False)
+    groups = nucleus_groups(nuclei, small_store.images())
+    trained_on, applied_to = [], []
+    real_train, real_apply = CNNBackbone._train, CNNBackbone._apply
+
+    def train(self, crops, labels, pool, classes, rng):
+        trained_on.append(set(groups[pool]))
+        return real_train(self, crops, labels, pool, classes, rng)
+
+    def apply(self, net, crops, idx, *, probs):
+        applied_to.append(idx.copy())
+        return real_apply(self, net, crops, idx, probs=probs)
+
+    monkeypatch.setattr(CNNBackbone, "_train", train)
+    monkeypatch.setattr(CNNBackbone, "_apply", apply)
+    bb = CNNBackbone(epochs=1, width=4, per_class=50, oof_folds=2)
+    feats, ids = bb.extract(small_store, nuclei, progress=False)
+    assert len(trained_on) == len(applied_to) == 2
+    for seen, target in zip(trained_on, applied_to):
+        assert seen and not seen & set(groups[target])  # no group on both sides
+    assert sorted(np.concatenate(applied_to).tolist()) == list(range(len(nuclei)))  # each nucleus once
+    assert feats.shape == (len(nuclei), 7) and bb.feature_names == tuple(f"cnn_p{c}" for c in range(1, 8))
+    np.testing.assert_allclose(feats.sum(axis=1), 1.0, atol=1e-5)  # class probabilities of one net
+    with pytest.raises(ConfigError, match="oof_folds"):
+        CNNBackbone(oof_folds=0)
 
 
 # -- device, batching, meta build, one registry (issue 10) ----------------------------------------

@@ -6,9 +6,10 @@ its configuration or weights change), a JSON-able :meth:`~Backbone.config` and
 
 - ``handcrafted``: :func:`cellcurate.relabel.features.handcrafted_batch_features`, batched over
   same-sized tiles.
-- ``cnn``: a small CNN trained on 64×64 nucleus-centred crops of the nuclei whose source label is
-  already resolved (classes balanced by under-sampling); features = its penultimate layer.
-  Note: it sees the labels it will later help to check, so it is less neutral than the others.
+- ``cnn``: small CNNs trained on 64×64 nucleus-centred crops of the nuclei whose source label is
+  already resolved (classes balanced by under-sampling), **out of fold** by nucleus group: the
+  features of a nucleus (class probabilities) come from a net that never saw its group's labels.
+  ``oof_folds=1`` keeps the old in-sample net (penultimate layer; it has seen the labels it checks).
 - ``timm``: any timm encoder from a local weights file (``torch.load(weights_only=True)`` or
   safetensors), run once per window of the image at the encoder's pixel size; the patch tokens under
   each nucleus are averaged (weighted by the pixels the nucleus covers in each token).
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, StateError
 from .features import FEATURE_NAMES, handcrafted_batch_features
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -144,42 +145,63 @@ def nucleus_crops(store: "Store", nuclei: "pd.DataFrame", *, size: int = 64,
 # -- small CNN -------------------------------------------------------------------------------------
 @dataclass
 class CNNBackbone:
-    """A small CNN trained on 64×64 nucleus-centred crops; features = its penultimate layer (F=64)."""
+    """A small CNN trained on 64×64 nucleus-centred crops of the nuclei whose source label is
+    already resolved (classes balanced by under-sampling).
+
+    ``oof_folds >= 2`` (default 3): **out-of-fold feature nets**. The nucleus groups (patient /
+    PanNuke fold, :func:`cellcurate.relabel.classify.nucleus_groups`) are dealt into
+    ``oof_folds`` folds; for each fold a net is trained on the other folds' nuclei only, and gives
+    the features of the nuclei of its fold. So the features of a nucleus never come from a net
+    that saw its label, or any label of its group. Nets of different folds do not share a feature
+    space, so the features are each net's class probabilities (F = K, one per taxonomy class;
+    0 for a class the net did not see), which mean the same in every fold.
+
+    ``oof_folds = 1``: one net trained on all resolved nuclei, features = its penultimate layer
+    (F = 4 * width). It has seen the labels it then helps to check (in-sample; kept for
+    comparison, not neutral).
+    """
 
     epochs: int = 4
     crop: int = 64
     width: int = 16
     per_class: int = 2000  # under-sampling cap: every class gets min(smallest class, per_class) crops
     seed: int = 0
+    oof_folds: int = 3
+    device: str = "cpu"
+    _names: tuple[str, ...] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.oof_folds, int) or self.oof_folds < 1:
+            raise ConfigError(f"oof_folds must be an integer >= 1, got {self.oof_folds!r}")
 
     @property
     def feature_names(self) -> tuple[str, ...]:
+        if self._names is not None:
+            return self._names
+        if self.oof_folds > 1:
+            raise StateError("the cnn backbone's feature names (one per taxonomy class) are known after extract()")
         return tuple(f"cnn_{i}" for i in range(4 * self.width))
 
     def config(self) -> dict[str, Any]:
-        return {"backbone": "cnn", "epochs": self.epochs, "crop": self.crop, "width": self.width,
-                "per_class": self.per_class, "seed": self.seed}
+        cfg: dict[str, Any] = {"backbone": "cnn", "epochs": self.epochs, "crop": self.crop, "width": self.width,
+                               "per_class": self.per_class, "seed": self.seed}
+        if self.oof_folds > 1:
+            cfg["oof_folds"] = self.oof_folds
+        return cfg
 
     @property
     def id(self) -> str:
         return "cnn-" + hashlib.sha256(json.dumps(self.config(), sort_keys=True).encode()).hexdigest()[:12]
 
-    def extract(self, store: "Store", nuclei: "pd.DataFrame", *,
-                progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _train(self, crops: np.ndarray, labels: np.ndarray, train_pool: np.ndarray, classes: list[int],
+               rng: np.random.Generator) -> Any:
+        """A net trained on the balanced resolved nuclei of ``train_pool`` (indices)."""
         import torch
         from torch import nn
 
-        torch.manual_seed(self.seed)
-        rng = np.random.default_rng(self.seed)
-        crops = nucleus_crops(store, nuclei, size=self.crop, progress=progress)
-        labels = nuclei["unified_label"].to_numpy(np.int64)
-        classes = [c for c in np.unique(labels[labels > 0])]
-        if len(classes) < 2:
-            raise ConfigError(f"{store.path}: the cnn backbone needs nuclei of at least 2 resolved classes, "
-                              f"found {len(classes)}")
-        counts = {c: int((labels == c).sum()) for c in classes}
-        take = min(min(counts.values()), self.per_class)
-        train_idx = np.concatenate([rng.choice(np.flatnonzero(labels == c), take, replace=False) for c in classes])
+        lab = labels[train_pool]
+        take = min(min(int((lab == c).sum()) for c in classes), self.per_class)
+        train_idx = np.concatenate([rng.choice(train_pool[lab == c], take, replace=False) for c in classes])
         cls_pos = {c: i for i, c in enumerate(classes)}
         w = self.width
         body = nn.Sequential(
@@ -188,32 +210,81 @@ class CNNBackbone:
             nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.BatchNorm2d(4 * w), nn.ReLU(),
             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
-        head = nn.Linear(4 * w, len(classes))
-        model = nn.Sequential(body, head)
+        model = nn.Sequential(body, nn.Linear(4 * w, len(classes))).to(self.device)
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-
-        def tensor(idx: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(crops[idx]).permute(0, 3, 1, 2).float().div(255.0)
-
         y_all = torch.tensor([cls_pos[int(c)] for c in labels[train_idx]])
         model.train()
         for _ in range(self.epochs):
             order = rng.permutation(len(train_idx))
             for s in range(0, len(order), 128):
                 b = order[s:s + 128]
-                x = tensor(train_idx[b])
+                x = self._tensor(crops, train_idx[b])
                 if rng.random() < 0.5:
                     x = x.flip(3)
-                loss = nn.functional.cross_entropy(model(x), y_all[b])
+                loss = nn.functional.cross_entropy(model(x), y_all[b].to(self.device))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        model.eval()
-        out = np.zeros((len(nuclei), 4 * w), np.float32)
+        return model.eval()
+
+    def _tensor(self, crops: np.ndarray, idx: np.ndarray) -> Any:
+        import torch
+
+        return torch.from_numpy(crops[idx]).permute(0, 3, 1, 2).float().div(255.0).to(self.device)
+
+    def _apply(self, net: Any, crops: np.ndarray, idx: np.ndarray, *, probs: bool) -> np.ndarray:
+        import torch
+
+        outs = []
         with torch.no_grad():
-            for s in range(0, len(nuclei), 512):
-                out[s:s + 512] = body(tensor(np.arange(s, min(s + 512, len(nuclei))))).numpy()
-        return out, nuclei["nucleus_id"].to_numpy(np.int64)
+            for s in range(0, len(idx), 512):
+                x = self._tensor(crops, idx[s:s + 512])
+                out = torch.softmax(net(x), dim=1) if probs else net[0](x)
+                outs.append(out.float().cpu().numpy())
+        return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+    def extract(self, store: "Store", nuclei: "pd.DataFrame", *,
+                progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        from .classify import nucleus_groups
+
+        self.device = resolve_device(self.device)
+        torch.manual_seed(self.seed)
+        rng = np.random.default_rng(self.seed)
+        crops = nucleus_crops(store, nuclei, size=self.crop, progress=progress)
+        labels = nuclei["unified_label"].to_numpy(np.int64)
+        resolved = np.flatnonzero(labels > 0)
+        classes = [int(c) for c in np.unique(labels[resolved])]
+        if len(classes) < 2:
+            raise ConfigError(f"{store.path}: the cnn backbone needs nuclei of at least 2 resolved classes, "
+                              f"found {len(classes)}")
+        ids = nuclei["nucleus_id"].to_numpy(np.int64)
+        if self.oof_folds == 1:
+            net = self._train(crops, labels, resolved, classes, rng)
+            self._names = tuple(f"cnn_{i}" for i in range(4 * self.width))
+            return self._apply(net, crops, np.arange(len(nuclei)), probs=False).astype(np.float32), ids
+        groups = nucleus_groups(nuclei, store.images())
+        uniq = np.array(sorted(set(groups.tolist())), dtype=object)
+        if len(uniq) < 2:
+            raise ConfigError(f"{store.path}: out-of-fold cnn features need nuclei of at least 2 groups "
+                              f"(patients / PanNuke folds), found {len(uniq)}; use oof_folds=1 (in-sample)")
+        folds = min(self.oof_folds, len(uniq))
+        fold_of_group = dict(zip(uniq[rng.permutation(len(uniq))], np.arange(len(uniq)) % folds))
+        fold = np.array([fold_of_group[g] for g in groups], np.int64)
+        k = len(store.taxonomy.classes)
+        out = np.zeros((len(nuclei), k), np.float32)
+        for f in range(folds):
+            pool = resolved[fold[resolved] != f]
+            present = [c for c in classes if (labels[pool] == c).any()]
+            if len(present) < 2:
+                raise ConfigError(f"{store.path}: out-of-fold cnn features: the nuclei outside fold {f + 1} "
+                                  f"of {folds} hold fewer than 2 resolved classes; use fewer oof_folds")
+            net = self._train(crops, labels, pool, present, rng)
+            target = np.flatnonzero(fold == f)
+            out[np.ix_(target, np.asarray(present) - 1)] = self._apply(net, crops, target, probs=True)
+        self._names = tuple(f"cnn_p{c.id}" for c in store.taxonomy.classes)
+        return out, ids
 
 
 # -- timm ----------------------------------------------------------------------------------------
@@ -394,5 +465,5 @@ def make_backbone(name: str = "handcrafted", *, weights: str | None = None, enco
     if name == "handcrafted":
         return HandcraftedBackbone()
     if name == "cnn":
-        return CNNBackbone(seed=seed)
+        return CNNBackbone(seed=seed, device=device)
     return TimmBackbone(encoder=encoder or "h-optimus-0", weights=weights, device=device)
