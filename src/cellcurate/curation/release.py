@@ -27,8 +27,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
-import shutil
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from ..datasets.containment import containment_problems, resolves_inside, unsafe_relative_path
 from ..errors import ConfigError, InputFormatError, StateError
 
 from ..datasets.release_format import RELEASE_FORMAT, read_release_manifest  # noqa: E402
@@ -320,9 +319,11 @@ def export_release(
     nuclei["_o"] = nuclei["split"].map(order).fillna(len(order))
     nuclei = nuclei.sort_values(["_o", "image_id", "instance_id"]).drop(columns="_o").reset_index(drop=True)
 
+    from ..datasets.leftovers import locked_tempdir, release_tempdir
+
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{version}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    cleaned, _ = clean_export_leftovers(root)  # folders of killed exports (a live export's is locked)
+    tmp, lock_fd = locked_tempdir(root, f".tmp-{version}-")
     try:
         images_out = _write_arrays(store, tmp, images, nuclei, progress=progress)
         if ome_zarr is not None:
@@ -365,6 +366,9 @@ def export_release(
         from .card import write_card
 
         write_card(tmp, manifest, images_out, nuclei, store.taxonomy)
+        unsafe = containment_problems(tmp)
+        if unsafe:  # a release never holds a link: verify would refuse it
+            raise StateError(f"{tmp}: {unsafe[0]}")
         manifest["files"] = _hash_tree(tmp)
         text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
         (tmp / "manifest.json").write_text(text, encoding="utf-8")
@@ -380,7 +384,10 @@ def export_release(
     except BaseException:
         _remove_tree(tmp)
         raise
-    return ExportResult(final, manifest, n_images=len(images_out), n_nuclei=int((nuclei["kind"] == "nucleus").sum()))
+    finally:
+        release_tempdir(lock_fd)
+    return ExportResult(final, manifest, n_images=len(images_out), n_nuclei=int((nuclei["kind"] == "nucleus").sum()),
+                        warnings=cleaned)
 
 
 def _write_arrays(store: Any, tmp: Path, images: pd.DataFrame, nuclei: pd.DataFrame, *,
@@ -538,15 +545,10 @@ def _fsync_and_freeze(root: Path) -> None:
 
 
 def _remove_tree(path: Path) -> None:
-    def onerror(func: Any, p: str, _exc: Any) -> None:
-        try:
-            os.chmod(p, stat.S_IWUSR | stat.S_IRUSR | stat.S_IXUSR)
-            func(p)
-        except OSError:
-            pass
+    from ..datasets.leftovers import remove_tree  # also on Python 3.11 (no rmtree(onexc=))
 
     if path.exists():
-        shutil.rmtree(path, onexc=onerror)
+        remove_tree(path)
 
 
 # -- verify -----------------------------------------------------------------------------------------
@@ -582,8 +584,23 @@ def verify_release(path: str | Path) -> list[str]:
             raise TypeError("files is not an object")
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         return [*problems, f"manifest.json: unreadable ({exc})"]
+    problems.extend(containment_problems(path))  # symlinks, special files, hard links to outside
     for rel, meta in files.items():
+        why = unsafe_relative_path(rel)
+        if why is None and not resolves_inside(path, rel):
+            why = "resolves outside the release"
+        if why is not None:
+            problems.append(f"manifest.json: files entry {rel!r} {why}")
+            continue
+        if (not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str)
+                or not re.fullmatch(r"[0-9a-f]{64}", meta["sha256"])
+                or not isinstance(meta.get("bytes", 0), int) or isinstance(meta.get("bytes", 0), bool)):
+            problems.append(f"manifest.json: files entry {rel!r} is malformed "
+                            f"(expected {{\"sha256\": 64 hex digits, \"bytes\": an integer}}, got {meta!r:.80})")
+            continue
         p = path / rel
+        if p.is_symlink():
+            continue  # named above; never read through a link
         if not p.is_file():
             problems.append(f"{rel}: missing")
             continue
@@ -592,7 +609,7 @@ def verify_release(path: str | Path) -> list[str]:
         except OSError as exc:
             problems.append(f"{rel}: unreadable ({exc.strerror or exc})")
             continue
-        if digest != meta.get("sha256"):
+        if digest != meta["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest (changed)")
     listed = set(files) | set(_SKIP_HASH)
     for dirpath, _dirs, names in os.walk(path):
@@ -601,6 +618,16 @@ def verify_release(path: str | Path) -> list[str]:
             if rel not in listed:
                 problems.append(f"{rel}: not listed in the manifest (added)")
     return problems
+
+
+def clean_export_leftovers(root: str | Path) -> tuple[list[str], list[str]]:
+    """Remove the ``.tmp-*`` folders that killed exports left in the releases folder ``root``
+    (an export still running holds a lock on its folder and is left alone). Returns
+    (notes naming each removed folder, problems naming each that could not be removed)."""
+    from ..datasets.leftovers import remove_stale_tempdirs
+
+    removed, problems = remove_stale_tempdirs(Path(root), ".tmp-")
+    return [f"{p}: removed the temporary folder of an interrupted export" for p in removed], problems
 
 
 # -- diff -------------------------------------------------------------------------------------------
