@@ -208,3 +208,61 @@ def test_verify_store_refuses_links_and_unit_paths_outside(made, tmp_path):
     assert r.exit_code == 1
     assert "units/etc_link: is a symbolic link (to /etc); a store must hold its files itself" in r.stderr
     assert "folder '../../outside' of unit" in r.stderr and "leaves the folder" in r.stderr
+
+
+def _edit_array_meta(release: Path, edit) -> Path:
+    meta = release / "arrays.zarr" / "stack" / "128x128" / "image" / "zarr.json"
+    _writable(meta)
+    m = json.loads(meta.read_text("utf-8"))
+    if edit is None:
+        meta.write_text("{not json", encoding="utf-8")
+    else:
+        edit(m)
+        meta.write_text(json.dumps(m), encoding="utf-8")
+    return meta
+
+
+def _set_inner_codec(name):
+    def edit(m):
+        m["codecs"][0]["configuration"]["codecs"][1] = {"name": name}
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (_set_inner_codec("numcodecs.pickle"), "codec 'numcodecs.pickle' is refused: decoding it would run code"),
+    (_set_inner_codec("no_such_codec"), "unknown or unsupported codec 'no_such_codec'"),
+    (lambda m: m["codecs"][0]["configuration"]["index_codecs"].append({"name": "mystery"}),
+     "unknown or unsupported codec 'mystery'"),
+    (lambda m: m.update(codecs=[{"name": "pickle"}]), "codec 'pickle' is refused"),
+    (lambda m: m.update(data_type="object"), "data_type 'object' is not a numeric type"),
+    (lambda m: m.update(codecs="bytes"), "'codecs' must be a list"),
+    (lambda m: m.update(node_type="group"), "not a zarr v3 array"),
+])
+def test_export_qupath_refuses_a_release_array_with_a_bad_codec(release, tmp_path, edit, needle):
+    meta = _edit_array_meta(release, edit)
+    r = CliRunner().invoke(cli, ["export-qupath", str(release), "--out", str(tmp_path / "q")])
+    assert r.exit_code == 1, (r.output, r.exception)
+    assert r.stderr.strip() == f"error: {meta}: {r.stderr.strip().split(': ', 2)[2]}"  # one line, names the file
+    assert needle in r.stderr
+
+
+def test_export_qupath_on_an_unparsable_zarr_json(release, tmp_path):
+    meta = _edit_array_meta(release, None)
+    r = CliRunner().invoke(cli, ["export-qupath", str(release), "--out", str(tmp_path / "q")])
+    assert r.exit_code == 1 and r.stderr.startswith(f"error: {meta}: not valid JSON")
+
+
+def test_release_zarr_group_that_leaves_the_release(release, tmp_path):
+    import pandas as pd
+
+    from cellcurate.datasets.release import ReleaseDataset
+    from cellcurate.errors import InputFormatError
+
+    ipath = release / "images.parquet"
+    df = pd.read_parquet(ipath)
+    df["zarr_group"] = "../../../etc"
+    _writable(ipath)
+    df.to_parquet(ipath, index=False)
+    ds = ReleaseDataset(release, split="all")
+    with pytest.raises(InputFormatError, match="zarr_group '../../../etc' leaves the folder"):
+        ds.read(0)

@@ -387,7 +387,7 @@ class Store:
         return row
 
     def _array(self, unit: str, name: str) -> Any:
-        import zarr
+        from .zarrsafe import open_array
 
         key = (unit, name)
         arr = self._arrays.get(key)
@@ -395,7 +395,7 @@ class Store:
             udir = self.ledger.unit(unit)
             if udir is None:
                 raise StoreError(f"unit {unit!r} is not in the store", path=self.path)
-            arr = zarr.open_array(str(self.path / udir["dir"] / "arrays.zarr" / name), mode="r")
+            arr = open_array(self.path / udir["dir"] / "arrays.zarr" / name)  # codecs checked first
             self._arrays[key] = arr
             if len(self._arrays) > 256:
                 self._arrays.popitem(last=False)
