@@ -744,7 +744,13 @@ class UnitWriter:
         nuclei = self._nuclei_table()
         dup = nuclei["nucleus_id"].duplicated()
         if dup.any():
-            raise StoreError(f"unit {self.unit}: {int(dup.sum())} nuclei share an id (duplicate origin references)")
+            first = nuclei.loc[dup].iloc[0]
+            ref = (f"region Id={first['origin_region']} (Annotation {first['origin_annotation'] or '-'})"
+                   if first["origin_region"] else
+                   f"tile index {first['origin_index']}, channel {first['origin_channel']}, "
+                   f"instance {first['origin_instance']}")
+            raise StoreError(f"{first['origin_file']}: {int(dup.sum())} nuclei share an id (duplicate origin "
+                             f"references), e.g. {ref} of image {first['image_id']} (unit {self.unit})")
         report = report or self.report
         images.to_parquet(self.tmp_dir / "images.parquet", index=False)
         nuclei.to_parquet(self.tmp_dir / "nuclei.parquet", index=False)
