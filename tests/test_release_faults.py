@@ -266,3 +266,19 @@ def test_release_zarr_group_that_leaves_the_release(release, tmp_path):
     ds = ReleaseDataset(release, split="all")
     with pytest.raises(InputFormatError, match="zarr_group '../../../etc' leaves the folder"):
         ds.read(0)
+
+
+def test_full_disk_during_export_leaves_no_temp_folder(made, tmp_path, monkeypatch):
+    import errno
+
+    import pandas as pd
+
+    def no_space(self, path, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", no_space)
+    out = tmp_path / "releases"
+    r = CliRunner().invoke(cli, ["export", str(made / "store"), "--version", "v5", "--out", str(out)])
+    assert r.exit_code == 1, (r.output, r.exception)
+    assert r.stderr.startswith("error: ") and "no space left on device; nothing was committed" in r.stderr
+    assert list(out.iterdir()) == []  # neither v5 nor a .tmp-v5-* folder
