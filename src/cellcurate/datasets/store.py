@@ -218,10 +218,16 @@ class Store:
         fd = -1
         try:
             parent.mkdir(parents=True, exist_ok=True)
+            if not in_place and path.is_dir():
+                try:
+                    tmp, fd = locked_tempdir(parent, prefix)
+                except PermissionError:  # may write the given empty folder but not its parent
+                    in_place = True
             if in_place:  # an empty mount point cannot be replaced by a rename: build in it, marker last
                 cls._build(path, taxonomy)
             else:
-                tmp, fd = locked_tempdir(parent, prefix)
+                if fd < 0:
+                    tmp, fd = locked_tempdir(parent, prefix)
                 try:
                     cls._build(tmp, taxonomy)
                     _fsync_tree(tmp)
