@@ -45,38 +45,101 @@ def test_sigkill_right_after_a_decision(store, tmp_path):
     assert bool(q.set_index("nucleus_id").loc[nid, "decided"])
 
 
-@pytest.mark.slow
-def test_two_processes_write_1000_decisions_each(store):
+WRITER = textwrap.dedent("""
+    import os, signal, sys
+    from cellcurate.curation.review import decide
+    from cellcurate.datasets.ledger import Ledger
+    from cellcurate.datasets.store import Store
+    path, who, ids = sys.argv[1], sys.argv[2], [int(x) for x in sys.argv[3].split(",")]
+    rounds, per_round, die_at = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+    store = Store.open(path, mode="a")
+    ledger = Ledger(store.ledger.path, durable=True)
+    if die_at >= 0:  # SIGKILL inside the write transaction of decision number die_at, before its COMMIT
+        insert, calls = ledger._insert, []
+
+        def insert_then_die(c, events):
+            seqs = insert(c, events)
+            calls.append(1)
+            if len(calls) == die_at + 1:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return seqs
+
+        ledger._insert = insert_then_die
+    print("ready", flush=True)
+    n = 0
+    for r in range(rounds):
+        sys.stdin.readline()  # the parent's "go": rounds run in lockstep with the other writer
+        for _ in range(per_round):
+            decide(store, ids[n % len(ids)], "set_class", reviewer=who, label=1 + n % 7, ledger=ledger)
+            n += 1
+        print("tick", flush=True)
+    print("done", flush=True)
+""")
+HANG = 1800  # seconds: a guard against a hang only, far above what a loaded 2-core machine needs
+
+
+def _writers(store, plan: dict[str, int], *, rounds: int, per_round: int):
+    """Start one writer process per reviewer (``plan``: reviewer -> decision number to die at, -1
+    never) and drive them in lockstep rounds: in each round both write ``per_round`` decisions at
+    the same time; the next round starts when both finished (or died). No wall-clock assumption."""
     ids = [int(n) for n in build_queue(store)["nucleus_id"]]
-    script = textwrap.dedent("""
-        import sys
-        from cellcurate.curation.review import decide
-        from cellcurate.datasets.ledger import Ledger
-        from cellcurate.datasets.store import Store
-        path, who, ids = sys.argv[1], sys.argv[2], [int(x) for x in sys.argv[3].split(",")]
-        store = Store.open(path, mode="a")
-        ledger = Ledger(store.ledger.path, durable=True)
-        print("ready", flush=True)
-        sys.stdin.readline()
-        for i in range(1000):
-            decide(store, ids[i % len(ids)], "set_class", reviewer=who, label=1 + i % 7, ledger=ledger)
-        print("done", flush=True)
-    """)
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(store.path), who, ",".join(map(str, ids))],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for who in ("ana", "bob")]
-    for p in procs:
+    procs = {who: subprocess.Popen([sys.executable, "-c", WRITER, str(store.path), who, ",".join(map(str, ids)),
+                                    str(rounds), str(per_round), str(die)],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for who, die in plan.items()}
+    for p in procs.values():
         assert p.stdout.readline().strip() == "ready"
-    for p in procs:  # start both at once
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    for p in procs:
-        out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0 and out.strip() == "done"
+    alive = dict(procs)
+    for _ in range(rounds):
+        for p in alive.values():
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        for who, p in list(alive.items()):
+            if p.stdout.readline().strip() != "tick":  # EOF: the process died
+                del alive[who]
+    for p in procs.values():
+        try:
+            p.stdin.close()
+        except BrokenPipeError:
+            pass
+        p.wait(timeout=HANG)
+    return procs
+
+
+@pytest.mark.slow
+def test_two_processes_write_decisions_concurrently(store):
+    procs = _writers(store, {"ana": -1, "bob": -1}, rounds=3, per_round=25)
+    assert all(p.returncode == 0 for p in procs.values())
     again = Store.open(store.path, mode="r")
     dec = again.ledger.events(kinds=("decision",))
-    assert len(dec) == 2000
-    assert dec["actor"].value_counts().to_dict() == {"ana": 1000, "bob": 1000}
+    assert len(dec) == 150
+    assert dec["actor"].value_counts().to_dict() == {"ana": 75, "bob": 75}
     assert dec["seq"].is_unique and again.ledger.verify_chain() == []
-    # interleaved, not one after the other
+    # interleaved: the lockstep rounds guarantee at least one switch per round
     actors = dec["actor"].tolist()
-    assert sum(a != b for a, b in zip(actors, actors[1:])) > 1
+    assert sum(a != b for a, b in zip(actors, actors[1:])) >= 3
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_of_two_reviewers_mid_write(store):
+    """bob is killed inside the transaction of his 31st decision (rows inserted, not committed, the
+    write lock held); ana keeps writing. Nothing of ana's is lost, bob's 30 committed decisions stay,
+    his half-written one is gone, the chain is intact, and the store verifies."""
+    from cellcurate.datasets.checks import verify_store
+
+    procs = _writers(store, {"ana": -1, "bob": 30}, rounds=2, per_round=25)
+    assert procs["ana"].returncode == 0
+    assert procs["bob"].returncode == -signal.SIGKILL
+    again = Store.open(store.path, mode="r")
+    dec = again.ledger.events(kinds=("decision",))
+    assert dec["actor"].value_counts().to_dict() == {"ana": 50, "bob": 30}
+    assert dec["seq"].tolist() == list(range(int(dec["seq"].min()), int(dec["seq"].min()) + 80))  # no gap
+    assert again.ledger.verify_chain() == []
+    assert verify_store(again, progress=False).ok
+    again.close()
+    # the dead writer's lock is gone: bob can carry on at once
+    from cellcurate.curation.review import decide
+
+    with Store.open(store.path, mode="a") as s:
+        d = decide(s, int(dec["nucleus_id"].iloc[0]), "set_class", reviewer="bob", label=3)
+        assert d.seq == int(dec["seq"].max()) + 1

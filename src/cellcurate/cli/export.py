@@ -36,6 +36,8 @@ def command(store_path: Path, version: str, out: Path | None, allow_unreviewed: 
                              pannuke_val_fraction=pannuke_val_fraction, allow_unreviewed=allow_unreviewed,
                              ome_zarr=ome_zarr)  # type: ignore[arg-type]
     m = res.manifest
+    for note in res.warnings:  # e.g. temp folders of killed exports, removed
+        click.echo(f"note: {note}", err=True)
     click.echo(f"release {version}: {res.path}")
     click.echo(f"  {res.n_images:,} images, {res.n_nuclei:,} nuclei, {len(m['files']):,} files hashed")
     for split, n in m["splits"]["n_images"].items():

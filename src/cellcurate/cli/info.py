@@ -17,4 +17,6 @@ def command(store_path: Path, as_json: bool) -> None:
 
     with open_store(store_path) as store:
         summary = store_summary(store)
+        for note in store.notes:  # e.g. read-only media
+            click.echo(f"note: {note}", err=True)
     click.echo(dumps(summary) if as_json else format_summary(summary))

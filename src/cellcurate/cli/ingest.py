@@ -21,9 +21,10 @@ def _store_for_ingest(store_path: Path, taxonomy: Path | None) -> Any:
     from ..datasets.taxonomy import Taxonomy
 
     tax = Taxonomy.load(taxonomy) if taxonomy else None
-    if (store_path / "store.json").exists():
-        return Store.create(store_path, taxonomy=tax, exist_ok=True)
-    return Store.create(store_path, taxonomy=tax)
+    store = Store.create(store_path, taxonomy=tax, exist_ok=(store_path / "store.json").exists())
+    for note in store.notes:  # e.g. an interrupted creation that was cleaned
+        click.echo(f"note: {note}", err=True)
+    return store
 
 
 def _wrong_source_hint(path: Path, expected: str) -> None:

@@ -72,8 +72,10 @@ def prediction_features(prediction: Any, *, image_name: str) -> Any:
 @click.option("--batch-size", default=8, show_default=True, help="Tiles per forward pass.")
 @click.option("--encoder-weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A teacher's encoder weights, overriding the path in its config.json.")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=2**28, show_default=True,
+              help="Refuse images with more pixels (height x width) than this, before decoding them.")
 def command(model_path: Path, images: tuple[Path, ...], out_dir: Path, mpp: float | None, device: str,
-            tile: int, overlap: int, batch_size: int, encoder_weights: Path | None) -> None:
+            tile: int, overlap: int, batch_size: int, encoder_weights: Path | None, max_pixels: int) -> None:
     """Segment and classify the nuclei of RGB IMAGES (PNG, TIF, JPG) with MODEL (a checkpoint
     folder, a TorchScript or an ONNX file); write one instance map, one nucleus table and one
     QuPath GeoJSON per image."""
@@ -97,7 +99,7 @@ def command(model_path: Path, images: tuple[Path, ...], out_dir: Path, mpp: floa
         while stem in stems:  # same file name from two folders
             stem, k = f"{path.stem}-{k}", k + 1
         stems.add(stem)
-        image = read_image(path)
+        image = read_image(path, max_pixels=max_pixels)
         pred = predict_image(model, image, mpp=mpp, tile=tile, overlap=overlap, batch_size=batch_size, device=dev)
         save_prediction(pred, out_dir, stem)
         features = prediction_features(pred, image_name=path.name)

@@ -20,9 +20,12 @@ def command(path: Path, quick: bool) -> None:
     from ..errors import InputNotFoundError
 
     if (path / "manifest.json").is_file():
-        from ..curation.release import verify_release
+        from ..curation.release import clean_export_leftovers, verify_release
 
-        problems = verify_release(path)
+        notes, leftover_problems = clean_export_leftovers(path.resolve().parent)
+        for n in notes:
+            click.echo(f"note: {n}", err=True)
+        problems = verify_release(path) + leftover_problems
         if problems:
             for p in problems:
                 click.echo(f"FAIL {p}", err=True)

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import pandas as pd
 
 from ..core.atomic import fsync_dir, fsync_tree, remove_tree
 from ..core.constants import IGNORE_VALUE
+from ..datasets.containment import containment_problems, resolves_inside, unsafe_relative_path
 from ..datasets.release_format import RELEASE_FORMAT, read_release_manifest  # noqa: E402
 from ..datasets.release_format import SUPPORTED_FORMAT_VERSION as RELEASE_FORMAT_VERSION  # noqa: E402
 from ..errors import ConfigError, InputFormatError, StateError
@@ -319,9 +319,11 @@ def export_release(
     nuclei["_o"] = nuclei["split"].map(order).fillna(len(order))
     nuclei = nuclei.sort_values(["_o", "image_id", "instance_id"]).drop(columns="_o").reset_index(drop=True)
 
+    from ..datasets.leftovers import locked_tempdir, release_tempdir
+
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{version}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    cleaned, _ = clean_export_leftovers(root)  # folders of killed exports (a live export's is locked)
+    tmp, lock_fd = locked_tempdir(root, f".tmp-{version}-")
     try:
         images_out = _write_arrays(store, tmp, images, nuclei, progress=progress)
         if ome_zarr is not None:
@@ -364,6 +366,9 @@ def export_release(
         from .card import write_card
 
         write_card(tmp, manifest, images_out, nuclei, store.taxonomy)
+        unsafe = containment_problems(tmp)
+        if unsafe:  # a release never holds a link: verify would refuse it
+            raise StateError(f"{tmp}: {unsafe[0]}")
         manifest["files"] = _hash_tree(tmp)
         text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
         (tmp / "manifest.json").write_text(text, encoding="utf-8")
@@ -380,7 +385,10 @@ def export_release(
     except BaseException:
         remove_tree(tmp)
         raise
-    return ExportResult(final, manifest, n_images=len(images_out), n_nuclei=int((nuclei["kind"] == "nucleus").sum()))
+    finally:
+        release_tempdir(lock_fd)
+    return ExportResult(final, manifest, n_images=len(images_out), n_nuclei=int((nuclei["kind"] == "nucleus").sum()),
+                        warnings=cleaned)
 
 
 def _write_arrays(store: Any, tmp: Path, images: pd.DataFrame, nuclei: pd.DataFrame, *,
@@ -566,8 +574,23 @@ def verify_release(path: str | Path) -> list[str]:
             raise TypeError("files is not an object")
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         return [*problems, f"manifest.json: unreadable ({exc})"]
+    problems.extend(containment_problems(path))  # symlinks, special files, hard links to outside
     for rel, meta in files.items():
+        why = unsafe_relative_path(rel)
+        if why is None and not resolves_inside(path, rel):
+            why = "resolves outside the release"
+        if why is not None:
+            problems.append(f"manifest.json: files entry {rel!r} {why}")
+            continue
+        if (not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str)
+                or not re.fullmatch(r"[0-9a-f]{64}", meta["sha256"])
+                or not isinstance(meta.get("bytes", 0), int) or isinstance(meta.get("bytes", 0), bool)):
+            problems.append(f"manifest.json: files entry {rel!r} is malformed "
+                            f"(expected {{\"sha256\": 64 hex digits, \"bytes\": an integer}}, got {meta!r:.80})")
+            continue
         p = path / rel
+        if p.is_symlink():
+            continue  # named above; never read through a link
         if not p.is_file():
             problems.append(f"{rel}: missing")
             continue
@@ -576,7 +599,7 @@ def verify_release(path: str | Path) -> list[str]:
         except OSError as exc:
             problems.append(f"{rel}: unreadable ({exc.strerror or exc})")
             continue
-        if digest != meta.get("sha256"):
+        if digest != meta["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest (changed)")
     listed = set(files) | set(_SKIP_HASH)
     for dirpath, _dirs, names in os.walk(path):
@@ -585,6 +608,16 @@ def verify_release(path: str | Path) -> list[str]:
             if rel not in listed:
                 problems.append(f"{rel}: not listed in the manifest (added)")
     return problems
+
+
+def clean_export_leftovers(root: str | Path) -> tuple[list[str], list[str]]:
+    """Remove the ``.tmp-*`` folders that killed exports left in the releases folder ``root``
+    (an export still running holds a lock on its folder and is left alone). Returns
+    (notes naming each removed folder, problems naming each that could not be removed)."""
+    from ..datasets.leftovers import remove_stale_tempdirs
+
+    removed, problems = remove_stale_tempdirs(Path(root), ".tmp-")
+    return [f"{p}: removed the temporary folder of an interrupted export" for p in removed], problems
 
 
 # -- diff -------------------------------------------------------------------------------------------

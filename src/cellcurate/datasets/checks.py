@@ -45,8 +45,16 @@ class VerifyResult:
 def verify_store(store: Store, *, deep: bool = True, progress: bool | Callable[..., Any] = True) -> VerifyResult:
     import zarr
 
+    from .containment import containment_problems, resolves_inside, unsafe_relative_path
+    from .leftovers import remove_stale_tempdirs
+
     res = VerifyResult()
     P = res.problems.append
+    res.notes.extend(store.notes)
+    removed, undeletable = remove_stale_tempdirs(store.path / "releases", ".tmp-")
+    res.notes.extend(f"{p}: removed the temporary folder of an interrupted export" for p in removed)
+    res.notes.extend(undeletable)
+    res.problems.extend(f"{store.path / p}" for p in containment_problems(store.path, what="store"))
     recorded = store.ledger.get_meta("taxonomy_hash")
     if recorded and recorded != store.taxonomy.hash:
         P(f"{store.path / 'taxonomy.json'}: hash {store.taxonomy.hash[:12]} differs from the one recorded "
@@ -62,6 +70,12 @@ def verify_store(store: Store, *, deep: bool = True, progress: bool | Callable[.
     images_parts, nuclei_parts = [], []
     for u in units.itertuples(index=False):
         udir = store.path / u.dir
+        why = unsafe_relative_path(u.dir)
+        if why is None and not resolves_inside(store.path, u.dir):
+            why = "resolves outside the store"
+        if why is not None:
+            P(f"{store.path / 'ledger.sqlite'}: folder {u.dir!r} of unit {u.unit} {why}")
+            continue
         if not udir.is_dir():
             P(f"{udir}: folder of unit {u.unit} is missing")
             continue

@@ -30,15 +30,25 @@ the ledger position and its chain hash.
 Durability: WAL with ``synchronous=NORMAL`` survives the death of the writing process (SIGKILL)
 after ``append`` returns; ``synchronous=FULL`` (``durable=True``) also survives power loss.
 Concurrent writers (several annotators, several processes) serialise on SQLite's write lock with
-a generous busy timeout; no event is lost.
+a generous busy timeout (:data:`DEFAULT_BUSY_TIMEOUT` seconds, ``CELLCURATE_LEDGER_TIMEOUT`` in the
+environment overrides it); no event is lost. A ledger that stays locked longer (another process
+holds a write transaction or ``locking_mode=EXCLUSIVE``) gives :data:`LOCKED_MESSAGE` with the
+holder's process id, never a hang. Every SQLite error becomes a one-line :class:`StoreError` naming
+the ledger file (a damaged or replaced file: "not an SQLite database").
+
+Read-only media: a read-only ledger is opened ``mode=ro``; where SQLite cannot use its WAL index
+there (no ``-shm`` and no write access), it is opened ``immutable=1`` (no locks, no WAL writes),
+which is safe because nobody can write it; :attr:`Ledger.notes` says so.
 
 Dimensions: E events, N nuclei.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -105,6 +115,102 @@ BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
 
 GENESIS = "0" * 64
 
+#: Seconds a ledger read or write waits for another process's lock before it gives up.
+DEFAULT_BUSY_TIMEOUT = 60.0
+#: What a ledger locked for longer than the busy timeout says (followed by the holder, when known).
+LOCKED_MESSAGE = "ledger is locked by another curate process; retry or stop it"
+
+
+def busy_timeout_default() -> float:
+    """The busy timeout: ``CELLCURATE_LEDGER_TIMEOUT`` (seconds) or :data:`DEFAULT_BUSY_TIMEOUT`."""
+    text = os.environ.get("CELLCURATE_LEDGER_TIMEOUT", "").strip()
+    if not text:
+        return DEFAULT_BUSY_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        raise StoreError(f"CELLCURATE_LEDGER_TIMEOUT must be a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise StoreError(f"CELLCURATE_LEDGER_TIMEOUT must be >= 0 seconds, got {text!r}")
+    return value
+
+
+def _is_locked(exc: BaseException) -> bool:
+    msg = str(exc).lower()
+    return "locked" in msg or "busy" in msg
+
+
+def lock_holders(path: str | Path) -> list[str]:
+    """Processes other than this one holding a write lock on the ledger file or its ``-wal`` /
+    ``-shm`` (from ``/proc/locks``; Linux only, empty elsewhere): ``["pid 123 (python -m ...)"]``."""
+    inodes = set()
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            st = os.stat(f"{path}{suffix}")
+        except OSError:
+            continue
+        inodes.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    pids: set[int] = set()
+    for line in lines:
+        parts = line.split()
+        if "->" in parts:  # a waiter, not a holder
+            continue
+        try:
+            kind, pid, where = parts[3], int(parts[4]), parts[5].split(":")
+            key = (int(where[0], 16), int(where[1], 16), int(where[2]))
+        except (IndexError, ValueError):
+            continue
+        if kind == "WRITE" and key in inodes and pid != os.getpid():
+            pids.add(pid)
+    out = []
+    for pid in sorted(pids):
+        try:
+            cmd = " ".join(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split())
+        except OSError:
+            cmd = ""
+        out.append(f"pid {pid}" + (f" ({cmd[:80]})" if cmd else ""))
+    return out
+
+
+def ledger_error(path: Path, exc: BaseException, doing: str = "read") -> StoreError:
+    """The one-line :class:`StoreError` for an SQLite error on the ledger at ``path``."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, sqlite3.Error) else exc  # pandas wraps sqlite errors
+    msg = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    low = msg.lower()
+    if _is_locked(cause):
+        holders = lock_holders(path)
+        held = f" (held by {', '.join(holders)})" if holders else ""
+        return StoreError(f"{LOCKED_MESSAGE}{held}", path=path)
+    if "not a database" in low or "malformed" in low or "file is encrypted" in low:
+        return StoreError(f"not an SQLite database, or damaged ({msg}); restore ledger.sqlite from a backup",
+                          path=path)
+    if "readonly" in low or "read-only" in low:
+        return StoreError(f"cannot {doing} the ledger: the file or its folder is read-only ({msg})", path=path)
+    return StoreError(f"cannot {doing} the ledger: {msg}", path=path)
+
+
+def _guarded(method: Any) -> Any:
+    """Turn SQLite errors (also those pandas wraps) raised by a ledger method into one-line StoreErrors."""
+
+    @functools.wraps(method)
+    def wrapper(self: Ledger, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except StoreError:
+            raise
+        except sqlite3.Error as exc:
+            raise ledger_error(self.path, exc) from None
+        except Exception as exc:
+            if isinstance(exc.__cause__, sqlite3.Error):
+                raise ledger_error(self.path, exc) from None
+            raise
+
+    return wrapper
+
 
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
@@ -153,27 +259,54 @@ class Ledger:
         ``synchronous=FULL``: every append is fsynced (survives power loss, slower).
     """
 
-    def __init__(self, path: str | Path, *, readonly: bool = False, durable: bool = False) -> None:
+    def __init__(self, path: str | Path, *, readonly: bool = False, durable: bool = False,
+                 busy_timeout: float | None = None) -> None:
         self.path = Path(path)
         self.readonly = readonly
+        self.busy_timeout = busy_timeout_default() if busy_timeout is None else float(busy_timeout)
+        #: what opening noticed (e.g. read-only media: opened immutable)
+        self.notes: list[str] = []
+        if readonly and not self.path.exists():
+            raise StoreError("no ledger.sqlite: not a cellcurate store", path=self.path.parent)
         try:
             if readonly:
-                if not self.path.exists():
-                    raise StoreError("no ledger.sqlite: not a cellcurate store", path=self.path.parent)
-                self._con = sqlite3.connect(
-                    f"file:{self.path}?mode=ro", uri=True, timeout=60.0, isolation_level=None,
-                    check_same_thread=False,
-                )
+                self._con = self._connect_readonly()
             else:
-                self._con = sqlite3.connect(
-                    self.path, timeout=60.0, isolation_level=None, check_same_thread=False
-                )
+                self._con = self._connect(str(self.path), uri=False)
                 self._con.execute("PRAGMA journal_mode=WAL")
                 self._con.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
                 self._con.executescript(_SCHEMA)
-            self._con.execute("PRAGMA busy_timeout=60000")
+        except StoreError:
+            raise
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open the ledger: {exc}", path=self.path) from None
+            raise ledger_error(self.path, exc, "open") from None
+
+    def _connect(self, target: str, *, uri: bool) -> sqlite3.Connection:
+        con = sqlite3.connect(target, uri=uri, timeout=self.busy_timeout, isolation_level=None,
+                              check_same_thread=False)
+        con.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        return con
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        """``mode=ro``; on read-only media where SQLite cannot use the WAL index, ``immutable=1``."""
+        from urllib.parse import quote
+
+        base = f"file:{quote(str(self.path.resolve()))}"
+        con = self._connect(f"{base}?mode=ro", uri=True)
+        try:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return con
+        except sqlite3.OperationalError as exc:
+            con.close()
+            if _is_locked(exc) or not _read_only_media(self.path):
+                raise
+        con = self._connect(f"{base}?mode=ro&immutable=1", uri=True)
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        wal = Path(f"{self.path}-wal")
+        self.notes.append("the store is on read-only media: the ledger was opened immutable (no locks)"
+                          + (f"; {wal.name} is present and its events are not visible"
+                             if wal.exists() and wal.stat().st_size else ""))
+        return con
 
     # -- lifecycle ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -186,6 +319,7 @@ class Ledger:
         self.close()
 
     # -- meta / units ---------------------------------------------------------------------------
+    @_guarded
     def get_meta(self, key: str, default: str | None = None) -> str | None:
         row = self._con.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return default if row is None else row[0]
@@ -193,14 +327,17 @@ class Ledger:
     def set_meta(self, key: str, value: str) -> None:
         self._write(lambda c: c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value)))
 
+    @_guarded
     def units(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT * FROM units ORDER BY unit", self._con)
 
+    @_guarded
     def data_version(self) -> int:
         """Changes whenever another connection commits (SQLite ``PRAGMA data_version``): a cheap
         way for readers to know their cached tables may be stale."""
         return int(self._con.execute("PRAGMA data_version").fetchone()[0])
 
+    @_guarded
     def unit(self, name: str) -> dict[str, Any] | None:
         df = pd.read_sql_query("SELECT * FROM units WHERE unit=?", self._con, params=(name,))
         return None if df.empty else df.iloc[0].to_dict()
@@ -276,9 +413,11 @@ class Ledger:
     def _write(self, work: Any) -> None:
         if self.readonly:
             raise StoreError("the store is open read-only", path=self.path.parent)
-        for attempt in range(20):
+        deadline = time.monotonic() + self.busy_timeout
+        attempt = 0
+        while True:
             try:
-                self._con.execute("BEGIN IMMEDIATE")
+                self._con.execute("BEGIN IMMEDIATE")  # waits up to the busy timeout for the write lock
                 try:
                     work(self._con)
                 except BaseException:
@@ -286,16 +425,14 @@ class Ledger:
                     raise
                 self._con.execute("COMMIT")
                 return
-            except sqlite3.OperationalError as exc:
-                msg = str(exc)
-                if "locked" in msg or "busy" in msg:
-                    time.sleep(0.05 * (attempt + 1))
-                    continue
-                raise StoreError(f"cannot write the ledger: {msg}", path=self.path) from None
             except sqlite3.Error as exc:
-                raise StoreError(f"cannot write the ledger: {exc}", path=self.path) from None
-        raise StoreError("the ledger stayed locked by another writer for too long", path=self.path)
+                if _is_locked(exc) and time.monotonic() < deadline:
+                    attempt += 1
+                    time.sleep(min(0.05 * attempt, 0.5))
+                    continue
+                raise ledger_error(self.path, exc, "write") from None
 
+    @_guarded
     def events(
         self,
         *,
@@ -344,16 +481,19 @@ class Ledger:
             df["payload"] = [json.loads(p) if isinstance(p, str) else {} for p in df["payload"]]
         return df
 
+    @_guarded
     def count(self, kind: str | None = None) -> int:
         if kind is None:
             return int(self._con.execute("SELECT COUNT(*) FROM events").fetchone()[0])
         return int(self._con.execute("SELECT COUNT(*) FROM events WHERE kind=?", (kind,)).fetchone()[0])
 
+    @_guarded
     def head(self) -> tuple[int, str]:
         """The ledger position (last seq, 0 when empty) and its chain hash."""
         row = self._con.execute("SELECT seq, chain FROM events ORDER BY seq DESC LIMIT 1").fetchone()
         return (0, GENESIS) if row is None else (int(row[0]), str(row[1]))
 
+    @_guarded
     def verify_chain(self) -> list[str]:
         """Recompute the hash chain; return problems (empty when intact)."""
         problems: list[str] = []
@@ -374,6 +514,7 @@ class Ledger:
         return problems
 
     # -- the fold -------------------------------------------------------------------------------
+    @_guarded
     def current_labels(self, *, until_seq: int | None = None) -> pd.DataFrame:
         """Fold the events into the current label of every ingested nucleus.
 
@@ -384,6 +525,17 @@ class Ledger:
         ``until_seq`` folds the ledger as it was at that position.
         """
         return fold_labels(self.events(kinds=("ingest", "proposal", "decision", "round"), until_seq=until_seq))
+
+
+def _read_only_media(path: Path) -> bool:
+    """The ledger's folder is on a read-only file system, or this process cannot write it."""
+    folder = path.parent
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return True
+    except OSError:
+        pass
+    return not os.access(folder, os.W_OK)
 
 
 def fold_labels(events: pd.DataFrame) -> pd.DataFrame:

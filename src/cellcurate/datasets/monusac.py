@@ -339,6 +339,7 @@ def parse_annotation_xml(path: PathArg, *, report: IngestReport | None = None) -
         raise InputFormatError(path, f"invalid MicronsPerPixel {raw_mpp!r}, expected a positive number")
 
     regions: list[MonusacRegion] = []
+    seen_ids: dict[tuple[str, str], int] = {}  # (Annotation Id, Region Id) -> line of the first Region
     blocks = root.findall("Annotation")
     report.count("annotation_blocks", len(blocks))
     for ann in blocks:
@@ -364,6 +365,14 @@ def parse_annotation_xml(path: PathArg, *, report: IngestReport | None = None) -
                 report.count("regions_skipped_degenerate")
                 report.warn(f"{where}: fewer than 3 distinct vertices ({len(v)} written), skipped")
                 continue
+            key = (ann_id, reg_id)
+            if key in seen_ids:  # the same (Annotation, Region) Id: two nuclei would get one id
+                raise InputFormatError(
+                    path, f"Annotation Id={ann_id or '(none)'}: two Regions have Id={reg_id or '(none)'} "
+                    f"(region {seen_ids[key] + 1} and region {len(regions) + 1} of the file); Region Ids must be "
+                    "unique within an Annotation"
+                )
+            seen_ids[key] = len(regions)
             area_attr = _float_attr(reg, "Area")
             length_attr = _float_attr(reg, "Length")
             if area_attr is not None:

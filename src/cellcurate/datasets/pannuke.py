@@ -490,6 +490,20 @@ def _convert_mask(tile: np.ndarray, overlap: OverlapRule = DEFAULT_OVERLAP) -> _
     return _TileResult(instances.reshape(h, w), p_chan.astype(np.int16), p_id, n_overlap, lost, bg_dis)
 
 
+def _bad_id_detail(tile: np.ndarray) -> str:
+    """Where and what the first mask id that :func:`_convert_mask` refused is (error path only)."""
+    ids = tile[..., : N_MASK_CHANNELS - 1]
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(ids) if ids.dtype.kind == "f" else np.ones(ids.shape, bool)
+        whole = np.ones(ids.shape, bool) if ids.dtype.kind != "f" else finite & (np.floor(np.where(finite, ids, 0)) == ids)
+        bad = (ids != 0) & (~finite | ~whole | (ids < 0) | (np.where(finite, ids, 0) >= _MAX_ID))
+    head = "holds mask ids that are not integers >= 0 in channels 0-4"
+    if not bad.any():
+        return head
+    y, x, c = (int(v) for v in np.argwhere(bad)[0])
+    return f"{head}: channel {c}, pixel (y={y}, x={x}) has {ids[y, x, c].item()!r} (ids run 1..{_MAX_ID - 1:,}, 0 = none)"
+
+
 def _nuclei_table(res: _TileResult) -> pd.DataFrame:
     n = res.channels.size
     if n == 0:
@@ -588,9 +602,7 @@ def iter_pannuke_fold(
                 i = s + j
                 res = _convert_mask(masks[j], overlap)
                 if res is None:
-                    raise InputFormatError(
-                        pf.masks, f"masks.npy tile {i} holds mask ids that are not integers >= 0 in channels 0-4"
-                    )
+                    raise InputFormatError(pf.masks, f"masks.npy tile {i} {_bad_id_detail(masks[j])}")
                 tile = imgs[j]
                 if img_float:
                     rounded = np.rint(tile)

@@ -80,10 +80,16 @@ class ReleaseDataset(Dataset):
     def _open(self, group: str) -> tuple[Any, Any, Any]:
         arrs = self._arrays.get(group)
         if arrs is None:
-            import zarr
+            from .containment import resolves_inside, unsafe_relative_path
+            from .zarrsafe import open_array
 
+            rel = f"arrays.zarr/{group}"
+            why = unsafe_relative_path(group) or (None if resolves_inside(self.path, rel)
+                                                  else "resolves outside the release")
+            if why is not None:
+                raise InputFormatError(self.path / "images.parquet", f"zarr_group {group!r} {why}")
             base = self.path / "arrays.zarr" / group
-            arrs = tuple(zarr.open_array(str(base / name), mode="r") for name in ("image", "instances", "classes"))
+            arrs = tuple(open_array(base / name) for name in ("image", "instances", "classes"))
             self._arrays[group] = arrs
         return arrs
 
@@ -91,9 +97,14 @@ class ReleaseDataset(Dataset):
         """Raw arrays of item ``i``: image (H, W, 3) uint8, instances (H, W) int32, classes (H, W) uint8."""
         a_img, a_ins, a_cls = self._open(self._groups[i])
         k = int(self._index[i])
-        if k >= 0:
-            return a_img[k], a_ins[k], a_cls[k]
-        return a_img[...], a_ins[...], a_cls[...]
+        try:
+            if k >= 0:
+                return a_img[k], a_ins[k], a_cls[k]
+            return a_img[...], a_ins[...], a_cls[...]
+        except (IndexError, ValueError, OSError, RuntimeError) as exc:  # damaged chunks, wrong index
+            where = self.path / "arrays.zarr" / str(self._groups[i])
+            raise InputFormatError(where, f"image {self._ids[i]!r} (index {k}) cannot be read "
+                                          f"({type(exc).__name__}: {str(exc)[:120]})") from None
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not -len(self) <= i < len(self):

@@ -33,6 +33,7 @@ Dimensions: N images, M nuclei, H×W pixels.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -52,6 +53,7 @@ import pandas as pd
 from ..core.atomic import atomic_write_text, fsync_dir, fsync_tree
 from ..errors import ConfigError, StoreError
 from .ledger import Ledger
+from .leftovers import locked_tempdir, release_tempdir, remove_stale_tempdirs, remove_tree
 from .records import IngestReport, SourceImage
 from .taxonomy import Taxonomy
 
@@ -179,40 +181,107 @@ class Store:
         self._tables_key: Any = None
         self._lookup: dict[str, tuple[str, str, int, int, int]] = {}
         self._arrays: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        #: repairs and observations made while opening or creating (printed by the CLI as notes)
+        self.notes: list[str] = list(self.ledger.notes)
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, *, taxonomy: Taxonomy | None = None, exist_ok: bool = False) -> "Store":
+        """Create a new store at ``path`` (a missing or empty folder), atomically: it is built in a
+        locked sibling folder ``.<name>.creating-<token>`` and renamed into place, so a crash leaves
+        no half-made store. A folder left by an interrupted creation (no ``store.json``, only the
+        files creation writes, an empty ledger) is removed and the store made afresh; so are the
+        sibling temporary folders of killed creations. Each such repair is listed in
+        :attr:`notes`. With ``exist_ok``, an existing store is opened instead."""
         path = Path(path)
         if (path / "store.json").exists():
-            if not exist_ok:
-                raise StoreError("a store already exists here", path=path)
-            store = cls.open(path, mode="a")
-            if taxonomy is not None and taxonomy != store.taxonomy:
-                raise ConfigError(
-                    f"{path}: the store uses taxonomy {store.taxonomy.hash[:12]}, "
-                    f"not the given {taxonomy.hash[:12]}; use a new store for another taxonomy"
-                )
-            return store
+            return cls._existing(path, taxonomy, exist_ok)
+        notes: list[str] = []
+        parent = path.parent
+        prefix = f".{path.name}.creating-"
+        removed, _problems = remove_stale_tempdirs(parent, prefix)
+        notes += [f"{p}: removed the folder of an interrupted store creation" for p in removed]
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise StoreError("exists and is not a folder", path=path)
         if path.exists() and any(path.iterdir()):
-            raise StoreError("folder exists and is not an empty cellcurate store", path=path)
+            if not _interrupted_creation(path):
+                raise StoreError("folder exists and is not an empty cellcurate store", path=path)
+            try:
+                for child in list(path.iterdir()):
+                    remove_tree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            except OSError as exc:
+                raise StoreError(f"cannot clean an interrupted store creation: {exc.strerror or exc}",
+                                 path=path) from None
+            notes.append(f"{path}: found an interrupted store creation (no store.json); removed it and "
+                         "created the store afresh")
         taxonomy = taxonomy or Taxonomy.default()
+        in_place = path.is_dir() and _mount_point(path)
+        fd = -1
         try:
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "units").mkdir(exist_ok=True)
-            atomic_write_text(path / "taxonomy.json", taxonomy.to_json())
-            ledger = Ledger(path / "ledger.sqlite")
-            ledger.set_meta("taxonomy_hash", taxonomy.hash)
-            ledger.set_meta("created", _now())
-            ledger.close()
-            from .. import __version__
-
-            meta = {"format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION,
-                    "created": _now(), "cellcurate_version": __version__}
-            atomic_write_text(path / "store.json", json.dumps(meta, indent=2) + "\n")  # written last
+            parent.mkdir(parents=True, exist_ok=True)
+            if not in_place and path.is_dir():
+                try:
+                    tmp, fd = locked_tempdir(parent, prefix)
+                except PermissionError:  # may write the given empty folder but not its parent
+                    in_place = True
+            if in_place:  # an empty mount point cannot be replaced by a rename: build in it, marker last
+                cls._build(path, taxonomy)
+            else:
+                if fd < 0:
+                    tmp, fd = locked_tempdir(parent, prefix)
+                try:
+                    cls._build(tmp, taxonomy)
+                    fsync_tree(tmp)
+                    try:
+                        os.rename(tmp, path)  # replaces an empty folder too
+                    except OSError as exc:
+                        if (path / "store.json").exists():  # another process created it meanwhile
+                            remove_tree(tmp)
+                            return cls._existing(path, taxonomy, exist_ok)
+                        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                            raise StoreError("folder exists and is not an empty cellcurate store",
+                                             path=path) from None
+                        raise
+                    fsync_dir(parent)
+                except BaseException:
+                    if tmp.exists():
+                        remove_tree(tmp)
+                    raise
         except OSError as exc:
             raise StoreError(f"cannot create the store: {exc.strerror or exc}", path=path) from None
-        return cls(path, readonly=False)
+        finally:
+            if fd >= 0:
+                release_tempdir(fd)
+        store = cls(path, readonly=False)
+        store.notes = notes
+        return store
+
+    @classmethod
+    def _existing(cls, path: Path, taxonomy: Taxonomy | None, exist_ok: bool) -> "Store":
+        if not exist_ok:
+            raise StoreError("a store already exists here", path=path)
+        store = cls.open(path, mode="a")
+        if taxonomy is not None and taxonomy != store.taxonomy:
+            raise ConfigError(
+                f"{path}: the store uses taxonomy {store.taxonomy.hash[:12]}, "
+                f"not the given {taxonomy.hash[:12]}; use a new store for another taxonomy"
+            )
+        return store
+
+    @staticmethod
+    def _build(folder: Path, taxonomy: Taxonomy) -> None:
+        """Write a new store's files into ``folder`` (``store.json`` last)."""
+        from .. import __version__
+
+        (folder / "units").mkdir(exist_ok=True)
+        atomic_write_text(folder / "taxonomy.json", taxonomy.to_json())
+        ledger = Ledger(folder / "ledger.sqlite")
+        ledger.set_meta("taxonomy_hash", taxonomy.hash)
+        ledger.set_meta("created", _now())
+        ledger.close()
+        meta = {"format": STORE_FORMAT, "format_version": STORE_FORMAT_VERSION,
+                "created": _now(), "cellcurate_version": __version__}
+        atomic_write_text(folder / "store.json", json.dumps(meta, indent=2) + "\n")
 
     @classmethod
     def open(cls, path: str | Path, *, mode: str = "r") -> "Store":
@@ -325,7 +394,7 @@ class Store:
         return row
 
     def _array(self, unit: str, name: str) -> Any:
-        import zarr
+        from .zarrsafe import open_array
 
         key = (unit, name)
         arr = self._arrays.get(key)
@@ -333,7 +402,7 @@ class Store:
             udir = self.ledger.unit(unit)
             if udir is None:
                 raise StoreError(f"unit {unit!r} is not in the store", path=self.path)
-            arr = zarr.open_array(str(self.path / udir["dir"] / "arrays.zarr" / name), mode="r")
+            arr = open_array(self.path / udir["dir"] / "arrays.zarr" / name)  # codecs checked first
             self._arrays[key] = arr
             if len(self._arrays) > 256:
                 self._arrays.popitem(last=False)
@@ -682,7 +751,13 @@ class UnitWriter:
         nuclei = self._nuclei_table()
         dup = nuclei["nucleus_id"].duplicated()
         if dup.any():
-            raise StoreError(f"unit {self.unit}: {int(dup.sum())} nuclei share an id (duplicate origin references)")
+            first = nuclei.loc[dup].iloc[0]
+            ref = (f"region Id={first['origin_region']} (Annotation {first['origin_annotation'] or '-'})"
+                   if first["origin_region"] else
+                   f"tile index {first['origin_index']}, channel {first['origin_channel']}, "
+                   f"instance {first['origin_instance']}")
+            raise StoreError(f"{first['origin_file']}: {int(dup.sum())} nuclei share an id (duplicate origin "
+                             f"references), e.g. {ref} of image {first['image_id']} (unit {self.unit})")
         report = report or self.report
         images.to_parquet(self.tmp_dir / "images.parquet", index=False)
         nuclei.to_parquet(self.tmp_dir / "nuclei.parquet", index=False)
@@ -743,5 +818,44 @@ def _typed(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     if df.empty:
         return _empty(columns)
     return df[list(columns)].astype(columns)
+
+
+#: What an interrupted creation can leave in the store folder (before store.json, written last).
+_CREATION_FILES = {"units", "taxonomy.json", "ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm",
+                   "ledger.sqlite-journal", ".lock"}
+
+
+def _interrupted_creation(path: Path) -> bool:
+    """``path`` (no store.json) holds only what store creation writes, with no ingested data."""
+    import re
+    import sqlite3
+
+    for child in path.iterdir():
+        name = child.name
+        if name not in _CREATION_FILES and not re.fullmatch(r"\.(store|taxonomy)\.json\.[0-9a-f]+\.tmp", name):
+            return False
+    units = path / "units"
+    if units.exists() and (not units.is_dir() or any(not c.name.startswith(".tmp-") for c in units.iterdir())):
+        return False
+    ledger = path / "ledger.sqlite"
+    if ledger.is_file():
+        try:
+            con = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=1.0)
+            try:
+                n = sum(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("events", "units"))
+            finally:
+                con.close()
+        except sqlite3.Error:
+            return True  # a ledger cut off while it was being made
+        if n:
+            return False
+    return True
+
+
+def _mount_point(path: Path) -> bool:
+    try:
+        return os.stat(path).st_dev != os.stat(path.parent).st_dev
+    except OSError:
+        return False
 
 

@@ -47,6 +47,9 @@ from .postprocess import PostprocessConfig, instance_table, postprocess
 
 #: Image suffixes :func:`read_image` accepts.
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+#: The most pixels :func:`read_image` decodes unless told otherwise (16,384 x 16,384): a PNG of a few
+#: kilobytes can claim 20,000 x 20,000 pixels (1.2 GB once decoded), a decompression bomb.
+DEFAULT_MAX_PIXELS = 2**28
 
 
 @dataclass
@@ -299,11 +302,14 @@ def predict_image(
 # -- files ---------------------------------------------------------------------------------------
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read a PNG/TIF/JPG as (H, W, 3) uint8 RGB (an alpha channel is dropped).
 
+    ``max_pixels`` caps H x W, checked from the file's header before anything is decoded
+    (``None``: no cap; ``curate predict --max-pixels``).
+
     Raises ``InputNotFoundError`` for a missing file and ``InputFormatError`` for anything that
-    is not an 8-bit RGB(A) image.
+    is not an 8-bit RGB(A) image, or has more pixels than ``max_pixels``.
     """
     path = Path(path)
     if not path.is_file():
@@ -311,20 +317,46 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
         raise InputFormatError(path, f"unsupported image type {suffix!r}; expected one of {', '.join(IMAGE_SUFFIXES)}")
+
+    def check_size(h: int, w: int) -> None:
+        if max_pixels is not None and h * w > max_pixels:
+            raise InputFormatError(path, f"image is {w:,} x {h:,} = {h * w:,} pixels, above the cap of "
+                                         f"{max_pixels:,}; raise it with --max-pixels if the image is genuine")
+
     try:
         if suffix in (".tif", ".tiff"):
             import tifffile
 
-            arr = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tf:
+                if not tf.series:
+                    raise InputFormatError(path, "TIFF holds no image")
+                shape = tuple(int(n) for n in tf.series[0].shape)
+                if len(shape) == 3 and shape[0] in (3, 4) and shape[2] not in (3, 4):
+                    shape = shape[1:]  # planar RGB
+                elif len(shape) >= 3 and shape[-1] in (3, 4):
+                    shape = shape[:-1]
+                if len(shape) >= 2:  # extra leading axes (pages, z) multiply the height
+                    check_size(int(np.prod(shape[:-1], dtype=np.int64)), shape[-1])
+                arr = tf.series[0].asarray()
             if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):
                 arr = np.moveaxis(arr, 0, -1)
         else:
             from PIL import Image
 
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGBA") if im.mode in ("P", "LA") else im)
-    except (OSError, ValueError) as exc:
-        raise InputFormatError(path, f"cannot read image ({exc})") from None
+            pil_cap, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our cap replaces PIL's
+            try:
+                with Image.open(path) as im:  # reads the header only
+                    w, h = im.size
+                    check_size(h, w)
+                    arr = np.asarray(im.convert("RGBA") if im.mode in ("P", "LA") else im)
+            finally:
+                Image.MAX_IMAGE_PIXELS = pil_cap
+    except InputFormatError:
+        raise
+    except (OSError, ValueError, MemoryError) as exc:
+        raise InputFormatError(path, f"cannot read image ({str(exc)[:200]})") from None
+    except Exception as exc:  # PIL's DecompressionBombError and other decoder errors
+        raise InputFormatError(path, f"cannot read image ({type(exc).__name__}: {str(exc)[:200]})") from None
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise InputFormatError(path, f"expected an RGB image (H, W, 3), got shape {arr.shape}")
     if arr.dtype != np.uint8:
