@@ -181,9 +181,9 @@ def test_napari_hover_names_the_class_of_the_pixel(tmp_path, version):
     napari = pytest.importorskip("napari")
     from napari_ome_zarr._reader import napari_get_reader
 
-    path, img, ins, cls = _write(tmp_path, version)
+    path, *_ = _write(tmp_path, version)
     layers = napari_get_reader(str(path))(str(path))
-    data, meta, kind = next(x for x in layers if x[2] == "labels" and str(x[1].get("name", "")).endswith("classes"))
+    data, meta, _kind = next(x for x in layers if x[2] == "labels" and str(x[1].get("name", "")).endswith("classes"))
     props = meta["properties"]
     # by position (older napari-ome-zarr) and by "index" (newer) the same class for every value
     assert props["class"][:3] == ["background", "Neoplastic", "Lymphocyte"]

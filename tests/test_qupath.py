@@ -128,11 +128,11 @@ def _feat(coords, name="Lymphocyte", gtype="Polygon"):
 
 SQUARE = [[[4, 4], [12, 4], [12, 12], [4, 12], [4, 4]]]
 BAD_CASES = [
-    ("unknown class", json.dumps(_fc([_feat(SQUARE, "Mitosis")])), "feature 0: unknown class 'Mitosis'"),
-    ("point", json.dumps(_fc([_feat([5, 5], gtype="Point")])), "feature 0: geometry type 'Point' is not a Polygon"),
+    ("unknown class", json.dumps(_fc([_feat(SQUARE, "Mitosis")])), "feature 0 (id x): unknown class 'Mitosis'"),
+    ("point", json.dumps(_fc([_feat([5, 5], gtype="Point")])), "feature 0 (id x): geometry type 'Point' is not a Polygon"),
     ("outside", json.dumps(_fc([_feat([[[40, 4], [60, 4], [60, 12], [40, 12], [40, 4]]])])), "fall outside image"),
     ("invalid json", '{"type": "FeatureCollection", "features": [', "not valid JSON"),
-    ("short ring", json.dumps(_fc([_feat([[[1, 1], [2, 2], [1, 1]]])])), "feature 0: bad Polygon coordinates"),
+    ("short ring", json.dumps(_fc([_feat([[[1, 1], [2, 2], [1, 1]]])])), "feature 0 (id x): bad Polygon coordinates"),
 ]
 
 
