@@ -335,7 +335,8 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically, with
+    mode 0644 (``mkstemp`` makes 0600 files, which other users and tools cannot read)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -343,6 +344,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -356,8 +358,11 @@ def save_prediction(prediction: Prediction, out_dir: str | os.PathLike[str], ste
 
     out_dir = Path(out_dir)
     paths = {"instances": out_dir / f"{stem}_instances.tif", "nuclei": out_dir / f"{stem}_nuclei.parquet"}
+    # pixel size as TIFF resolution (pixels per centimetre), as QuPath and tifffile read it
+    res = {"resolution": (1e4 / prediction.mpp, 1e4 / prediction.mpp), "resolutionunit": "CENTIMETER"} \
+        if prediction.mpp else {}
     with atomic_path(paths["instances"]) as tmp:
-        tifffile.imwrite(tmp, prediction.instances.astype(np.int32), compression="zlib")
+        tifffile.imwrite(tmp, prediction.instances.astype(np.int32), compression="zlib", **res)
     table = prediction.nuclei.copy()
     if "polygon" in table:
         table["polygon"] = [json.dumps(np.round(np.asarray(p, float), 3).tolist()) for p in table["polygon"]]
