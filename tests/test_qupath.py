@@ -254,10 +254,10 @@ def test_gzip_bomb_stops_at_the_decompressed_size_limit(store, tmp_path):
 
 def test_feature_count_limit_and_huge_integer(store, tmp_path):
     text = json.dumps(_fc([_feat(SQUARE, "Macrophage")] * 3))
-    p, run = _import_one(store, tmp_path, "many.geojson", text.encode(), max_features=2)
+    _p, run = _import_one(store, tmp_path, "many.geojson", text.encode(), max_features=2)
     with pytest.raises(InputFormatError, match="holds 3 features, more than the limit of 2"):
         run()
-    p, run = _import_one(store, tmp_path, "bigint.geojson", b'{"type": "FeatureCollection", "features": [' +
+    _p, run = _import_one(store, tmp_path, "bigint.geojson", b'{"type": "FeatureCollection", "features": [' +
                          b"1" * 5000 + b"]}")
     with pytest.raises(InputFormatError, match="not valid JSON"):
         run()

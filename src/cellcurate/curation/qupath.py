@@ -576,7 +576,7 @@ def read_geojson(path: str | Path, *, max_bytes: int = MAX_JSON_BYTES, max_depth
         props = f.get("properties") or {}
         if not isinstance(props, dict):
             raise InputFormatError(path, f"{what}: properties must be an object")
-        nuc_geom = f.get("nucleusGeometry")
+        nuc_geom = f.get("nucleusGeometry", props.get("nucleusGeometry"))  # QuPath: a member; qubalab: either
         if nuc_geom is not None:
             geom = _parse_geometry(path, f"{what} nucleusGeometry", nuc_geom)
             _parse_geometry(path, what, f.get("geometry"))  # the cell outline must parse too

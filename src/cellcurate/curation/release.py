@@ -524,10 +524,10 @@ def write_hf_readme(folder: str | Path, manifest: dict[str, Any], splits: list[s
         for split in splits:
             lines += [f"  - split: {split}", f"    path: hf/{table}/{split}.parquet"]
     lines += ["---", "", f"# cellcurate release {manifest['version']}", "",
-              "One row per nucleus (`nuclei`, the default config) or per image (`images`), one split per "
-              "release split. The pixels are in `arrays.zarr` (zarr v3); `DATASET_CARD.md` describes the "
-              "content and `manifest.json` the provenance and the sha256 of every file. Format: "
-              "docs/RELEASE_FORMAT.md of cellcurate.", "",
+              ("One row per nucleus (`nuclei`, the default config) or per image (`images`), one split per "
+               "release split. The pixels are in `arrays.zarr` (zarr v3); `DATASET_CARD.md` describes the "
+               "content and `manifest.json` the provenance and the sha256 of every file. Format: "
+               "docs/RELEASE_FORMAT.md of cellcurate."), "",
               "```python", "import datasets",
               "nuclei = datasets.load_dataset('path/to/release')  # DatasetDict: one Dataset per split",
               "images = datasets.load_dataset('path/to/release', 'images')", "```", "",

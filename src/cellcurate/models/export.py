@@ -412,9 +412,8 @@ def write_bioimageio_rdf(
     files = {}
     for key, arr in tests.items():
         fname = "test_input.npy" if key == "image" else f"test_output_{key}.npy"
-        with atomic_path(folder / fname) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, arr, allow_pickle=False)
+        with atomic_path(folder / fname) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, arr, allow_pickle=False)
         files[key] = {"source": fname, "sha256": _sha256(folder / fname)}
 
     classes = [str(c) for c in meta.get("classes", [])] or [f"class{k}" for k in range(tests["tp"].shape[1])]
@@ -489,14 +488,14 @@ def write_bioimageio_rdf(
 def _bioimageio_readme(meta: dict[str, Any], classes: list[str], mpp: float) -> str:
     return "\n".join([
         "# cellcurate nucleus model", "",
-        f"Input `image`: float32 (batch, 3, y, x) RGB in [0, 1] at {mpp:g} um/pixel; y and x multiples of 32. "
-        "The mean/std normalisation is inside the model.", "",
-        "Outputs: `np` (2 channels: background / nucleus logits), `hv` (2: horizontal / vertical distance "
-        f"maps), `tp` ({len(classes)}: class logits: {', '.join(classes)}). Instances come from the HoVer-Net "
-        "post-processing of np + hv (cellcurate.models.postprocess).", "",
+        (f"Input `image`: float32 (batch, 3, y, x) RGB in [0, 1] at {mpp:g} um/pixel; y and x multiples of 32. "
+         "The mean/std normalisation is inside the model."), "",
+        ("Outputs: `np` (2 channels: background / nucleus logits), `hv` (2: horizontal / vertical distance "
+         f"maps), `tp` ({len(classes)}: class logits: {', '.join(classes)}). Instances come from the HoVer-Net "
+         "post-processing of np + hv (cellcurate.models.postprocess)."), "",
         "Trained on data derived from PanNuke and MoNuSAC (CC BY-NC-SA 4.0).", "",
         "# Validation", "",
-        "`curate export-model` runs each exported file (ONNX through onnxruntime on CPU, TorchScript) on a "
-        "batch at the export size and on a non-square tile and checks the outputs against PyTorch; "
-        "`curate evaluate` reports PQ, mPQ, bPQ, AJI and F1 per class on a release's test split.", "",
+        ("`curate export-model` runs each exported file (ONNX through onnxruntime on CPU, TorchScript) on a "
+         "batch at the export size and on a non-square tile and checks the outputs against PyTorch; "
+         "`curate evaluate` reports PQ, mPQ, bPQ, AJI and F1 per class on a release's test split."), "",
     ])
