@@ -236,6 +236,12 @@ def test_deeply_nested_json_is_a_one_line_error_not_a_recursion(store, tmp_path)
     from cellcurate.curation.qupath import _check_depth
 
     _check_depth(p, json.dumps({"a": "[" * 1000, "b": [[1]]}).encode(), 64)
+    # depth hidden from the fast bracket count by a string of closing brackets: the parser's
+    # RecursionError is caught and becomes the same one-line error
+    p, run = _import_one(store, tmp_path, "hidden.geojson",
+                         b'["' + b"]" * 100_000 + b'",' + b"[" * 100_000 + b"]" * 100_000 + b"]")
+    with pytest.raises(InputFormatError, match="nested too deeply to parse"):
+        run()
 
 
 def test_gzip_bomb_stops_at_the_decompressed_size_limit(store, tmp_path):

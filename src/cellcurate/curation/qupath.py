@@ -400,6 +400,7 @@ _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NEST = np.zeros(256, dtype=np.int8)
 _NEST[[ord("["), ord("{")]] = 1
 _NEST[[ord("]"), ord("}")]] = -1
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
 def _read_capped(path: Path, max_bytes: int) -> bytes:
@@ -429,20 +430,25 @@ def _read_capped(path: Path, max_bytes: int) -> bytes:
 
 def _check_depth(path: Path, raw: bytes, max_depth: int) -> None:
     """Refuse JSON nested deeper than ``max_depth`` before parsing it (the stdlib parser recurses
-    once per level). Strings are blanked first, so brackets inside them do not count."""
+    once per level). A fast count over the brackets alone comes first; only when it says too deep
+    are strings blanked (brackets inside them do not count) and the count redone exactly. (A file
+    whose strings hide its depth from the fast count still cannot overflow: the parser's
+    RecursionError becomes the same one-line error.)"""
     if raw.count(b"[") + raw.count(b"{") <= max_depth:
+        return
+    brackets = np.frombuffer(raw.translate(None, _NOT_BRACKETS), dtype=np.uint8)
+    if len(brackets) == 0 or int(np.cumsum(_NEST[brackets], dtype=np.int64).max()) <= max_depth:
         return
     bare = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
     depth = 0
     for s in range(0, len(bare), 1 << 24):
-        steps = _NEST[bare[s : s + (1 << 24)]]
-        run = np.cumsum(steps, dtype=np.int64) + depth
+        run = np.cumsum(_NEST[bare[s : s + (1 << 24)]], dtype=np.int64) + depth
         if len(run) == 0:
             continue
         if run.max() > max_depth:
             at = s + int(np.argmax(run > max_depth))
-            raise InputFormatError(path, f"JSON is nested more than {max_depth} levels deep (near byte {at:,}; "
-                                   "a GeoJSON needs about 8)")
+            raise InputFormatError(path, f"JSON is nested more than {max_depth} levels deep (near byte {at:,} "
+                                   "with strings blanked; a GeoJSON needs about 8)")
         depth = int(run[-1])
 
 
@@ -452,7 +458,8 @@ def _load_json(path: Path, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = 
     try:
         return json.loads(raw.decode("utf-8"))
     except RecursionError:
-        raise InputFormatError(path, "JSON is nested too deeply to parse") from None
+        raise InputFormatError(path, f"JSON is nested too deeply to parse (the limit is {max_depth} levels; "
+                               "a GeoJSON needs about 8)") from None
     except MemoryError:
         raise InputFormatError(path, f"not enough memory to parse {len(raw):,} bytes of JSON") from None
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and ints over 4300 digits
