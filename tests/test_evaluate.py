@@ -388,3 +388,26 @@ def test_model_names_are_short_and_unique(tmp_path):
     (tmp_path / "x" / "student.onnx").write_bytes(b"")
     paths = [tmp_path / "teacher", tmp_path / "student" / "model.pt", tmp_path / "x" / "student.onnx"]
     assert model_names(paths) == ["teacher", "student", "student-2"]
+
+
+def test_saved_instance_tiff_carries_the_pixel_size(tmp_path):
+    """Predicted instance TIFFs have their pixel size (before: no resolution tags), readable by
+    tifffile (and QuPath) as pixels per centimetre, and are mode 0644."""
+    import stat
+
+    import pandas as pd
+    import tifffile
+
+    from cellcurate.models.predict import Prediction
+
+    inst = np.zeros((8, 10), np.int32)
+    inst[2:5, 3:6] = 1
+    pred = Prediction(inst, pd.DataFrame({"id": [1]}), ["A"], ["#ff0000"], mpp=0.5)
+    paths = save_prediction(pred, tmp_path, "x")
+    with tifffile.TiffFile(paths["instances"]) as tf:
+        page = tf.pages[0]
+        num, den = page.tags["XResolution"].value
+        assert page.tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
+        assert 1e4 / (num / den) == pytest.approx(0.5)
+        assert np.array_equal(page.asarray(), inst)
+    assert stat.S_IMODE(paths["instances"].stat().st_mode) == 0o644

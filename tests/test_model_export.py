@@ -171,3 +171,46 @@ def test_check_reports_shapes_frozen_at_export(tmp_path):
     path = export_torchscript(model, tmp_path / "frozen.pt")
     with pytest.raises(ModelError, match="fails on input"):
         check_torchscript(model, path)
+
+
+# -- bioimage.io, file modes (issue 12) ---------------------------------------------------------
+def test_bioimageio_rdf_validates_with_bioimageio_spec(tiny, tmp_path):
+    spec = pytest.importorskip("bioimageio.spec")
+    from cellcurate.models.export import write_bioimageio_rdf
+
+    out = tmp_path / "bmz"
+    onnx_path = export_onnx(tiny, out / "model.onnx")
+    ts_path = export_torchscript(tiny, out / "model.torchscript.pt")
+    rdf = write_bioimageio_rdf(out, tiny, weights={"onnx": onnx_path, "torchscript": ts_path})
+    descr = spec.load_description(rdf, perform_io_checks=True)  # checks every file's sha256 too
+    summary = descr.validation_summary
+    assert summary.status in ("valid-format", "passed"), summary.format()
+    assert str(descr.format_version).startswith("0.5") and descr.type == "model"
+    (inp,) = descr.inputs
+    assert str(inp.id) == "image" and [str(a.id) for a in inp.axes] == ["batch", "channel", "y", "x"]
+    assert inp.axes[2].scale == pytest.approx(0.25) and inp.axes[2].unit == "micrometer"
+    assert [str(o.id) for o in descr.outputs] == ["np", "hv", "tp"]
+    assert descr.weights.onnx is not None and descr.weights.torchscript is not None
+    assert descr.weights.onnx.opset_version == 17
+    # the test tensors are what the weights give: run the ONNX file on test_input.npy
+    import onnxruntime as ort
+
+    x = np.load(out / "test_input.npy")
+    got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(["tp"], {"image": x})[0]
+    assert np.allclose(got, np.load(out / "test_output_tp.npy"), atol=1e-4)
+
+
+def test_bioimageio_rdf_refuses_weights_outside_the_folder(tiny, tmp_path):
+    from cellcurate.models.export import write_bioimageio_rdf
+
+    onnx_path = export_onnx(tiny, tmp_path / "elsewhere" / "model.onnx")
+    with pytest.raises(ModelError, match="must be a file inside"):
+        write_bioimageio_rdf(tmp_path / "bmz", tiny, weights={"onnx": onnx_path})
+
+
+def test_exported_files_are_readable_by_others(tiny, tmp_path):
+    """Mode 0644 (before: 0600, mkstemp's mode, kept by the rename)."""
+    import stat
+
+    for path in (export_onnx(tiny, tmp_path / "m.onnx"), export_torchscript(tiny, tmp_path / "m.pt")):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

@@ -81,3 +81,115 @@ def test_release_with_ome_zarr_is_hashed_and_verifies(tmp_path):
     assert verify_release(res.path) == []
     mo = next(p for p in ome if p.name.startswith("monusac__"))
     assert read_ome_metadata(mo)["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"][1] == 0.2505
+
+
+# -- independent readers (ome-zarr-models, ome-zarr-py, napari-ome-zarr) ------------------------------
+def _write(tmp_path, version):
+    from cellcurate.curation.omezarr import write_ome_image
+
+    img, ins, cls = _arrays()
+    img[..., 0] = np.arange(9, dtype=np.uint8)[None, :]  # not constant: a mis-keyed chunk would show
+    path = write_ome_image(tmp_path / f"a{version}.ome.zarr", img, ins, cls, mpp=0.25,
+                           taxonomy=Taxonomy.default(), name="x", version=version)
+    return path, img, ins, cls
+
+
+def _ome_zarr_models(version):
+    """The ome-zarr-models classes of ``version`` (its v0.4 models need a rebuild under pydantic
+    2.13+, which ome-zarr-models 1.6 does not do itself)."""
+    pytest.importorskip("ome_zarr_models")
+    if version == "0.4":
+        from pydantic_zarr.v2 import ArraySpec, GroupSpec, TBaseItem
+
+        from ome_zarr_models.v04 import image, image_label, labels
+
+        ns = {"GroupSpec": GroupSpec, "ArraySpec": ArraySpec, "TBaseItem": TBaseItem}
+        for m in (labels.Labels, image_label.ImageLabel, image.Image):
+            m.model_rebuild(_types_namespace=ns)
+        return image.Image, image_label.ImageLabel
+    from ome_zarr_models.v05 import image, image_label
+
+    return image.Image, image_label.ImageLabel
+
+
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+def test_chunk_keys_are_slash_nested(tmp_path, version):
+    """NGFF >= 0.2 requires '/' chunk keys; with '.' keys the zarr-2 ome-zarr stack reads zeros."""
+    path, *_ = _write(tmp_path, version)
+    if version == "0.4":
+        zarray = json.loads((path / "0" / ".zarray").read_text())
+        assert zarray["dimension_separator"] == "/"
+        assert json.loads((path / "labels" / "classes" / "0" / ".zarray").read_text())["dimension_separator"] == "/"
+        assert (path / "0" / "0" / "0" / "0").is_file() and not (path / "0" / "0.0.0").exists()
+        assert (path / "labels" / "classes" / "0" / "0" / "0").is_file()
+    else:
+        meta = json.loads((path / "0" / "zarr.json").read_text())
+        assert meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
+        assert (path / "0" / "c" / "0" / "0" / "0").is_file()
+
+
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+def test_ome_zarr_models_validates_image_and_label_images(tmp_path, version):
+    import zarr
+
+    Image, ImageLabel = _ome_zarr_models(version)
+    path, *_ = _write(tmp_path, version)
+    root = zarr.open_group(str(path), mode="r")
+    if version == "0.4":
+        ms = Image.from_zarr(root).ome_attributes.multiscales[0]  # the image, its labels group and both labels
+    else:
+        # ome-zarr-models 1.6's v0.5 Image also validates every label image and fails with a
+        # TypeError on a label image without the optional "colors" (our instances): validate the
+        # image's attributes and each label image's multiscales on their own
+        from ome_zarr_models.v05.image import ImageAttrs
+
+        ms = ImageAttrs.model_validate(dict(root.attrs)["ome"]).multiscales[0]
+        for name in ("instances", "classes"):
+            ImageAttrs.model_validate({k: v for k, v in dict(root[f"labels/{name}"].attrs)["ome"].items()
+                                       if k != "image-label"})
+    assert [a.name for a in ms.axes] == ["c", "y", "x"]
+    assert list(ms.datasets[0].coordinateTransformations[0].scale) == [1.0, 0.25, 0.25]
+    il = ImageLabel.from_zarr(root["labels/classes"]).ome_attributes.image_label
+    assert [c.label_value for c in il.colors] == [0, 1, 2, 3, 4, 5, 6, 7, 255]
+    props = {p.label_value: p.model_dump(by_alias=True)["class"] for p in il.properties}
+    assert props[0] == "background" and props[2] == "Lymphocyte" and props[255] == "ignore"
+
+
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+def test_ome_zarr_py_reads_the_right_pixels(tmp_path, version):
+    pytest.importorskip("ome_zarr")
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    path, img, ins, cls = _write(tmp_path, version)
+    nodes = list(Reader(parse_url(str(path)))())
+    assert np.array_equal(np.asarray(nodes[0].data[0]), img.transpose(2, 0, 1))
+    by_name = {str(n.metadata.get("name")): n for n in nodes[1:]}
+    lab = next(n for k, n in by_name.items() if k.endswith("classes"))
+    assert np.array_equal(np.asarray(lab.data[0]), cls)
+    assert lab.metadata["properties"][2] == {"class": "Lymphocyte"}
+    ins_node = next(n for k, n in by_name.items() if k.endswith("instances"))
+    assert np.array_equal(np.asarray(ins_node.data[0]), ins)
+
+
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+def test_napari_hover_names_the_class_of_the_pixel(tmp_path, version):
+    """napari-ome-zarr + a napari Labels layer: hovering a class-2 pixel says Lymphocyte, a class-0
+    pixel background (before: properties had no label-0 entry and a class-1 pixel read as class 2
+    in readers that map properties by position)."""
+    pytest.importorskip("napari_ome_zarr")
+    napari = pytest.importorskip("napari")
+    from napari_ome_zarr._reader import napari_get_reader
+
+    path, *_ = _write(tmp_path, version)
+    layers = napari_get_reader(str(path))(str(path))
+    data, meta, _kind = next(x for x in layers if x[2] == "labels" and str(x[1].get("name", "")).endswith("classes"))
+    props = meta["properties"]
+    # by position (older napari-ome-zarr) and by "index" (newer) the same class for every value
+    assert props["class"][:3] == ["background", "Neoplastic", "Lymphocyte"]
+    assert props["index"][: len(props["class"])] == [0, 1, 2, 3, 4, 5, 6, 7, 255]
+    layer = napari.layers.Labels(np.asarray(data[0] if isinstance(data, list) else data), properties=props)
+    assert layer.get_status((1, 1))["coordinates"].endswith("class: Lymphocyte") or \
+        "Lymphocyte" in str(layer.get_status((1, 1)))
+    assert "background" in str(layer.get_status((0, 0)))
+    assert "ignore" in str(layer.get_status((4, 6)))

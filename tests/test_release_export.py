@@ -377,3 +377,54 @@ def test_remove_tree_removes_frozen_trees_on_this_python(tmp_path):
     remove_tree(root)
     assert not root.exists()
     remove_tree(root)  # absent: no error
+# -- other readers: pyarrow only, Hugging Face datasets (issue 12) -----------------------------------
+def test_tables_have_the_declared_arrow_types_and_join_with_pyarrow_only(store, tmp_path):
+    """One string type across tables (before: image_id was string in nuclei.parquet and
+    large_string in images.parquet, and a pyarrow join failed); all-null columns keep their type."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cellcurate.datasets.release_format import release_schema
+
+    rel = _export(store, out=tmp_path / "rel").path  # no round ran: probs and flag_reason all null
+    nuclei, images = pq.read_table(rel / "nuclei.parquet"), pq.read_table(rel / "images.parquet")
+    assert nuclei.schema.equals(release_schema("nuclei")) and images.schema.equals(release_schema("images"))
+    probs = nuclei.schema.field("probs").type
+    assert pa.types.is_list(probs) and probs.value_type == pa.float64()
+    assert str(nuclei.schema.field("flag_reason").type) == "string"
+    # (pyarrow's hash join cannot carry list columns, so probs is left out of this one)
+    joined = nuclei.drop_columns(["probs"]).join(images, keys=["image_id", "split"], right_suffix="_image")
+    assert joined.num_rows == nuclei.num_rows and "mpp" in joined.column_names
+
+
+def test_release_format_doc_lists_every_column_with_its_type():
+    from cellcurate.datasets.release_format import RELEASE_TABLES, release_table_types
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "RELEASE_FORMAT.md").read_text()
+    for table in RELEASE_TABLES:
+        section = doc.split(f"### {table}.parquet", 1)[1].split("\n### ", 1)[0]
+        rows = {r.split("|")[1].strip(): r.split("|")[2].strip() for r in section.splitlines() if r.startswith("| ")}
+        for col, typ in release_table_types(table).items():
+            assert rows.get(col) == typ, f"{table}.parquet {col}: doc says {rows.get(col)!r}, table has {typ!r}"
+
+
+def test_hugging_face_datasets_loads_the_release_folder(store, tmp_path, monkeypatch):
+    """`datasets.load_dataset(folder)` reads the README.md configs (before: it picked the JSON
+    builder on zarr.json and failed)."""
+    datasets = pytest.importorskip("datasets")
+    from cellcurate.curation.release import verify_release
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    res = _export(store, out=tmp_path / "rel")
+    assert "README.md" in res.manifest["files"] and verify_release(res.path) == []
+    assert (res.path / "README.md").read_text().startswith("---\nlicense: cc-by-nc-sa-4.0\n")
+    nuc = datasets.load_dataset(str(res.path), cache_dir=str(tmp_path / "hf-cache"))
+    table = pd.read_parquet(res.path / "nuclei.parquet")
+    assert set(nuc) == set(res.manifest["splits"]["n_images"])
+    for split, ds in nuc.items():
+        want = table[table["split"] == split]
+        assert ds.num_rows == len(want) and sorted(ds["nucleus_id"]) == sorted(want["nucleus_id"])
+    assert nuc["fold1"].features["probs"].feature.dtype == "float64"
+    img = datasets.load_dataset(str(res.path), "images", cache_dir=str(tmp_path / "hf-cache"))
+    assert {s: d.num_rows for s, d in img.items()} == res.manifest["splits"]["n_images"]

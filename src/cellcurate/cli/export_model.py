@@ -32,13 +32,23 @@ def command(model_path: Path, out_dir: Path, formats: tuple[str, ...], opset: in
             encoder_weights: Path | None) -> None:
     """Export a checkpoint (usually the student) to ONNX and/or TorchScript with its metadata
     (classes, colours, pixel size, normalisation, input size), then run each export and compare
-    its outputs with PyTorch's (ONNX through onnxruntime on CPU)."""
+    its outputs with PyTorch's (ONNX through onnxruntime on CPU). Also writes a bioimage.io model
+    description (rdf.yaml, format 0.5) with test tensors; every file is mode 0644."""
     from ..models.checkpoint import load_model
-    from ..models.export import check_onnx, check_torchscript, export_metadata, export_onnx, export_torchscript
+    from ..models.export import (
+        check_onnx,
+        check_torchscript,
+        export_metadata,
+        export_onnx,
+        export_torchscript,
+        write_bioimageio_rdf,
+    )
     from ..models.predict import atomic_path
 
     model = load_model(model_path, encoder_weights=encoder_weights).cpu().eval()
     out_dir.mkdir(parents=True, exist_ok=True)
+    weights = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+    weights = {f: w for f, w in weights.items() if f in formats}
     if "onnx" in formats:
         path = export_onnx(model, out_dir / "model.onnx", opset=opset)
         diff = check_onnx(model, path, atol=atol)
@@ -51,3 +61,5 @@ def command(model_path: Path, out_dir: Path, formats: tuple[str, ...], opset: in
     with atomic_path(out_dir / "meta.json") as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     click.echo(f"meta: {out_dir / 'meta.json'}")
+    rdf = write_bioimageio_rdf(out_dir, model, weights={f: out_dir / w for f, w in weights.items()})
+    click.echo(f"bioimage.io: {rdf} (model description format 0.5, test tensors beside it)")

@@ -19,9 +19,11 @@ import click
 @click.option("--dry-run", is_flag=True, help="Validate and report, append nothing.")
 def command(geojson: tuple[Path, ...], store_path: Path, images: tuple[str, ...], reviewer: str,
             class_map: Path | None, dry_run: bool) -> None:
-    """Validate every file first (JSON, polygons, coordinates inside the image, known classes), then
-    append the label changes as decisions in one transaction. Exporting and importing back
-    unchanged appends nothing."""
+    """Validate every file first (size and nesting limits, JSON, valid polygons, coordinates inside
+    the image, known classes), then append the label changes against the exported state as
+    decisions in one transaction. Exporting and importing back unchanged appends nothing. Edits of
+    nuclei with a newer decision than the export, deleted features and moved outlines are listed as
+    not applied, with the reason."""
     from ..curation.qupath import import_geojson
     from ._common import open_store
 
@@ -30,6 +32,11 @@ def command(geojson: tuple[Path, ...], store_path: Path, images: tuple[str, ...]
                              class_map=class_map, dry_run=dry_run)
     for r in res.per_file.itertuples(index=False):
         click.echo(f"{Path(r.file).name}: {r.image_id}: {r.features} features, {r.matched} matched, "
-                   f"{r.unmatched} unmatched, {r.changed} changed, {r.unchanged} unchanged")
+                   f"{r.unmatched} unmatched, {r.changed} changed, {r.unchanged} unchanged, "
+                   f"{r.unclassified} unclassified, {r.refused} refused (newer decision), "
+                   f"{r.deleted} deleted, {r.moved} outlines moved")
+    for r in res.not_applied.itertuples(index=False):
+        where = f"feature {r.feature}" + (f" (id {r.id})" if r.id else "") if r.feature is not None else "no feature"
+        click.echo(f"not applied: {Path(r.file).name}: {where}, nucleus {r.nucleus_id}: {r.reason}")
     verb = "would append" if dry_run else "appended"
-    click.echo(f"{verb} {len(res.decisions):,} decisions")
+    click.echo(f"{verb} {len(res.decisions):,} decisions; {len(res.not_applied):,} features not applied")

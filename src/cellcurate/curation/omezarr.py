@@ -7,12 +7,18 @@ One OME-Zarr image per release image, ``<release>/ome/<safe image id>.ome.zarr``
       labels/                    labels group: ["instances", "classes"]
         instances/0              (H, W) int32 instance label image
         classes/0                (H, W) uint8 class label image, image-label colours and
-                                 properties {label-value, class} per class (255 = ignore)
+                                 properties {label-value, class} for 0 (background), every
+                                 class and 255 (ignore)
 
 NGFF 0.5 (default) is Zarr v3 with the metadata under the ``"ome"`` key of the group
 attributes; NGFF 0.4 is Zarr v2 with ``multiscales`` / ``labels`` / ``image-label`` at the top
-level of ``.zattrs`` and a ``version`` in each block. napari's OME-Zarr reader and QuPath (via
-its OME-Zarr support) open both.
+level of ``.zattrs`` and a ``version`` in each block. Chunk keys are ``/``-nested in both
+(``0/0/1/2``; NGFF has required it since 0.2): 0.4 arrays say ``"dimension_separator": "/"``,
+which the zarr-2 ome-zarr stack needs to find the chunks (with ``.`` keys it reads all zeros).
+Label value 0 has its own ``colors`` / ``properties`` entry (transparent, ``background``), so a
+reader that maps properties by position (older napari-ome-zarr) names each class right.
+napari's OME-Zarr reader, ome-zarr-py and QuPath (via its OME-Zarr support) open both; the
+metadata validates under ome-zarr-models (tests/test_omezarr.py).
 
 Dimensions: H×W pixels, K classes.
 """
@@ -31,6 +37,9 @@ from ..errors import ConfigError
 OME_VERSIONS: tuple[str, ...] = ("0.5", "0.4")
 CHUNK = 512
 IGNORE_RGBA = [128, 128, 128, 128]
+BACKGROUND_RGBA = [0, 0, 0, 0]
+#: ``/``-nested chunk keys for both Zarr formats (NGFF >= 0.2 requires them).
+_KEYS = {2: {"name": "v2", "separator": "/"}, 3: {"name": "default", "separator": "/"}}
 
 
 def _axes(with_channel: bool) -> list[dict[str, str]]:
@@ -87,7 +96,7 @@ def write_ome_image(path: str | Path, image: np.ndarray, instances: np.ndarray, 
     zf = 3 if version == "0.5" else 2
     ch = (min(CHUNK, h), min(CHUNK, w))
     root = zarr.open_group(str(path), mode="w", zarr_format=zf)
-    kw: dict[str, Any] = {"fill_value": 0}
+    kw: dict[str, Any] = {"fill_value": 0, "chunk_key_encoding": _KEYS[zf]}
     if zf == 3:
         kw["dimension_names"] = ["c", "y", "x"]
     root.create_array("0", data=np.ascontiguousarray(image.transpose(2, 0, 1)), chunks=(1, *ch), **kw)
@@ -103,15 +112,17 @@ def write_ome_image(path: str | Path, image: np.ndarray, instances: np.ndarray, 
     for lname, data in (("instances", instances.astype(np.int32, copy=False)),
                         ("classes", classes.astype(np.uint8, copy=False))):
         g = labels.create_group(lname)
-        lkw: dict[str, Any] = {"fill_value": 0}
+        lkw: dict[str, Any] = {"fill_value": 0, "chunk_key_encoding": _KEYS[zf]}
         if zf == 3:
             lkw["dimension_names"] = ["y", "x"]
         g.create_array("0", data=data, chunks=ch, **lkw)
         image_label: dict[str, Any] = {"source": {"image": "../../"}}
         if lname == "classes":
-            image_label["colors"] = [{"label-value": c.id, "rgba": [*c.rgb, 255]} for c in taxonomy.classes] + [
+            image_label["colors"] = [{"label-value": 0, "rgba": BACKGROUND_RGBA}] + [
+                {"label-value": c.id, "rgba": [*c.rgb, 255]} for c in taxonomy.classes] + [
                 {"label-value": IGNORE_VALUE, "rgba": IGNORE_RGBA}]
-            image_label["properties"] = [{"label-value": c.id, "class": c.name} for c in taxonomy.classes] + [
+            image_label["properties"] = [{"label-value": 0, "class": "background"}] + [
+                {"label-value": c.id, "class": c.name} for c in taxonomy.classes] + [
                 {"label-value": IGNORE_VALUE, "class": "ignore"}]
         if version == "0.4":
             image_label = {"version": "0.4", **image_label}

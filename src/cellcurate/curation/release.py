@@ -40,8 +40,8 @@ import pandas as pd
 from ..core.atomic import fsync_dir, fsync_tree, remove_tree
 from ..core.constants import IGNORE_VALUE
 from ..datasets.containment import containment_problems, resolves_inside, unsafe_relative_path
-from ..datasets.release_format import RELEASE_FORMAT, read_release_manifest  # noqa: E402
-from ..datasets.release_format import SUPPORTED_FORMAT_VERSION as RELEASE_FORMAT_VERSION  # noqa: E402
+from ..datasets.release_format import RELEASE_FORMAT, read_release_manifest, release_schema
+from ..datasets.release_format import SUPPORTED_FORMAT_VERSION as RELEASE_FORMAT_VERSION
 from ..errors import ConfigError, InputFormatError, StateError
 
 LICENCE = "CC BY-NC-SA 4.0"
@@ -331,8 +331,10 @@ def export_release(
 
             write_release_ome_zarr(tmp, images_out, store.taxonomy, version=ome_zarr, progress=progress)
         counts, ignore_counts, n_images = _counts(images_out, nuclei, store.taxonomy)
-        nuclei.to_parquet(tmp / "nuclei.parquet", index=False)
-        images_out.to_parquet(tmp / "images.parquet", index=False)
+        _write_table(nuclei, tmp / "nuclei.parquet", "nuclei")
+        _write_table(images_out, tmp / "images.parquet", "images")
+        for name in ("nuclei", "images"):
+            _write_split_tables(tmp, name, images_out["split"])
         (tmp / "taxonomy.json").write_text(store.taxonomy.to_json(), encoding="utf-8")
         manifest: dict[str, Any] = {
             "format": RELEASE_FORMAT,
@@ -366,6 +368,7 @@ def export_release(
         from .card import write_card
 
         write_card(tmp, manifest, images_out, nuclei, store.taxonomy)
+        write_hf_readme(tmp, manifest, sorted(set(images_out["split"]), key=_split_order))
         unsafe = containment_problems(tmp)
         if unsafe:  # a release never holds a link: verify would refuse it
             raise StateError(f"{tmp}: {unsafe[0]}")
@@ -478,6 +481,68 @@ def _write_arrays(store: Any, tmp: Path, images: pd.DataFrame, nuclei: pd.DataFr
         "zarr_index": zindex,
     })
     return out.reset_index(drop=True)
+
+
+def _write_table(frame: pd.DataFrame, path: Path, table: str) -> None:
+    """One release table as parquet with its declared Arrow schema (one string type everywhere)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = release_schema(table)
+    cols = {f.name: pa.array(frame[f.name].tolist() if pa.types.is_list(f.type) else frame[f.name],
+                             type=f.type, from_pandas=True) for f in schema}
+    pq.write_table(pa.table(cols, schema=schema), path)
+
+
+def _split_order(split: str) -> tuple[int, str]:
+    from .splits import SPLIT_NAMES
+
+    return (SPLIT_NAMES.index(split) if split in SPLIT_NAMES else len(SPLIT_NAMES), split)
+
+
+def _write_split_tables(tmp: Path, table: str, splits: pd.Series) -> None:
+    """``hf/<table>/<split>.parquet``: the rows of ``<table>.parquet`` of each split, for the
+    Hugging Face configs of README.md (``datasets`` cannot filter one file by a column)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(tmp / f"{table}.parquet")
+    (tmp / "hf" / table).mkdir(parents=True, exist_ok=True)
+    for split in sorted(set(splits), key=_split_order):
+        pq.write_table(t.filter(pc.equal(t["split"], split)), tmp / "hf" / table / f"{split}.parquet")
+
+
+#: The licence of a release as a Hugging Face licence id.
+HF_LICENSE = "cc-by-nc-sa-4.0"
+
+
+def write_hf_readme(folder: str | Path, manifest: dict[str, Any], splits: list[str]) -> Path:
+    """``README.md`` with Hugging Face dataset-card YAML: the licence and one config per table
+    (``nuclei``, the default, and ``images``) with one data file per split, so that
+    ``datasets.load_dataset(<release folder>)`` reads the nuclei table (without it the folder's
+    many ``zarr.json`` files make ``datasets`` pick its JSON builder, which fails)."""
+    folder = Path(folder)
+    lines = ["---", f"license: {HF_LICENSE}", "pretty_name: cellcurate release " + json.dumps(str(manifest["version"])),
+             "tags:", "- histopathology", "- nuclei", "- cell-classification", "configs:"]
+    for table, default in (("nuclei", True), ("images", False)):
+        lines.append(f"- config_name: {table}")
+        if default:
+            lines.append("  default: true")
+        lines.append("  data_files:")
+        for split in splits:
+            lines += [f"  - split: {split}", f"    path: hf/{table}/{split}.parquet"]
+    lines += ["---", "", f"# cellcurate release {manifest['version']}", "",
+              ("One row per nucleus (`nuclei`, the default config) or per image (`images`), one split per "
+               "release split. The pixels are in `arrays.zarr` (zarr v3); `DATASET_CARD.md` describes the "
+               "content and `manifest.json` the provenance and the sha256 of every file. Format: "
+               "docs/RELEASE_FORMAT.md of cellcurate."), "",
+              "```python", "import datasets",
+              "nuclei = datasets.load_dataset('path/to/release')  # DatasetDict: one Dataset per split",
+              "images = datasets.load_dataset('path/to/release', 'images')", "```", "",
+              f"Licence: {manifest.get('licence', LICENCE)}.", ""]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
 
 
 def _read_batch(store: Any, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

@@ -49,3 +49,46 @@ def resolve_release_split(manifest: dict[str, Any], split: str | Sequence[str]) 
         else:
             raise ConfigError(f"unknown split {n!r}; this release has {', '.join(sorted(known | set(aliases)))}")
     return tuple(dict.fromkeys(out))
+
+
+#: Arrow type of every column of a release's tables (docs/RELEASE_FORMAT.md lists them). Strings
+#: are ``string`` (not ``large_string``) in every table, so a pyarrow join on ``image_id`` works;
+#: all-null columns keep their type (``probs`` list<double>, ``flag_reason`` string).
+_TABLE_TYPES: dict[str, tuple[tuple[str, str], ...]] = {
+    "images": (
+        ("image_id", "string"), ("split", "string"), ("source_split", "string"), ("source", "string"),
+        ("patient_id", "string"), ("tissue", "string"), ("mpp", "double"), ("height", "int32"),
+        ("width", "int32"), ("n_nuclei", "int32"), ("n_ignore", "int32"), ("origin_file", "string"),
+        ("origin_index", "int32"), ("annotation_file", "string"), ("zarr_group", "string"),
+        ("zarr_index", "int32"),
+    ),
+    "nuclei": (
+        ("nucleus_id", "int64"), ("image_id", "string"), ("split", "string"), ("kind", "string"),
+        ("instance_id", "int32"), ("bbox_y0", "int32"), ("bbox_x0", "int32"), ("bbox_y1", "int32"),
+        ("bbox_x1", "int32"), ("centroid_y", "float"), ("centroid_x", "float"), ("area", "int32"),
+        ("label", "int16"), ("class_value", "uint8"), ("class_name", "string"), ("ignore_reason", "string"),
+        ("source", "string"), ("source_label", "string"), ("candidates", "string"), ("decided", "string"),
+        ("decided_round", "int64"), ("decided_by", "string"), ("decided_seq", "int64"),
+        ("probs", "list<double>"), ("probs_round", "int64"), ("issue_score", "double"),
+        ("flag_reason", "string"), ("origin_file", "string"), ("origin_index", "int32"),
+        ("origin_channel", "int16"), ("origin_instance", "int64"), ("origin_region", "string"),
+    ),
+}
+RELEASE_TABLES: tuple[str, ...] = tuple(_TABLE_TYPES)
+
+
+def release_table_types(table: str) -> dict[str, str]:
+    """Column name -> Arrow type name (``str(pyarrow type)``) of release table ``table``
+    ("images" or "nuclei"), in column order."""
+    if table not in _TABLE_TYPES:
+        raise ConfigError(f"release table must be one of {RELEASE_TABLES}, got {table!r}")
+    return dict(_TABLE_TYPES[table])
+
+
+def release_schema(table: str) -> Any:
+    """The ``pyarrow.Schema`` of release table ``table`` (imports pyarrow)."""
+    import pyarrow as pa
+
+    simple = {"string": pa.string(), "double": pa.float64(), "float": pa.float32(), "int64": pa.int64(),
+              "int32": pa.int32(), "int16": pa.int16(), "uint8": pa.uint8(), "list<double>": pa.list_(pa.float64())}
+    return pa.schema([pa.field(name, simple[t]) for name, t in release_table_types(table).items()])

@@ -312,3 +312,190 @@ def _check_export(model: Any, path: str | os.PathLike[str], load: Any, kind: str
     if not diff <= atol:
         raise ModelError(f"{kind} outputs differ from PyTorch by {diff:.3g} > atol {atol:g}", path=path)
     return diff
+
+
+# -- bioimage.io model description ----------------------------------------------------------------
+#: bioimage.io model description format written by :func:`write_bioimageio_rdf`.
+BIOIMAGEIO_FORMAT_VERSION = "0.5.4"
+#: SPDX id of the licence of models trained on the curated data (PanNuke, MoNuSAC: CC BY-NC-SA 4.0).
+MODEL_LICENSE = "CC-BY-NC-SA-4.0"
+_WEIGHT_KEYS = {"onnx": "onnx", "torchscript": "torchscript"}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_bioimageio_rdf(
+    folder: str | os.PathLike[str],
+    model: Any,
+    *,
+    weights: dict[str, str | os.PathLike[str]],
+    name: str | None = None,
+    description: str | None = None,
+    authors: Sequence[str] = ("cellcurate",),
+    cite: Sequence[dict[str, str]] | None = None,
+    documentation: str | os.PathLike[str] | None = None,
+    license: str = MODEL_LICENSE,
+    test_size: int | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write ``<folder>/rdf.yaml``, a bioimage.io model description (format 0.5), for exported
+    weights of ``model``, with its test tensors; returns the path of ``rdf.yaml``.
+
+    Parameters
+    ----------
+    folder
+        The folder holding the weights; the description, ``test_input.npy``,
+        ``test_output_{np,hv,tp}.npy`` and (unless given) ``README.md`` are written there, and
+        every file is referenced relative to it.
+    model
+        The PyTorch model the weights were exported from (a package-contract model with
+        ``.meta``: classes, ``mpp``, ``input_size``, ``mean``/``std``); it computes the test
+        outputs.
+    weights
+        Format -> file: ``{"onnx": ".../model.onnx", "torchscript": ".../model.torchscript.pt"}``
+        (at least one; files inside ``folder``).
+    name, description, authors, cite, documentation, license
+        The description's fields (defaults from the model's metadata; ``documentation`` a
+        Markdown file inside ``folder``, default a generated ``README.md``).
+    test_size
+        Side of the square test tile (default: the model's ``input_size``, a multiple of 32).
+
+    The input ``image`` is float32 (batch, channel [R, G, B], y, x) in [0, 1] with the pixel size
+    as the ``scale`` of y and x (micrometre); the normalisation with ``mean``/``std`` is inside
+    the graph, so no preprocessing is declared. Outputs ``np`` (2 channels), ``hv`` (2) and
+    ``tp`` (K) have the input's y/x size. Check the result with
+    ``bioimageio.spec.load_description(path)``.
+    """
+    import torch
+
+    from .. import __version__
+
+    folder = Path(folder)
+    if not weights:
+        raise ModelError("write_bioimageio_rdf needs at least one weights file", path=folder)
+    meta = model_meta(model)
+    entries: dict[str, dict[str, Any]] = {}
+    for fmt, wpath in weights.items():
+        if fmt not in _WEIGHT_KEYS:
+            raise ModelError(f"weights format must be one of {tuple(_WEIGHT_KEYS)}, got {fmt!r}", path=folder)
+        wp = Path(wpath)
+        if not wp.is_file() or wp.resolve().parent != folder.resolve():
+            raise ModelError(f"{fmt} weights {wp} must be a file inside {folder}", path=folder)
+        entry: dict[str, Any] = {"source": wp.name, "sha256": _sha256(wp)}
+        if fmt == "onnx":
+            import onnx
+
+            opsets = [o.version for o in onnx.load(str(wp), load_external_data=False).opset_import if o.domain in ("", "ai.onnx")]
+            entry["opset_version"] = int(opsets[0]) if opsets else 17
+        else:
+            entry["pytorch_version"] = torch.__version__.split("+")[0]
+        entries[_WEIGHT_KEYS[fmt]] = entry
+    if "onnx" in entries and "torchscript" in entries:
+        # both are exported from the same PyTorch model; one entry must be the "original"
+        entries["onnx"]["parent"] = "torchscript"
+
+    # test tensors: a seeded random tile and the PyTorch model's outputs on it
+    model = model.eval().cpu()
+    x = _example(model, batch=1, size=test_size, seed=seed)
+    with torch.inference_mode():
+        out = model(x)
+    tests = {"image": x.numpy().astype(np.float32)}
+    tests.update({k: out[k].float().numpy() for k in OUTPUT_NAMES})
+    files = {}
+    for key, arr in tests.items():
+        fname = "test_input.npy" if key == "image" else f"test_output_{key}.npy"
+        with atomic_path(folder / fname) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, arr, allow_pickle=False)
+        files[key] = {"source": fname, "sha256": _sha256(folder / fname)}
+
+    classes = [str(c) for c in meta.get("classes", [])] or [f"class{k}" for k in range(tests["tp"].shape[1])]
+    mpp = float(meta.get("mpp") or 0.25)
+    if documentation is None:
+        doc = folder / "README.md"
+        with atomic_path(doc) as tmp:
+            tmp.write_text(_bioimageio_readme(meta, classes, mpp), encoding="utf-8")
+    else:
+        doc = Path(documentation)
+        if not doc.is_file() or doc.resolve().parent != folder.resolve():
+            raise ModelError(f"documentation {doc} must be a file inside {folder}", path=folder)
+    min_side = 32
+
+    def space(axis: str) -> dict[str, Any]:
+        return {"type": "space", "id": axis, "size": {"min": min_side, "step": 32}, "unit": "micrometer",
+                "scale": mpp}
+
+    def out_axes(n: int, names: list[str]) -> list[dict[str, Any]]:
+        return [{"type": "batch"}, {"type": "channel", "channel_names": names},
+                *({"type": "space", "id": a, "size": {"tensor_id": "image", "axis_id": a}, "unit": "micrometer",
+                   "scale": mpp} for a in ("y", "x"))]
+
+    def ident(s: str) -> str:
+        return "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in s) or "c"
+
+    arch = str(meta.get("architecture") or meta.get("kind") or type(model).__name__)
+    rdf: dict[str, Any] = {
+        "type": "model",
+        "format_version": BIOIMAGEIO_FORMAT_VERSION,
+        "name": name or f"cellcurate {arch} nucleus segmentation and classification",
+        "description": description or (
+            f"HoVer-Net-style nucleus instance segmentation and {len(classes) - 1}-class classification "
+            f"({', '.join(classes[1:])}) for H&E at {mpp:g} um/pixel, exported by cellcurate {__version__}."),
+        "authors": [{"name": a} for a in authors],
+        "cite": list(cite) if cite else [
+            {"text": "Graham et al., HoVer-Net: simultaneous segmentation and classification of nuclei in "
+                     "multi-tissue histology images, Medical Image Analysis 58, 2019",
+             "doi": "10.1016/j.media.2019.101563"}],
+        "license": license,
+        "documentation": doc.name,
+        "tags": ["nuclei", "instance-segmentation", "classification", "histopathology", "h&e", "2d", "cellcurate"],
+        "inputs": [{
+            "id": INPUT_NAME,
+            "description": "RGB tile in [0, 1]; normalisation (mean/std) is inside the model",
+            "axes": [{"type": "batch"}, {"type": "channel", "channel_names": ["R", "G", "B"]},
+                     space("y"), space("x")],
+            "test_tensor": files["image"],
+            "data": {"type": "float32", "range": [0.0, 1.0]},
+        }],
+        "outputs": [
+            {"id": "np", "description": "nucleus / background logits", "axes": out_axes(2, ["background", "nucleus"]),
+             "test_tensor": files["np"], "data": {"type": "float32"}},
+            {"id": "hv", "description": "horizontal and vertical distance maps in [-1, 1]",
+             "axes": out_axes(2, ["horizontal", "vertical"]), "test_tensor": files["hv"],
+             "data": {"type": "float32", "range": [-1.0, 1.0]}},
+            {"id": "tp", "description": "class logits (channel 0 background)",
+             "axes": out_axes(len(classes), [ident(c) for c in classes]), "test_tensor": files["tp"],
+             "data": {"type": "float32"}},
+        ],
+        "weights": entries,
+        "config": {"cellcurate": {"version": __version__, "meta": json.loads(json.dumps(meta, default=_jsonable))}},
+    }
+    import yaml
+
+    path = folder / "rdf.yaml"
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(rdf, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def _bioimageio_readme(meta: dict[str, Any], classes: list[str], mpp: float) -> str:
+    return "\n".join([
+        "# cellcurate nucleus model", "",
+        (f"Input `image`: float32 (batch, 3, y, x) RGB in [0, 1] at {mpp:g} um/pixel; y and x multiples of 32. "
+         "The mean/std normalisation is inside the model."), "",
+        ("Outputs: `np` (2 channels: background / nucleus logits), `hv` (2: horizontal / vertical distance "
+         f"maps), `tp` ({len(classes)}: class logits: {', '.join(classes)}). Instances come from the HoVer-Net "
+         "post-processing of np + hv (cellcurate.models.postprocess)."), "",
+        "Trained on data derived from PanNuke and MoNuSAC (CC BY-NC-SA 4.0).", "",
+        "# Validation", "",
+        ("`curate export-model` runs each exported file (ONNX through onnxruntime on CPU, TorchScript) on a "
+         "batch at the export size and on a non-square tile and checks the outputs against PyTorch; "
+         "`curate evaluate` reports PQ, mPQ, bPQ, AJI and F1 per class on a release's test split."), "",
+    ])
