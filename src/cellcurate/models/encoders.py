@@ -63,7 +63,8 @@ class EncoderSpec:
     mpp
         Pixel size the encoder was trained at, µm/px.
     input_size
-        Native input size in pixels (informational; inputs are resampled by pixel size).
+        Native input size in pixels (the teacher's ``encoder_input="native"`` windows use the
+        built ViT's own ``img_size``, which the known specs set to this value).
     mean, std
         Per-channel normalisation of RGB in [0, 1].
     random_ok
@@ -286,6 +287,11 @@ class FeatureEncoder(nn.Module):
             self.levels = [-4, -3, -2, -1]
             self.patch = 32
         self._unique = sorted(set(self.levels))
+        #: native input side (px) of a ViT with absolute position embeddings, else None
+        self.native_size: int | None = None
+        if blocks is not None and getattr(backbone, "pos_embed", None) is not None:
+            img = getattr(backbone.patch_embed, "img_size", None)
+            self.native_size = int(img[0]) if img is not None else int(spec.input_size)
         self.channels = self._probe_channels()
         #: the local weights file the backbone was loaded from (None: random init)
         self.weights: str | None = None

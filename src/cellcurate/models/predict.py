@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, InputFormatError, InputNotFoundError, ModelError
-from .postprocess import PostprocessConfig, instance_table, postprocess
+from .postprocess import PostprocessConfig, instance_table, postprocess_outputs
 
 #: Image suffixes :func:`read_image` accepts.
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -250,7 +250,7 @@ def predict_image(
     overlap: int = 64,
     batch_size: int = 8,
     device: str | None = None,
-    config: PostprocessConfig | None = None,
+    config: PostprocessConfig | Any | None = None,
     with_polygons: bool = True,
 ) -> Prediction:
     """Nuclei of one image: tiled inference, post-processing, the nucleus table.
@@ -284,7 +284,7 @@ def predict_image(
     maps = infer_tiled(model, work, tile=tile, overlap=overlap, batch_size=batch_size, device=device)
     if maps["tp"].shape[0] != len(names) + 1:
         raise ModelError(f"model has {maps['tp'].shape[0]} type channels but its metadata names {len(names)} classes")
-    post = postprocess(maps["np"], maps["hv"], maps["tp"], config=config)
+    post = postprocess_outputs(maps["np"], maps["hv"], maps["tp"], head=str(meta.get("head", "hover")), config=config)
     instances, classes, probs = post.instances, post.classes, post.probs
     if work is not image:
         back = resize(instances, image.shape[:2], order=0, anti_aliasing=False, preserve_range=True).astype(np.int32)
