@@ -291,7 +291,10 @@ def load_torchscript(path: str | os.PathLike[str], *, device: str = "cpu") -> An
             self.meta = meta
 
         def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            out = self.scripted(x)
+            try:
+                out = self.scripted(x)
+            except torch.jit.Error as exc:  # the shape guard's refusal, among others: its last line
+                raise ModelError(_last_line(exc), path=path) from None
             if isinstance(out, (tuple, list)):
                 return dict(zip(OUTPUT_NAMES, out))
             return dict(out)
@@ -326,10 +329,18 @@ def load_onnx(path: str | os.PathLike[str], *, threads: int | None = None) -> An
             self.session = session
 
         def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            res = self.session.run(names, {input_name: x.detach().float().cpu().numpy()})
+            try:
+                res = self.session.run(names, {input_name: x.detach().float().cpu().numpy()})
+            except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
+                raise ModelError(f"onnxruntime refuses input {tuple(x.shape)}: {_last_line(exc)}", path=path) from None
             return {n: torch.from_numpy(r).to(x.device) for n, r in zip(names, res)}
 
     return OnnxModel().eval()
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(exc).__name__
 
 
 def _max_diff(reference: Any, candidate: Any, inputs: Sequence[Any]) -> float:

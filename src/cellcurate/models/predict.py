@@ -179,9 +179,12 @@ def infer_tiled(
         params = list(model.parameters()) if hasattr(model, "parameters") else []
         device = str(params[0].device) if params else "cpu"
 
+    mult = int(model_meta(model).get("input_multiple") or 32)  # 64 for MobileViT students
+    if tile % mult:
+        raise ConfigError(f"tile must be a multiple of {mult} for this model, got {tile}")
     h, w = image.shape[:2]
-    th = tile if h >= tile else _ceil32(h)
-    tw = tile if w >= tile else _ceil32(w)
+    th = tile if h >= tile else _ceil32(h, mult)
+    tw = tile if w >= tile else _ceil32(w, mult)
     padded = np.pad(image, ((0, max(th - h, 0)), (0, max(tw - w, 0)), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
     ph, pw = padded.shape[:2]
     window = np.outer(_ramp(th, overlap), _ramp(tw, overlap))
@@ -225,8 +228,8 @@ def infer_tiled(
     }
 
 
-def _ceil32(n: int) -> int:
-    return max(32, -(-n // 32) * 32)
+def _ceil32(n: int, multiple: int = 32) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
 
 
 def _check_outputs(out: Any, shape: Any) -> None:
