@@ -391,7 +391,7 @@ def _check_shape_guard(model: Any, candidate: Any, *, seed: int) -> float:
         except Exception:  # onnxruntime / TorchScript raise their own types: the refusal we want
             return 0.0
         raise ModelError(f"the exported model accepts a {tuple(x.shape)} input although it is fixed to {s}×{s}")
-    x = _example(model, size=s, seed=seed + 2)[..., : s - 7, : max(1, s - m - 5)]
+    x = _example(model, size=s, seed=seed + 2)[..., : s - 7, : (s - m - 5 if s - m - 5 > 0 else s - 11)]
     h, w = int(x.shape[-2]), int(x.shape[-1])
     with torch.inference_mode():
         ref = model(F.pad(x, [0, (m - w % m) % m, 0, (m - h % m) % m], mode="replicate"))
