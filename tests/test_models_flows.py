@@ -7,7 +7,12 @@ import pytest
 import torch
 
 from cellcurate.errors import ConfigError
-from cellcurate.models.flows import FlowConfig, FlowTileDataset, flow_targets, instances_from_flows
+from cellcurate.models.flows import (
+    FlowConfig,
+    FlowTileDataset,
+    flow_targets,
+    instances_from_flows,
+)
 from cellcurate.models.postprocess import PostprocessConfig, postprocess_outputs
 from cellcurate.models.targets import IGNORE
 
@@ -167,7 +172,12 @@ def test_distil_and_export_the_mobilevit_flow_student(tmp_path):
     import torch.nn.functional as F
 
     from cellcurate.models.checkpoint import load_model
-    from cellcurate.models.export import check_onnx, check_torchscript, export_onnx, export_torchscript
+    from cellcurate.models.export import (
+        check_onnx,
+        check_torchscript,
+        export_onnx,
+        export_torchscript,
+    )
     from cellcurate.models.student import Student, StudentConfig
     from cellcurate.models.teacher import TeacherConfig
     from cellcurate.models.train import TrainConfig, distill, train_teacher
@@ -187,7 +197,7 @@ def test_distil_and_export_the_mobilevit_flow_student(tmp_path):
     assert check_torchscript(student, export_torchscript(student, tmp_path / "flow.pt"), atol=1e-4) <= 1e-4
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     x = torch.rand(1, 3, 100, 70)
-    np_out, hv_out, _ = session.run(None, {"image": x.numpy()})
+    _, hv_out, _ = session.run(None, {"image": x.numpy()})
     with torch.no_grad():
         ref = student(F.pad(x, [0, 58, 0, 28], mode="replicate"))  # up to 128×128: multiples of 64
     assert hv_out.shape == (1, 2, 100, 70)

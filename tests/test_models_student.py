@@ -10,7 +10,13 @@ from click.testing import CliRunner
 
 from cellcurate.errors import ConfigError
 from cellcurate.models.checkpoint import load_model, save_checkpoint
-from cellcurate.models.student import PRESET_PARAMETERS, STUDENT_PRESETS, Student, StudentConfig, student_preset
+from cellcurate.models.student import (
+    PRESET_PARAMETERS,
+    STUDENT_PRESETS,
+    Student,
+    StudentConfig,
+    student_preset,
+)
 from cellcurate.models.teacher import build_teacher, count_parameters
 
 

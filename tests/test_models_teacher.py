@@ -13,7 +13,12 @@ from cellcurate.errors import ConfigError, ModelError
 from cellcurate.models.checkpoint import load_model, save_checkpoint
 from cellcurate.models.encoders import EncoderSpec
 from cellcurate.models.export import export_torchscript, load_torchscript
-from cellcurate.models.teacher import TeacherConfig, build_teacher, encode_windows, window_starts
+from cellcurate.models.teacher import (
+    TeacherConfig,
+    build_teacher,
+    encode_windows,
+    window_starts,
+)
 
 #: A one-block ViT with H-Optimus-0's patch size (14) and a 56-px native input (4×4 tokens).
 VIT14 = EncoderSpec(

@@ -54,7 +54,11 @@ def command(teacher: Path, release: Path, out: Path, weights: Path | None, split
     """Distil a student from TEACHER: soft targets + ground truth, consistency, layer-wise dropout."""
     from cellcurate.datasets.release import load_release
     from cellcurate.models.losses import LossConfig
-    from cellcurate.models.student import TIMM_DECODER_CHANNELS, StudentConfig, student_preset
+    from cellcurate.models.student import (
+        TIMM_DECODER_CHANNELS,
+        StudentConfig,
+        student_preset,
+    )
     from cellcurate.models.train import TrainConfig, distill
 
     loss = LossConfig(temperature=temperature, tversky_alpha=tversky_alpha, tversky_beta=tversky_beta,

@@ -388,7 +388,7 @@ def _check_shape_guard(model: Any, candidate: Any, *, seed: int) -> float:
         x = _example(model, size=s, seed=seed)[..., : s - m, :]
         try:
             candidate(x)
-        except Exception:  # onnxruntime / TorchScript raise their own types: the refusal we want
+        except ModelError:  # the loaders turn onnxruntime's / TorchScript's refusal into this
             return 0.0
         raise ModelError(f"the exported model accepts a {tuple(x.shape)} input although it is fixed to {s}×{s}")
     x = _example(model, size=s, seed=seed + 2)[..., : s - 7, : (s - m - 5 if s - m - 5 > 0 else s - 11)]

@@ -285,7 +285,7 @@ def postprocess_outputs(
     tp_prob: np.ndarray,
     *,
     head: str = "hover",
-    config: "PostprocessConfig | FlowConfig | None" = None,
+    config: PostprocessConfig | FlowConfig | None = None,
 ) -> Postprocessed:
     """:func:`postprocess` for a model's ``head`` (``model.meta["head"]``, default ``"hover"``).
 

@@ -48,9 +48,9 @@ __all__ = [
     "HEADS",
     "PRESET_PARAMETERS",
     "STUDENT_PRESETS",
+    "TINY_STUDENT_CHANNELS",
     "Student",
     "StudentConfig",
-    "TINY_STUDENT_CHANNELS",
     "student_preset",
 ]
 

@@ -45,11 +45,11 @@ from ..errors import ConfigError
 from .encoders import EncoderSpec, FeatureEncoder, build_encoder
 
 __all__ = [
+    "ENCODER_INPUTS",
     "ConvBlock",
     "HoVerHeads",
     "Teacher",
     "TeacherConfig",
-    "ENCODER_INPUTS",
     "build_teacher",
     "count_parameters",
     "model_meta",
