@@ -89,3 +89,16 @@ def test_timm_student_checkpoint_round_trip(tmp_path):
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(back(x)["hv"], s(x)["hv"])
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--tiny", "--preset", "paper"], "disagree"),
+    (["--student-encoder", "mobilevit_xs", "--preset", "paper"], "own size"),
+])
+def test_distill_refuses_contradictory_size_options(tmp_path, args, match):
+    from cellcurate.cli.distill import command
+
+    res = CliRunner().invoke(command, ["--teacher", str(tmp_path), "--release", str(tmp_path), "--out",
+                                       str(tmp_path / "s"), *args])
+    assert res.exit_code == 2 and match in res.output
+    assert not (tmp_path / "s").exists()
