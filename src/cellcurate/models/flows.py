@@ -147,7 +147,8 @@ def instances_from_flows(np_prob: np.ndarray, flow: np.ndarray, *, config: FlowC
 class FlowTileDataset(TileDataset):
     """:class:`~cellcurate.models.data.TileDataset` whose ``hv`` target holds Cellpose flows of the
     tile's nuclei (ignored pixels excluded) instead of HoVer distance maps. Grid tiles are
-    deterministic, so their flows are computed once and kept (keyed by the tile key)."""
+    deterministic, so their flows are computed once and kept in memory as float16 (keyed by the
+    tile key)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -173,11 +174,12 @@ class FlowTileDataset(TileDataset):
     def __getitem__(self, idx: int) -> dict[str, Any]:
         out = super().__getitem__(idx)
         key = out["key"]
-        flows = self._flows.get(key) if self.mode == "grid" else None
-        if flows is None:
-            flows = torch.from_numpy(flow_targets(self.tile_instances(idx)))
-            if self.mode == "grid":
-                self._flows[key] = flows
+        kept = self._flows.get(key) if self.mode == "grid" else None
+        if kept is not None:
+            return {**out, "hv": kept.float()}
+        flows = torch.from_numpy(flow_targets(self.tile_instances(idx)))
+        if self.mode == "grid":
+            self._flows[key] = flows.half()  # 2 bytes a value: 256 KiB per 256-px tile
         return {**out, "hv": flows}
 
 
