@@ -214,3 +214,29 @@ def test_exported_files_are_readable_by_others(tiny, tmp_path):
 
     for path in (export_onnx(tiny, tmp_path / "m.onnx"), export_torchscript(tiny, tmp_path / "m.pt")):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+def test_exported_student_pads_sides_that_are_not_multiples_of_32(tmp_path):
+    """An input PyTorch refuses (sides not multiples of 32) must not give silent garbage through
+    onnxruntime or TorchScript: the exported graph pads it and crops the outputs back."""
+    import onnxruntime as ort
+    import torch.nn.functional as F
+
+    from cellcurate.errors import ConfigError
+    from cellcurate.models.student import Student
+
+    torch.manual_seed(0)
+    student = Student(channels=(8, 16, 32, 64, 64), tile_size=64).eval()
+    x = torch.rand(1, 3, 70, 50)
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        student(x)
+    with torch.no_grad():
+        ref = student(F.pad(x, [0, 14, 0, 26], mode="replicate"))  # 96×64, cropped back to 70×50
+    session = ort.InferenceSession(str(export_onnx(student, tmp_path / "s.onnx")), providers=["CPUExecutionProvider"])
+    outs = dict(zip(["np", "hv", "tp"], session.run(None, {"image": x.numpy()})))
+    scripted = load_torchscript(export_torchscript(student, tmp_path / "s.pt"))
+    with torch.no_grad():
+        ts = scripted(x)
+    for name in ("np", "hv", "tp"):
+        want = ref[name][..., :70, :50].numpy()
+        assert outs[name].shape == want.shape
+        np.testing.assert_allclose(outs[name], want, atol=1e-4)
+        np.testing.assert_allclose(ts[name].numpy(), want, atol=1e-5)

@@ -9,6 +9,10 @@ from pathlib import Path
 
 import click
 
+#: ``--preset`` choices with their exact parameter counts (HoVer head, 8 types; a test recounts them).
+PRESET_HELP = ("U-Net student size: tiny (309,172 parameters, the demo), default (5,554,604: 205× fewer "
+               "than H-Optimus-0's 1,137,534,444-parameter teacher), paper (23,569,484: 48×, the CellGenNet ratio).")
+
 
 @click.command(name="distill")
 @click.option("--teacher", "teacher", required=True, type=click.Path(path_type=Path),
@@ -35,15 +39,26 @@ import click
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Keep the teacher's predictions on disk here (default: in memory).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
-@click.option("--tiny", is_flag=True, help="Tiny student (demo/tests).")
+@click.option("--tiny", is_flag=True, help="Tiny student (demo/tests): --preset tiny.")
+@click.option("--preset", type=click.Choice(["tiny", "default", "paper"]), default=None, help=PRESET_HELP)
+@click.option("--head", type=click.Choice(["hover", "flow"]), default="hover", show_default=True,
+              help="hover: HoVer-Net distance maps + watershed; flow: Cellpose flows + flow following.")
+@click.option("--student-encoder", default="unet", show_default=True,
+              help="unet (the presets), or a timm encoder built with random weights, e.g. mobilevit_xs "
+                   "(the authors' deployed student: --student-encoder mobilevit_xs --head flow).")
 def command(teacher: Path, release: Path, out: Path, weights: Path | None, split: str, epochs: int,
             batch_size: int, lr: float, tile_size: int, temperature: float, tversky_alpha: float,
             tversky_beta: float, consistency: float, dropout: float, seed: int, device: str, amp: bool,
-            cache_dir: Path | None, resume: bool, tiny: bool) -> None:
+            cache_dir: Path | None, resume: bool, tiny: bool, preset: str | None, head: str,
+            student_encoder: str) -> None:
     """Distil a student from TEACHER: soft targets + ground truth, consistency, layer-wise dropout."""
     from cellcurate.datasets.release import load_release
     from cellcurate.models.losses import LossConfig
-    from cellcurate.models.student import TINY_STUDENT_CHANNELS, StudentConfig
+    from cellcurate.models.student import (
+        TIMM_DECODER_CHANNELS,
+        StudentConfig,
+        student_preset,
+    )
     from cellcurate.models.train import TrainConfig, distill
 
     loss = LossConfig(temperature=temperature, tversky_alpha=tversky_alpha, tversky_beta=tversky_beta,
@@ -51,9 +66,17 @@ def command(teacher: Path, release: Path, out: Path, weights: Path | None, split
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,  # type: ignore[arg-type]
                       amp=amp, tile_size=tile_size, loss=loss,
                       cache_dir=None if cache_dir is None else str(cache_dir))
-    scfg = StudentConfig(dropout=dropout, tile_size=tile_size)  # normalisation: the teacher's
-    if tiny:
-        scfg = StudentConfig(channels=TINY_STUDENT_CHANNELS, dropout=dropout, tile_size=tile_size)
+    if tiny and preset not in (None, "tiny"):
+        raise click.UsageError(f"--tiny and --preset {preset} disagree; give one of them")
+    name = "tiny" if tiny else preset or "default"
+    if student_encoder == "unet":
+        channels, encoder = student_preset(name), None
+    else:
+        if preset is not None or tiny:
+            raise click.UsageError("--preset/--tiny size the U-Net student; a timm --student-encoder has its own size")
+        channels, encoder = TIMM_DECODER_CHANNELS, student_encoder
+    # normalisation: the teacher's
+    scfg = StudentConfig(channels=channels, dropout=dropout, tile_size=tile_size, head=head, encoder=encoder)
     base = load_release(release, split=split)
     result = distill(teacher, base, out_dir=out, student_config=scfg, config=cfg, resume=resume,
                      encoder_weights=weights)

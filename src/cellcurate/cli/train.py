@@ -39,9 +39,12 @@ def command() -> None:
               help="Keep encoder features on disk here (default: in memory).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--tiny", is_flag=True, help="Tiny random-weight teacher (demo/tests; trains on CPU in minutes).")
+@click.option("--encoder-input", type=click.Choice(["native", "resize"]), default="native", show_default=True,
+              help="native: the ViT sees windows of its own input size (224 px at 0.5 µm/px for H-Optimus-0), "
+                   "stitched back; resize: the whole tile resampled, position embeddings interpolated.")
 def teacher(release: Path, out: Path, encoder: str, weights: Path | None, split: str, epochs: int,
             batch_size: int, lr: float, tile_size: int, seed: int, device: str, amp: bool,
-            cache_dir: Path | None, resume: bool, tiny: bool) -> None:
+            cache_dir: Path | None, resume: bool, tiny: bool, encoder_input: str) -> None:
     """Train the teacher: frozen encoder + HoVer-Net decoder."""
     from cellcurate.datasets.release import load_release
     from cellcurate.models.teacher import TeacherConfig
@@ -49,7 +52,8 @@ def teacher(release: Path, out: Path, encoder: str, weights: Path | None, split:
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,  # type: ignore[arg-type]
                       amp=amp, tile_size=tile_size, cache_dir=None if cache_dir is None else str(cache_dir))
-    tcfg = TeacherConfig(decoder_channels=TINY_DECODER, tile_size=tile_size) if tiny else TeacherConfig(tile_size=tile_size)
+    tcfg = (TeacherConfig(decoder_channels=TINY_DECODER, tile_size=tile_size, encoder_input=encoder_input) if tiny
+            else TeacherConfig(tile_size=tile_size, encoder_input=encoder_input))
     base = load_release(release, split=split)
     result = train_teacher(
         base,

@@ -163,6 +163,7 @@ def _build(doc: dict[str, Any], cfg_path: Path, encoder_weights: str | os.PathLi
     try:
         if doc["kind"] == "student":
             return Student(**StudentConfig(**arch).to_dict())
+        arch.setdefault("encoder_input", "resize")  # written before the option: trained with resize
         tcfg = TeacherConfig(**arch)
         enc_doc = doc["encoder"]
         spec = EncoderSpec.from_dict(enc_doc["spec"])

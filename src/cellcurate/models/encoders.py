@@ -73,6 +73,11 @@ class FeatureEncoder(nn.Module):
             self.levels = [-4, -3, -2, -1]
             self.patch = 32
         self._unique = sorted(set(self.levels))
+        #: native input side (px) of a ViT with absolute position embeddings, else None
+        self.native_size: int | None = None
+        if blocks is not None and getattr(backbone, "pos_embed", None) is not None:
+            img = getattr(backbone.patch_embed, "img_size", None)
+            self.native_size = int(img[0]) if img is not None else int(spec.input_size)
         self.channels = self._probe_channels()
         #: the local weights file the backbone was loaded from (None: random init)
         self.weights: str | None = None

@@ -7,6 +7,15 @@ inside the model) and give three outputs ``np`` (B, 2, H, W) logits, ``hv`` (B, 
 ``tp`` (B, K, H, W) logits. Batch, height and width are dynamic (checked by :func:`check_onnx`
 and :func:`check_torchscript` at two sizes).
 
+Input shape (:func:`shape_guarded`): the PyTorch models refuse sides that are not multiples of
+``meta["input_multiple"]`` (32; 64 for MobileViT students). An exported model never runs on such
+an input unchecked: a model with dynamic height/width pads the input on the bottom/right (edge
+pixels repeated) up to the next multiple inside the graph and crops its outputs back, so any
+H×W works and gives PyTorch's outputs on the padded tile; a model whose graph is fixed to the
+export size (``meta["input_fixed"]``: a teacher feeding its ViT native windows) is exported
+with fixed height/width: onnxruntime rejects other sizes itself ("invalid dimensions"), and the
+TorchScript file raises ``RuntimeError`` naming the expected size.
+
 Metadata (:func:`export_metadata`): ``model.meta`` (classes, colours, pixel size, input size,
 mean/std, architecture, ...) plus ``format``, ``input``, ``outputs`` and ``cellcurate_version``,
 stored as JSON: in TorchScript as the extra file ``meta.json``; in ONNX as the
@@ -84,11 +93,67 @@ def _tuple_module(model: Any) -> Any:
     return TupleOutputs(model).eval()
 
 
+def input_multiple(model: Any) -> int:
+    """The multiple every input side must be (``meta["input_multiple"]``, default 32)."""
+    return int(model_meta(model).get("input_multiple") or 32)
+
+
+def input_fixed(model: Any) -> bool:
+    """True when the model's traced graph only holds for its export size (``meta["input_fixed"]``)."""
+    return bool(model_meta(model).get("input_fixed", False))
+
+
+def shape_guarded(model: Any) -> Any:
+    """``model`` with tuple outputs behind the input-shape guard of exported models: replicate-pad
+    of the bottom/right edges up to ``input_multiple(model)``, outputs cropped back to H×W."""
+    import torch
+    import torch.nn.functional as F
+
+    class PadToMultiple(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module, multiple: int) -> None:
+            super().__init__()
+            self.inner = inner
+            self.multiple = multiple
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            h, w = x.shape[-2], x.shape[-1]
+            m = self.multiple
+            ph, pw = (m - h % m) % m, (m - w % m) % m
+            out = self.inner(F.pad(x, [0, pw, 0, ph], mode="replicate"))
+            return out["np"][..., :h, :w], out["hv"][..., :h, :w], out["tp"][..., :h, :w]
+
+    return PadToMultiple(model, input_multiple(model)).eval()
+
+
+def _fixed_size_guard(traced: Any, size: int) -> Any:
+    """Script a wrapper around a traced fixed-size module that refuses any other height/width."""
+    import torch
+
+    class FixedSize(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module, size: int) -> None:
+            super().__init__()
+            self.inner = inner
+            self.size = size
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != self.size or x.shape[3] != self.size:
+                raise RuntimeError(
+                    "cellcurate model input must be (B, 3, " + str(self.size) + ", " + str(self.size)
+                    + "), got " + str(list(x.shape))
+                )
+            return self.inner(x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.jit.script(FixedSize(traced, size))
+
+
 def _example(model: Any, *, batch: int = 1, size: int | None = None, seed: int = 0) -> Any:
     import torch
 
+    m = input_multiple(model)
     s = int(size or model_meta(model).get("input_size") or 256)
-    s = max(32, s - s % 32)
+    s = max(m, s - s % m)
     g = torch.Generator().manual_seed(seed)
     return torch.rand(batch, 3, s, s, generator=g)
 
@@ -103,18 +168,23 @@ def _device_of(model: Any) -> Any:
 def export_torchscript(model: Any, path: str | os.PathLike[str], *, example_size: int | None = None) -> Path:
     """Trace ``model`` (in eval mode, on CPU) to TorchScript and save it with ``meta.json``.
 
-    The traced module keeps the dict output of the package contract. Returns ``path``.
+    The traced module keeps the dict output of the package contract and the input-shape guard of
+    the module docstring. Returns ``path``.
     """
     import torch
 
     path = Path(path)
     model = model.eval().cpu()
     x = _example(model, size=example_size)
+    fixed = input_fixed(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)
         try:
-            traced = torch.jit.trace(model, x, strict=False, check_trace=False)
+            if fixed:
+                traced = _fixed_size_guard(torch.jit.trace(model, x, strict=False, check_trace=False), int(x.shape[-1]))
+            else:
+                traced = torch.jit.trace(shape_guarded(model), x, strict=False, check_trace=False)
         except Exception as exc:  # tracing errors come in many types; name the model
             raise ModelError(f"cannot trace {type(model).__name__} to TorchScript ({type(exc).__name__}: {exc})", path=path) from None
     meta = json.dumps(export_metadata(model, fmt="torchscript"), indent=2)
@@ -133,13 +203,15 @@ def export_onnx(
     example_size: int | None = None,
 ) -> Path:
     """Export ``model`` (eval mode, CPU) to ONNX with named outputs, a dynamic batch axis (and
-    dynamic height/width with ``dynamic_hw``) and the metadata in ``metadata_props``."""
+    dynamic height/width with ``dynamic_hw``, unless the model is ``input_fixed``), the input-shape
+    guard of the module docstring and the metadata in ``metadata_props``."""
     import onnx
     import torch
 
     path = Path(path)
     model = model.eval().cpu()
     x = _example(model, size=example_size)
+    dynamic_hw = dynamic_hw and not input_fixed(model)
     axes: dict[str, dict[int, str]] = {}
     for name in (INPUT_NAME, *OUTPUT_NAMES):
         axes[name] = {0: "batch", 2: "height", 3: "width"} if dynamic_hw else {0: "batch"}
@@ -148,7 +220,7 @@ def export_onnx(
             warnings.simplefilter("ignore")
             try:
                 torch.onnx.export(
-                    _tuple_module(model),
+                    shape_guarded(model) if dynamic_hw else _tuple_module(model),
                     (x,),
                     str(tmp),
                     input_names=[INPUT_NAME],
@@ -219,7 +291,10 @@ def load_torchscript(path: str | os.PathLike[str], *, device: str = "cpu") -> An
             self.meta = meta
 
         def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            out = self.scripted(x)
+            try:
+                out = self.scripted(x)
+            except torch.jit.Error as exc:  # the shape guard's refusal, among others: its last line
+                raise ModelError(_last_line(exc), path=path) from None
             if isinstance(out, (tuple, list)):
                 return dict(zip(OUTPUT_NAMES, out))
             return dict(out)
@@ -254,10 +329,18 @@ def load_onnx(path: str | os.PathLike[str], *, threads: int | None = None) -> An
             self.session = session
 
         def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-            res = self.session.run(names, {input_name: x.detach().float().cpu().numpy()})
+            try:
+                res = self.session.run(names, {input_name: x.detach().float().cpu().numpy()})
+            except (ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
+                raise ModelError(f"onnxruntime refuses input {tuple(x.shape)}: {_last_line(exc)}", path=path) from None
             return {n: torch.from_numpy(r).to(x.device) for n, r in zip(names, res)}
 
     return OnnxModel().eval()
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(exc).__name__
 
 
 def _max_diff(reference: Any, candidate: Any, inputs: Sequence[Any]) -> float:
@@ -285,14 +368,54 @@ def _max_diff(reference: Any, candidate: Any, inputs: Sequence[Any]) -> float:
 
 def _check_inputs(model: Any, *, batch: int, seed: int) -> list[Any]:
     s = _example(model, batch=1).shape[-1]
+    if input_fixed(model):  # only the batch may change
+        return [_example(model, batch=batch, size=s, seed=seed), _example(model, batch=1, size=s, seed=seed + 1)]
     # the export size with a batch, then a different, non-square size: dynamic axes must hold
-    return [_example(model, batch=batch, size=s, seed=seed), _example(model, batch=1, size=s, seed=seed + 1)[..., : max(32, s - 32)]]
+    m = input_multiple(model)
+    return [_example(model, batch=batch, size=s, seed=seed), _example(model, batch=1, size=s, seed=seed + 1)[..., : max(m, s - m)]]
+
+
+def _check_shape_guard(model: Any, candidate: Any, *, seed: int) -> float:
+    """Exercise the input-shape guard: a dynamic model on a tile whose sides are not multiples must
+    equal PyTorch on the padded tile, cropped (returns the largest difference); a fixed-size model
+    must refuse another size."""
+    import torch
+    import torch.nn.functional as F
+
+    s = int(_example(model).shape[-1])
+    m = input_multiple(model)
+    if input_fixed(model):
+        x = _example(model, size=s, seed=seed)[..., : s - m, :]
+        try:
+            candidate(x)
+        except ModelError:  # the loaders turn onnxruntime's / TorchScript's refusal into this
+            return 0.0
+        raise ModelError(f"the exported model accepts a {tuple(x.shape)} input although it is fixed to {s}×{s}")
+    x = _example(model, size=s, seed=seed + 2)[..., : s - 7, : (s - m - 5 if s - m - 5 > 0 else s - 11)]
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    with torch.inference_mode():
+        ref = model(F.pad(x, [0, (m - w % m) % m, 0, (m - h % m) % m], mode="replicate"))
+        try:
+            got = candidate(x)
+        except Exception as exc:  # onnxruntime / TorchScript raise their own types
+            msg = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"the exported model fails on input {tuple(x.shape)} (not whole multiples of {m}): {msg}") from None
+    worst = 0.0
+    for name in OUTPUT_NAMES:
+        a = ref[name][..., :h, :w].float()
+        b = torch.as_tensor(got[name]).float()
+        if a.shape != b.shape:
+            raise ModelError(f"exported output {name!r} has shape {tuple(b.shape)} for input {tuple(x.shape)}, expected {tuple(a.shape)}")
+        worst = max(worst, float((a - b).abs().max()))
+    return worst
 
 
 def check_onnx(model: Any, path: str | os.PathLike[str], *, atol: float = 1e-4, batch: int = 2, seed: int = 0) -> float:
     """Run the ONNX file with onnxruntime (CPU) and PyTorch on the same random inputs (a batch
-    at the export size, then one non-square tile); return the largest absolute difference over
-    all outputs. Raises ``ModelError`` when it exceeds ``atol``."""
+    at the export size, then one non-square tile, then one whose sides are not multiples of
+    ``input_multiple``, compared with PyTorch on it padded; a fixed-size model must refuse
+    another size instead); return the largest absolute difference over all outputs. Raises
+    ``ModelError`` when it exceeds ``atol``."""
     return _check_export(model, path, load_onnx, "ONNX", atol=atol, batch=batch, seed=seed)
 
 
@@ -306,7 +429,9 @@ def _check_export(model: Any, path: str | os.PathLike[str], load: Any, kind: str
     path = Path(path)
     model = model.eval().cpu()
     try:
-        diff = _max_diff(model, load(path), _check_inputs(model, batch=batch, seed=seed))
+        loaded = load(path)
+        diff = _max_diff(model, loaded, _check_inputs(model, batch=batch, seed=seed))
+        diff = max(diff, _check_shape_guard(model, loaded, seed=seed))
     except ModelError as exc:
         raise ModelError(str(exc), path=path) from None
     if not diff <= atol:

@@ -15,6 +15,9 @@ The pipeline follows HoVer-Net's idea (Graham et al. 2019) in our own formulatio
 4. distance surface ``(1 - E) * fg`` (smoothed); watershed of its negative from the markers,
    restricted to ``fg``; instances under ``min_area`` px removed; ids relabelled 1..n.
 
+Models with the Cellpose flow head (``meta["head"] == "flow"``) are post-processed by flow
+following instead (:func:`postprocess_outputs`, :mod:`cellcurate.models.flows`).
+
 Per-instance class (:func:`classify_instances`): majority vote of the per-pixel argmax type over
 the instance's pixels, background votes excluded (ties go to the lower class id); an instance
 whose every pixel voted background gets the foreground class with the highest mean probability.
@@ -36,7 +39,7 @@ outline as the QuPath GeoJSON export), so they rasterise back to the exact mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import pandas as pd
@@ -45,6 +48,9 @@ from skimage import morphology, segmentation
 
 from ..core.geometry import mask_to_polygon as _core_mask_to_polygon
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .flows import FlowConfig
 
 #: Sobel response of a sharp fall by 2 (an h/v map jumping from +1 to -1 between two pixels).
 _STEP_RESPONSE = 8.0
@@ -271,6 +277,36 @@ def postprocess(
         (K, H, W) float type softmax.
     """
     instances = instances_from_maps(np_prob, hv, config=config)
+    classes, probs = classify_instances(instances, tp_prob)
+    return Postprocessed(instances=instances, classes=classes, probs=probs)
+
+
+def postprocess_outputs(
+    np_prob: np.ndarray,
+    hv: np.ndarray,
+    tp_prob: np.ndarray,
+    *,
+    head: str = "hover",
+    config: PostprocessConfig | FlowConfig | None = None,
+) -> Postprocessed:
+    """:func:`postprocess` for a model's ``head`` (``model.meta["head"]``, default ``"hover"``).
+
+    ``"hover"``: the watershed of this module on the distance maps ``hv``; ``"flow"``: ``hv`` holds
+    Cellpose flows, followed by :func:`cellcurate.models.flows.instances_from_flows` (a
+    :class:`PostprocessConfig` passes its ``threshold`` and ``min_area`` on). Classes and
+    probabilities are the same per-instance vote either way.
+    """
+    if head == "hover":
+        if config is not None and not isinstance(config, PostprocessConfig):
+            raise ConfigError(f"a HoVer head takes a PostprocessConfig, got {type(config).__name__}")
+        return postprocess(np_prob, hv, tp_prob, config=config)
+    if head != "flow":
+        raise ConfigError(f"unknown model head {head!r}; expected 'hover' or 'flow'")
+    from .flows import FlowConfig, instances_from_flows
+
+    if isinstance(config, PostprocessConfig):
+        config = FlowConfig(threshold=config.threshold, min_area=config.min_area)
+    instances = instances_from_flows(np_prob, hv, config=config)
     classes, probs = classify_instances(instances, tp_prob)
     return Postprocessed(instances=instances, classes=classes, probs=probs)
 

@@ -43,7 +43,7 @@ import pandas as pd
 
 from ..core.atomic import atomic_path
 from ..errors import ConfigError, InputFormatError, InputNotFoundError, ModelError
-from .postprocess import PostprocessConfig, instance_table, postprocess
+from .postprocess import PostprocessConfig, instance_table, postprocess_outputs
 
 #: Image suffixes :func:`read_image` accepts.
 IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -181,9 +181,12 @@ def infer_tiled(
         params = list(model.parameters()) if hasattr(model, "parameters") else []
         device = str(params[0].device) if params else "cpu"
 
+    mult = int(model_meta(model).get("input_multiple") or 32)  # 64 for MobileViT students
+    if tile % mult:
+        raise ConfigError(f"tile must be a multiple of {mult} for this model, got {tile}")
     h, w = image.shape[:2]
-    th = tile if h >= tile else _ceil32(h)
-    tw = tile if w >= tile else _ceil32(w)
+    th = tile if h >= tile else _ceil32(h, mult)
+    tw = tile if w >= tile else _ceil32(w, mult)
     padded = np.pad(image, ((0, max(th - h, 0)), (0, max(tw - w, 0)), (0, 0)), mode="reflect" if min(h, w) > 1 else "edge")
     ph, pw = padded.shape[:2]
     window = np.outer(_ramp(th, overlap), _ramp(tw, overlap))
@@ -227,8 +230,8 @@ def infer_tiled(
     }
 
 
-def _ceil32(n: int) -> int:
-    return max(32, -(-n // 32) * 32)
+def _ceil32(n: int, multiple: int = 32) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
 
 
 def _check_outputs(out: Any, shape: Any) -> None:
@@ -252,7 +255,7 @@ def predict_image(
     overlap: int = 64,
     batch_size: int = 8,
     device: str | None = None,
-    config: PostprocessConfig | None = None,
+    config: PostprocessConfig | Any | None = None,
     with_polygons: bool = True,
 ) -> Prediction:
     """Nuclei of one image: tiled inference, post-processing, the nucleus table.
@@ -286,7 +289,7 @@ def predict_image(
     maps = infer_tiled(model, work, tile=tile, overlap=overlap, batch_size=batch_size, device=device)
     if maps["tp"].shape[0] != len(names) + 1:
         raise ModelError(f"model has {maps['tp'].shape[0]} type channels but its metadata names {len(names)} classes")
-    post = postprocess(maps["np"], maps["hv"], maps["tp"], config=config)
+    post = postprocess_outputs(maps["np"], maps["hv"], maps["tp"], head=str(meta.get("head", "hover")), config=config)
     instances, classes, probs = post.instances, post.classes, post.probs
     if work is not image:
         back = resize(instances, image.shape[:2], order=0, anti_aliasing=False, preserve_range=True).astype(np.int32)

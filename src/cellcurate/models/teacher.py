@@ -12,6 +12,20 @@ ones join at H/8, H/4, H/2 (each projected, resized and refined), and a small co
 the full-resolution tile joins at H. ``encode``/``decode`` split the two halves so that training
 computes the frozen encoder's features once per tile and caches them.
 
+Encoder input (:attr:`TeacherConfig.encoder_input`):
+
+- ``"native"`` (default): a ViT sees only windows of its native size S (224 px for H-Optimus-0,
+  a 16×16 token grid), so its position embeddings are used as trained, never interpolated. The
+  resampled tile (h'×w', whole patches) is placed on a canvas of at least S×S (padded with the
+  normalised mean colour, i.e. zeros), covered by S×S windows whose starts are multiples of the
+  patch size (overlapping evenly), every window is encoded, the token grids are stitched back
+  (overlaps averaged) and cropped to the h'/p × w'/p tokens of the tile. A 448-px tile at
+  0.25 µm/px is exactly one 224-px window. Encoders without position embeddings (CNNs) take the
+  resampled tile whole.
+- ``"resize"``: the whole resampled tile goes through the encoder at once (a 256-px tile at
+  0.25 µm/px: 126 px, 9×9 tokens, position embeddings interpolated). Checkpoints written before
+  this option existed load with ``"resize"``, the behaviour they were trained with.
+
 >>> t = Teacher(build_encoder("micro-vit"), decoder_channels=(32, 32, 16, 16, 8))
 >>> sorted(t(torch.rand(1, 3, 64, 64)))
 ['hv', 'np', 'tp']
@@ -31,6 +45,7 @@ from ..errors import ConfigError
 from .encoders import EncoderSpec, FeatureEncoder, build_encoder
 
 __all__ = [
+    "ENCODER_INPUTS",
     "ConvBlock",
     "HoVerHeads",
     "Teacher",
@@ -41,6 +56,9 @@ __all__ = [
 ]
 
 DATA_MPP = 0.25
+
+#: How the teacher feeds its encoder (see the module docstring).
+ENCODER_INPUTS: tuple[str, ...] = ("native", "resize")
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = False) -> int:
@@ -67,6 +85,50 @@ def model_meta(
         "std": [float(v) for v in std],
         "outputs": {"np": "logits (B,2,H,W)", "hv": "(B,2,H,W) in [-1,1], h then v", "tp": "logits (B,K,H,W)"},
     }
+
+
+def window_starts(length: int, window: int, patch: int) -> list[int]:
+    """Starts of ``window``-px windows covering ``length`` px (``length >= window``, both whole
+    patches): evenly spread, the last flush with the end, every start a multiple of ``patch``."""
+    if length <= window:
+        return [0]
+    n = -(-length // window)
+    span = (length - window) // patch
+    return [round(span * i / (n - 1)) * patch for i in range(n)]
+
+
+def encode_windows(encoder: nn.Module, z: torch.Tensor, *, window: int, patch: int) -> list[torch.Tensor]:
+    """Encode a normalised (B, 3, h, w) image (h, w whole patches) in ``window``×``window`` tiles.
+
+    The image is padded with zeros (the normalised mean colour) to at least ``window`` on each side,
+    every window goes through ``encoder`` at its native size (one batch of B × windows), and each
+    of the 4 feature levels is stitched back on the (h'/p, w'/p) token canvas (overlaps averaged)
+    and cropped to the h/p × w/p tokens of the image.
+
+    Returns 4 tensors (B, C_l, h/p, w/p).
+    """
+    b, _, h, w = z.shape
+    if h % patch or w % patch or window % patch:
+        raise ConfigError(f"native-window encoding needs whole patches of {patch} px, got {h}×{w} (window {window})")
+    ch, cw = max(h, window), max(w, window)
+    if (ch, cw) != (h, w):
+        z = F.pad(z, (0, cw - w, 0, ch - h))
+    ys, xs = window_starts(ch, window, patch), window_starts(cw, window, patch)
+    crops = torch.cat([z[:, :, y : y + window, x : x + window] for y in ys for x in xs], dim=0)
+    feats = encoder(crops)  # 4 × (n_windows·B, C, window/p, window/p)
+    g = window // patch
+    out: list[torch.Tensor] = []
+    for f in feats:
+        if f.shape[-1] != g or f.shape[-2] != g:
+            raise ConfigError(f"encoder returned a {tuple(f.shape[-2:])} token grid for a {window}-px window; expected {g}×{g}")
+        acc = f.new_zeros(b, f.shape[1], ch // patch, cw // patch)
+        count = f.new_zeros(1, 1, ch // patch, cw // patch)
+        for i, (y, x) in enumerate((y, x) for y in ys for x in xs):
+            ty, tx = y // patch, x // patch
+            acc[:, :, ty : ty + g, tx : tx + g] += f[i * b : (i + 1) * b]
+            count[:, :, ty : ty + g, tx : tx + g] += 1
+        out.append((acc / count)[:, :, : h // patch, : w // patch])
+    return out
 
 
 class ConvBlock(nn.Sequential):
@@ -116,9 +178,13 @@ class TeacherConfig:
     n_types: int = 8
     data_mpp: float = DATA_MPP
     tile_size: int = 256
+    #: ``"native"`` (windows of the encoder's own input size) or ``"resize"`` (the whole tile)
+    encoder_input: str = "native"
 
     def __post_init__(self) -> None:
         self.decoder_channels = tuple(int(c) for c in self.decoder_channels)  # type: ignore[assignment]
+        if self.encoder_input not in ENCODER_INPUTS:
+            raise ConfigError(f"encoder_input must be one of {ENCODER_INPUTS}, got {self.encoder_input!r}")
         if len(self.decoder_channels) != 5 or min(self.decoder_channels) < 1:
             raise ConfigError(f"decoder_channels must be 5 positive ints, got {self.decoder_channels}")
         if self.n_types < 2:
@@ -143,10 +209,12 @@ class Teacher(nn.Module):
         n_types: int = 8,
         data_mpp: float = DATA_MPP,
         tile_size: int = 256,
+        encoder_input: str = "native",
         taxonomy: Taxonomy | None = None,
     ) -> None:
         super().__init__()
-        self.config = TeacherConfig(tuple(decoder_channels), n_types, data_mpp, tile_size)  # type: ignore[arg-type]
+        self.config = TeacherConfig(tuple(decoder_channels), n_types, data_mpp, tile_size,  # type: ignore[arg-type]
+                                    encoder_input)
         c16, c8, c4, c2, c1 = self.config.decoder_channels
         spec: EncoderSpec = encoder.spec
         self.encoder = encoder
@@ -181,6 +249,9 @@ class Teacher(nn.Module):
             std=spec.std,
             taxonomy=taxonomy,
         )
+        self.meta["encoder_input"] = self.config.encoder_input
+        if self.native_window is not None:  # the window layout depends on the tile size
+            self.meta["input_fixed"] = True
 
     def train(self, mode: bool = True) -> "Teacher":
         super().train(mode)
@@ -195,6 +266,19 @@ class Teacher(nn.Module):
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
+    @property
+    def native_window(self) -> int | None:
+        """Side of the encoder's native input (pixels) used by ``encoder_input="native"``; None
+        when the encoder has no position embeddings to protect (CNNs) or in ``"resize"`` mode."""
+        if self.config.encoder_input != "native":
+            return None
+        return self.encoder.native_size
+
+    @property
+    def feature_id(self) -> str:
+        """Identifies the features :meth:`encode` computes (encoder + input mode), for caches."""
+        return f"{self.encoder.encoder_id}-{self.config.encoder_input}"
+
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x (B, 3, H, W) in [0, 1] → 4 feature maps of the frozen encoder (no gradient)."""
         size = self.encoder_size(int(x.shape[-2]), int(x.shape[-1]))
@@ -202,8 +286,11 @@ class Teacher(nn.Module):
         if self.scale < 0.75:  # fixed [1, 2, 1]/4 low-pass before downsampling (exportable antialias)
             z = F.conv2d(F.pad(z, (1, 1, 1, 1), mode="replicate"), self.blur, groups=3)
         z = F.interpolate(z, size=size, mode="bilinear", align_corners=False)
+        window = self.native_window
         with torch.no_grad():
-            return [f.detach() for f in self.encoder(z)]
+            if window is None:
+                return [f.detach() for f in self.encoder(z)]
+            return [f.detach() for f in encode_windows(self.encoder, z, window=window, patch=self.patch)]
 
     def decode(self, feats: list[torch.Tensor], x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Decode cached/fresh features ``feats`` with the tile ``x`` (B, 3, H, W) in [0, 1]."""
@@ -257,6 +344,7 @@ def build_teacher(
         n_types=cfg.n_types,
         data_mpp=cfg.data_mpp,
         tile_size=cfg.tile_size,
+        encoder_input=cfg.encoder_input,
         taxonomy=taxonomy,
     )
     if meta:

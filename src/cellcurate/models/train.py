@@ -8,7 +8,9 @@ computed before the first epoch (or found in the cache) and every epoch decodes 
 Because the features belong to fixed tiles, the teacher is trained without spatial augmentation.
 
 :func:`distill` trains a :class:`~cellcurate.models.student.Student` from a teacher checkpoint:
-the teacher's predictions are computed once per tile and cached, then each batch gets a random
+the teacher's predictions are computed once per tile and cached (for a student with the Cellpose
+flow head, :mod:`~cellcurate.models.flows`, the ``hv`` target and the HoVer teacher's ``hv`` map are
+replaced by flows: of the ground-truth nuclei and of the teacher's nuclei), then each batch gets a random
 flip/90° rotation per tile (applied to the image, the ground truth and the teacher's maps, with the
 distance-map components fixed) and a stain jitter. The loss is ground truth (BCE + Tversky + Dice,
 CE + Dice, MSE + gradient MSE) + distillation (T²·KL on types, MSE on the teacher's distance maps and
@@ -283,7 +285,7 @@ def train_teacher(
     model.to(device)
     tiles = TileDataset(base, tile_size=cfg.tile_size, mode="grid", mpp=model.config.data_mpp, seed=cfg.seed)
     autocast, scaler = _autocast(device, cfg.amp)
-    cache = TileCache("enc-" + model.encoder.encoder_id, directory=cfg.cache_dir)
+    cache = TileCache("enc-" + model.feature_id, directory=cfg.cache_dir)
     _fill_cache(cache, tiles, model.encode, batch_size=cfg.batch_size, device=device, autocast=autocast,
                 progress=cfg.progress, desc="encoder features")
 
@@ -315,6 +317,22 @@ def _teacher_id(teacher: nn.Module, source: str | None) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:24]
+
+
+def _student_tiles(base: Dataset, student: Student, cfg: TrainConfig) -> TileDataset:
+    """Grid tiles for ``student``: HoVer targets, or Cellpose flows in ``hv`` for a flow head."""
+    kind: type[TileDataset] = TileDataset
+    if student.config.head == "flow":
+        from .flows import FlowTileDataset
+
+        kind = FlowTileDataset
+    return kind(base, tile_size=cfg.tile_size, mode="grid", mpp=student.config.data_mpp, seed=cfg.seed)
+
+
+def _needs_teacher_flows(teacher: nn.Module, student: Student) -> bool:
+    """A flow student taught by a HoVer teacher learns the flows of the teacher's nuclei."""
+    head = str(getattr(teacher, "meta", {}).get("head", "hover"))
+    return student.config.head == "flow" and head != "flow"
 
 
 def distill(
@@ -373,12 +391,18 @@ def distill(
         student.meta["classes"] = tmeta.get("classes", student.meta["classes"])
         student.meta["colors"] = tmeta.get("colors", student.meta["colors"])
     student.to(device)
-    tiles = TileDataset(base, tile_size=cfg.tile_size, mode="grid", mpp=student.config.data_mpp, seed=cfg.seed)
+    tiles = _student_tiles(base, student, cfg)
     autocast, scaler = _autocast(device, cfg.amp)
-    cache = TileCache("teacher-" + _teacher_id(teacher, source), directory=cfg.cache_dir)
+    to_flows = _needs_teacher_flows(teacher, student)
+    cache = TileCache("teacher-" + _teacher_id(teacher, source) + ("-flows" if to_flows else ""),
+                      directory=cfg.cache_dir)
 
     def predict(x: torch.Tensor) -> list[torch.Tensor]:
         o = teacher(x)
+        if to_flows:
+            from .flows import teacher_flows
+
+            return [o["np"], teacher_flows(o["np"], o["hv"]), o["tp"]]
         return [o["np"], o["hv"], o["tp"]]
 
     _fill_cache(cache, tiles, predict, batch_size=cfg.batch_size, device=device, autocast=autocast,
