@@ -1,5 +1,8 @@
 """napari reader: ``napari STORE`` opens a cellcurate store, images with nuclei coloured by class.
 
+The class layers are read-only (a two-level multiscale labels layer, which napari does not let
+anyone paint on) and carry the class names as features, so hovering a nucleus shows its class.
+
 A store can hold hundreds of thousands of nuclei, so the reader opens the first
 :data:`MAX_IMAGES` images only (each read lazily, on open); ``CELLCURATE_NAPARI_IMAGES`` changes
 that number. Each image becomes an image layer and a labels layer whose values are the current
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 
 from ..curation.review import IGNORE_VALUE, REJECTED_VALUE, UNRESOLVED_VALUE, current_labels_of
 from ..datasets.ledger import NOT_A_NUCLEUS, UNRESOLVED
@@ -32,6 +36,40 @@ def class_colors(taxonomy: Taxonomy) -> dict[int | None, str]:
     colors.update({c.id: c.color for c in taxonomy.classes})
     colors.update({UNRESOLVED_VALUE: "#ffffff", REJECTED_VALUE: "#808080", IGNORE_VALUE: "#404040"})
     return colors
+
+
+#: Outline colours to choose from for the nucleus under review (bright, saturated, or black).
+OUTLINE_CANDIDATES: tuple[str, ...] = (
+    "#00ff00", "#00ffff", "#ff00ff", "#ffff00", "#ff8000", "#0080ff", "#80ff00", "#00ff80", "#ff0080",
+    "#8000ff", "#ff0000", "#0000ff", "#000000", "#ffffff",
+)
+
+
+def _rgb(color: str) -> np.ndarray:
+    h = color.lstrip("#")
+    return np.array([int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)], float)
+
+
+def outline_color(taxonomy: Taxonomy) -> str:
+    """The candidate colour farthest (RGB distance) from every colour of the class map: each
+    class, unresolved white, rejected and ignore greys; so the outline of the nucleus under
+    review never looks like a class (a Dead nucleus is yellow: its outline is not)."""
+    used = [_rgb(c) for c in class_colors(taxonomy).values() if c != "transparent"]
+    best = max(OUTLINE_CANDIDATES, key=lambda c: (min(float(np.linalg.norm(_rgb(c) - u)) for u in used), c))
+    return best
+
+
+def class_names(taxonomy: Taxonomy) -> dict[int, str]:
+    """Names of the class map values (what napari shows on hover)."""
+    names = {0: "background", **{c.id: c.name for c in taxonomy.classes}}
+    names.update({UNRESOLVED_VALUE: "unresolved", REJECTED_VALUE: "not a nucleus", IGNORE_VALUE: "ignore region"})
+    return names
+
+
+def class_features(taxonomy: Taxonomy) -> pd.DataFrame:
+    """Labels-layer features: one row per class map value, column ``class`` (shown on hover)."""
+    names = class_names(taxonomy)
+    return pd.DataFrame({"index": list(names), "class": list(names.values())})
 
 
 def class_map(store: Store, image_id: str, instances: np.ndarray) -> np.ndarray:
@@ -57,11 +95,16 @@ def store_layers(store: Store, *, max_images: int | None = None) -> list[LayerDa
     x = 0
     for row in images.itertuples(index=False):
         image, instances = store.read(row.image_id)
+        image, instances = np.array(image), np.asarray(instances)  # in memory: the store may go away
         translate = (0, x)
         layers.append((image, {"name": row.image_id, "rgb": True, "translate": translate}, "image"))
-        layers.append((class_map(store, row.image_id, instances),
+        # a (two-level) multiscale labels layer: napari makes those read-only (no paint tools, no
+        # keys switching to them); the class of the nucleus under the cursor shows on hover
+        cmap = class_map(store, row.image_id, instances)
+        layers.append(([cmap, cmap[::2, ::2]],
                        {"name": f"{row.image_id} classes", "colormap": colors, "opacity": 0.45,
-                        "translate": translate}, "labels"))
+                        "translate": translate, "multiscale": True, "features": class_features(store.taxonomy)},
+                       "labels"))
         x += int(row.width) + 16
     return layers
 
