@@ -9,8 +9,8 @@ Dimensions: N images, n nuclei per image, K = 7 classes, T×T pixels per tile.
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
