@@ -375,13 +375,14 @@ def test_sample_data_leaves_no_temp_folder(tmp_path, monkeypatch):
 
 def test_outline_colour_differs_from_every_class_colour():
     from cellcurate.datasets.taxonomy import Taxonomy
-    from cellcurate.napari_plugin.reader import _rgb, class_colors, outline_color
+    from cellcurate.napari_plugin.reader import _lab, class_colors, outline_color
 
     tax = Taxonomy.default()
     out = outline_color(tax)
     used = [c for c in class_colors(tax).values() if c != "transparent"]
     assert out not in used and out.lower() != "#ffe119"  # not the Dead yellow
-    assert min(np.linalg.norm(_rgb(out) - _rgb(c)) for c in used) > 100
+    assert min(np.linalg.norm(_lab(out) - _lab(c)) for c in used) > 40  # CIE Lab: clearly another colour
+    assert np.allclose(_lab("#ffffff"), [100, 0, 0], atol=0.1) and np.allclose(_lab("#000000"), [0, 0, 0])
     data = tax.to_dict()
     data["classes"][0]["color"] = out  # a taxonomy using that very colour gets another outline
     assert outline_color(Taxonomy.from_dict(data)) != out

@@ -39,10 +39,11 @@ def class_colors(taxonomy: Taxonomy) -> dict[int | None, str]:
     return colors
 
 
-#: Outline colours to choose from for the nucleus under review (bright, saturated, or black).
+#: Outline colours to choose from for the nucleus under review: colours that stand out on H&E
+#: (no blues or purples, which vanish on haematoxylin).
 OUTLINE_CANDIDATES: tuple[str, ...] = (
-    "#00ff00", "#00ffff", "#ff00ff", "#ffff00", "#ff8000", "#0080ff", "#80ff00", "#00ff80", "#ff0080",
-    "#8000ff", "#ff0000", "#0000ff", "#000000", "#ffffff",
+    "#00ff00", "#80ff00", "#00ff80", "#00ffc8", "#00ffff", "#ffff00", "#b4ff00", "#ff8000", "#ff4500",
+    "#ff0000", "#ff0080", "#ff6eb4", "#000000",
 )
 
 
@@ -51,13 +52,22 @@ def _rgb(color: str) -> np.ndarray:
     return np.array([int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)], float)
 
 
+def _lab(color: str) -> np.ndarray:
+    """CIE L*a*b* (D65) of an sRGB colour: distances there follow what the eye tells apart."""
+    c = _rgb(color) / 255
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ c
+    t = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(t > (6 / 29) ** 3, np.cbrt(t), t / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
 def outline_color(taxonomy: Taxonomy) -> str:
-    """The candidate colour farthest (RGB distance) from every colour of the class map: each
+    """The candidate colour farthest (CIE Lab distance) from every colour of the class map: each
     class, unresolved white, rejected and ignore greys; so the outline of the nucleus under
     review never looks like a class (a Dead nucleus is yellow: its outline is not)."""
-    used = [_rgb(c) for c in class_colors(taxonomy).values() if c != "transparent"]
-    best = max(OUTLINE_CANDIDATES, key=lambda c: (min(float(np.linalg.norm(_rgb(c) - u)) for u in used), c))
-    return best
+    used = [_lab(c) for c in class_colors(taxonomy).values() if c != "transparent"]
+    return max(OUTLINE_CANDIDATES, key=lambda c: min(float(np.linalg.norm(_lab(c) - u)) for u in used))
 
 
 def class_names(taxonomy: Taxonomy) -> dict[int, str]:

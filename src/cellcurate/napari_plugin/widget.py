@@ -130,6 +130,14 @@ class ElidedLabel(QLabel):
         self._elide()
 
 
+def _wrapping(text: str) -> QLabel:
+    """A label that wraps its text within the dock's fixed width (never widens the dock)."""
+    label = QLabel(text)
+    label.setWordWrap(True)
+    label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+    return label
+
+
 class _KeyFilter(QObject):
     """Takes the review keys (no Ctrl/Alt/Meta) before napari's keymaps see them."""
 
@@ -202,12 +210,10 @@ class ReviewWidget(QWidget):
         who.addWidget(self.reviewer_edit, 1)
         lay.addLayout(who)
 
-        self.progress_label = ElidedLabel("no store open")
+        self.progress_label = _wrapping("no store open")
         self.progress_bar = QProgressBar()
-        self.session_label = ElidedLabel("")
-        self.counts_label = QLabel("")
-        self.counts_label.setWordWrap(True)
-        self.counts_label.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.session_label = _wrapping("")
+        self.counts_label = _wrapping("")
         for w in (self.progress_label, self.progress_bar, self.session_label, self.counts_label):
             lay.addWidget(w)
 
@@ -223,9 +229,7 @@ class ReviewWidget(QWidget):
             grid.addWidget(val, i, 1)
             self.fields[key] = val
         lay.addLayout(grid)
-        self.others_box = QLabel("")
-        self.others_box.setWordWrap(True)
-        self.others_box.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.others_box = _wrapping("")
         lay.addWidget(self.others_box)
 
         lay.addWidget(QLabel("Class probabilities"))
@@ -265,9 +269,7 @@ class ReviewWidget(QWidget):
         jump.addWidget(self._button("Jump", self._jump_from_edit))
         jump.addWidget(self._button("Refresh queue", self.refresh))
         lay.addLayout(jump)
-        self.message = QLabel("")
-        self.message.setWordWrap(True)
-        self.message.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.message = _wrapping("")
         lay.addWidget(self.message)
         lay.addStretch(1)
 
