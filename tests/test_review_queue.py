@@ -338,3 +338,18 @@ def test_prefetched_context_is_refolded_after_a_decision(store):
     inst = int(ctx.near.set_index("nucleus_id").loc[other, "instance_id"])
     assert set(np.unique(got.classes[got.instances == inst])) == {5}
     s.close()
+
+
+def test_boundary_is_per_instance():
+    from cellcurate.curation.review import boundary
+
+    ins = np.zeros((6, 8), np.int32)
+    ins[1:5, 1:4] = 1  # a 4 x 3 nucleus
+    ins[1:5, 4:7] = 2  # touching it on the right
+    got = boundary(ins, width=1)
+    want = np.zeros((6, 8), bool)
+    want[1:5, 1:7] = True
+    want[2:4, 2] = False  # inner column of nucleus 1
+    want[2:4, 5] = False  # inner column of nucleus 2
+    assert np.array_equal(got, want)
+    assert boundary(ins, width=2)[ins > 0].all()  # 2 px: both 3-px-wide nuclei are all outline

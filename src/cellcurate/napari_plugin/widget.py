@@ -80,25 +80,6 @@ def review_keys(taxonomy: Taxonomy) -> dict[str, tuple[str, int | None]]:
     return keys
 
 
-def boundary(instances: np.ndarray, width: int = 2) -> np.ndarray:
-    """(h, w) bool: the pixels of each nucleus within ``width`` pixels of its edge (its outline,
-    drawn per instance, so touching nuclei of one class keep their border)."""
-    ins = instances
-    edge = np.zeros(ins.shape, bool)
-    edge[1:, :] |= ins[1:, :] != ins[:-1, :]
-    edge[:-1, :] |= ins[:-1, :] != ins[1:, :]
-    edge[:, 1:] |= ins[:, 1:] != ins[:, :-1]
-    edge[:, :-1] |= ins[:, :-1] != ins[:, 1:]
-    for _ in range(width - 1):
-        grow = edge.copy()
-        grow[1:, :] |= edge[:-1, :] & (ins[1:, :] == ins[:-1, :])
-        grow[:-1, :] |= edge[1:, :] & (ins[:-1, :] == ins[1:, :])
-        grow[:, 1:] |= edge[:, :-1] & (ins[:, 1:] == ins[:, :-1])
-        grow[:, :-1] |= edge[:, 1:] & (ins[:, :-1] == ins[:, 1:])
-        edge = grow
-    return edge & (ins > 0)
-
-
 class ElidedLabel(QLabel):
     """A one-line label that elides its text (middle) to its width; the full text is the tooltip."""
 
@@ -594,10 +575,10 @@ class ReviewWidget(QWidget):
         self._ctx = ctx
         image, _classes, current = self._layers  # type: ignore[misc]
         image.data[...] = ctx.image
-        image.refresh()
+        _redraw(image)
         self._update_classes()
         current.data[...] = ctx.current
-        current.refresh()
+        _redraw(current)
         _camera(self.viewer).center = ((s.window - 1) / 2, (s.window - 1) / 2)
         self._show_item(s, item)
         self.shown_at = time.perf_counter()
@@ -608,13 +589,15 @@ class ReviewWidget(QWidget):
         if ctx is None or self._layers is None:
             return
         layer = self.classes_layer
-        if self.outline_only and ctx.instances is not None:
-            layer.data[...] = np.where(boundary(ctx.instances), ctx.classes, 0)
-            layer.opacity = 1.0
+        if self.outline_only and ctx.outline is not None:
+            layer.data[...] = ctx.outline
+            if layer.opacity != 1.0:
+                layer.opacity = 1.0
         else:
             layer.data[...] = ctx.classes
-            layer.opacity = 0.35
-        layer.refresh()
+            if layer.opacity != 0.35:
+                layer.opacity = 0.35
+        _redraw(layer)
 
     def _show_progress(self, s: ReviewSession) -> None:
         done, total = s.progress()
@@ -701,6 +684,12 @@ class ReviewWidget(QWidget):
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt's name
         self.close_session()
         super().closeEvent(event)
+
+
+def _redraw(layer: Any) -> None:
+    """Show a layer's data changed in place: same shape and position, so no thumbnail, extent or
+    highlight work (napari would otherwise redo them on every nucleus)."""
+    layer.refresh(thumbnail=False, extent=False, highlight=False)
 
 
 def _camera(viewer: "napari.Viewer") -> Any:
