@@ -235,3 +235,121 @@ def test_fold_one_agrees_with_the_ledger_fold(store):
     full = store.ledger.current_labels()
     for nid in ids:
         assert fold_one(nucleus_events(store, [nid]), nid) == full.at[nid, "label"]
+
+
+def test_two_sessions_never_share_a_nucleus_unless_double_review(store):
+    from cellcurate.curation.queue import build_queue
+
+    ana = ReviewSession(store, reviewer="ana", claim_batch=4)
+    bob = ReviewSession(Store.open(store.path, mode="a"), reviewer="bob", claim_batch=4)
+    seen = {"ana": [], "bob": []}
+    while not (ana.done and bob.done):
+        for who, s in (("ana", ana), ("bob", bob)):
+            if not s.done:
+                seen[who].append(s.current().nucleus_id)
+                s.act("set_class", label=1)
+    assert not set(seen["ana"]) & set(seen["bob"])
+    assert sorted(seen["ana"] + seen["bob"]) == sorted(build_queue(store)["nucleus_id"].astype(int))
+    ana.close()
+    bob.close()
+
+    carol = ReviewSession(Store.open(store.path, mode="a"), reviewer="carol", double_review=True)
+    dave = ReviewSession(Store.open(store.path, mode="a"), reviewer="dave", double_review=True)
+    assert carol.current().nucleus_id == dave.current().nucleus_id  # double review: both see it
+    carol.close()
+    dave.close()
+
+
+def test_a_closed_session_gives_its_nuclei_back(store):
+    ana = ReviewSession(store, reviewer="ana", claim_batch=4)
+    first = ana.current().nucleus_id
+    bob = ReviewSession(Store.open(store.path, mode="a"), reviewer="bob", claim_batch=4)
+    assert bob.current().nucleus_id != first
+    assert bob.stats()["taken"] == 4 and first not in [i.nucleus_id for i in bob.upcoming(20)]
+    ana.close()
+    bob.refresh()
+    assert bob.stats()["taken"] == 0 and first in [i.nucleus_id for i in bob.upcoming(20)]
+    bob.close()
+
+
+def test_deciding_what_someone_else_decided_needs_confirmation(store):
+    from cellcurate.curation.review import DecidedByOthers
+
+    s = ReviewSession(store, reviewer="ana", leases=False)
+    nid = s.current().nucleus_id
+    decide(store, nid, "set_class", reviewer="bob", label=4)
+    with pytest.raises(DecidedByOthers, match="already decided by bob \\(Dead\\)"):
+        s.act("set_class", label=3)
+    assert store.ledger.count("decision") == 1 and s.current().nucleus_id == nid
+    item = s.current()
+    s.context(item)
+    assert [(o.reviewer, o.label) for o in item.others] == [("bob", 4)]
+    d = s.act("set_class", label=3, confirm=True)
+    assert d.reviewer == "ana" and store.ledger.count("decision") == 2
+    s.close()
+
+
+def test_status_after_undo_is_not_reviewed(store):
+    s = ReviewSession(store, reviewer="ana")
+    nid = s.current().nucleus_id
+    s.act("set_class", label=2)
+    assert s.queue.set_index("nucleus_id").loc[nid, "status"] == "reviewed"
+    s.undo()
+    assert s.current().nucleus_id == nid and s.current().status == "flagged"
+    s.close()
+
+
+def test_session_stats_per_class_and_rate(store):
+    s = ReviewSession(store, reviewer="ana")
+    s.act("set_class", label=2)
+    s.act("set_class", label=2)
+    s.act("not_nucleus")
+    s.act("skip")
+    st = s.stats()
+    assert st["decided"] == 3 and st["skipped"] == 1 and st["per_class"] == {-1: 1, 2: 2}
+    assert st["left"] == 11 and 0 < st["rate_per_hour"] <= 3 * 60  # over at least one minute
+    s.close()
+
+
+def test_context_is_centred_and_padded_at_a_tile_edge(store):
+    s = ReviewSession(store, reviewer="ana", window=64)
+    q = s.queue
+    row = q.loc[q["centroid_x"].idxmin()]  # the flagged nucleus nearest the left edge (x < 32)
+    assert row["centroid_x"] < 32
+    item = s.jump(int(row["nucleus_id"]))
+    ctx = s.context(item)
+    assert ctx.image.shape == (64, 64, 3) and ctx.offset[1] < 0
+    ys, xs = np.nonzero(ctx.current)
+    assert abs(ys.mean() - 32) <= 1.5 and abs(xs.mean() - 32) <= 1.5
+    assert (ctx.image[:, 0] == (48, 48, 48)).all() and (ctx.classes[:, 0] == 0).all()  # padding left of the tile
+    s.close()
+
+
+def test_prefetched_context_is_refolded_after_a_decision(store):
+    s = ReviewSession(store, reviewer="ana", window=128)
+    nxt = s.upcoming(1)[0]
+    s.prefetched(s.prefetch(1))
+    assert nxt.nucleus_id in s._cache
+    # a decision on a neighbour after the read-ahead: the prefetched class map must show it
+    ctx = s._cache[nxt.nucleus_id]
+    other = int(next(n for n in ctx.near["nucleus_id"] if int(n) != nxt.nucleus_id))
+    decide(store, other, "set_class", reviewer="bob", label=5)
+    got = s.context(nxt)
+    inst = int(ctx.near.set_index("nucleus_id").loc[other, "instance_id"])
+    assert set(np.unique(got.classes[got.instances == inst])) == {5}
+    s.close()
+
+
+def test_boundary_is_per_instance():
+    from cellcurate.curation.review import boundary
+
+    ins = np.zeros((6, 8), np.int32)
+    ins[1:5, 1:4] = 1  # a 4 x 3 nucleus
+    ins[1:5, 4:7] = 2  # touching it on the right
+    got = boundary(ins, width=1)
+    want = np.zeros((6, 8), bool)
+    want[1:5, 1:7] = True
+    want[2:4, 2] = False  # inner column of nucleus 1
+    want[2:4, 5] = False  # inner column of nucleus 2
+    assert np.array_equal(got, want)
+    assert boundary(ins, width=2)[ins > 0].all()  # 2 px: both 3-px-wide nuclei are all outline

@@ -113,41 +113,65 @@ def stage_relabel(ctx: dict[str, Any]) -> None:
 
 
 def stage_review(ctx: dict[str, Any]) -> None:
-    """A simulated annotator answers every flag from the synthetic truth, through the same CSV path
-    a team reviewing outside napari uses (`curate review --export-csv` / `--import-csv`)."""
+    """A simulated annotator answers the top ``--review-fraction`` of the flags (by issue score)
+    from the synthetic truth, through the same CSV path a team reviewing outside napari uses
+    (`curate review --export-csv` / `--import-csv`); the rest is left for `curate review`."""
     import pandas as pd
 
     from ..curation.reviewcsv import export_csv, import_csv
     from ..datasets.checks import format_summary, store_summary
     from ..datasets.store import Store
     csv_path = ctx["out"] / "review_queue.csv"
+    fraction = float(ctx.get("review_fraction", REVIEW_FRACTION))
     with Store.open(ctx["store_path"], mode="a") as store:
         n = export_csv(store, csv_path)
         click.echo(f"exported the review queue: {n} flagged nuclei -> {csv_path}")
         if n == 0:
             return
-        queue = pd.read_csv(csv_path)
+        queue = pd.read_csv(csv_path)  # ranked by issue score, highest first
+        k = min(n, int(round(fraction * n)))
         tax = store.taxonomy
         truth_of = _true_classes(ctx, store)
-        decisions, labels = [], []
-        for row in queue.itertuples(index=False):
+        decisions, labels = [""] * n, [""] * n
+        for i, row in enumerate(queue.head(k).itertuples(index=False)):
             true = tax.class_name(int(truth_of[row.nucleus_id]))
             if true == row.current_label:
-                decisions.append("keep"), labels.append("")
+                decisions[i] = "keep"
             elif true == row.proposed_label:
-                decisions.append("accept"), labels.append("")
+                decisions[i] = "accept"
             else:
-                decisions.append("set_class"), labels.append(true)
-        queue["decision"], queue["label"], queue["reviewer"] = decisions, labels, "demo-annotator"
+                decisions[i], labels[i] = "set_class", true
+        queue["decision"], queue["label"] = decisions, labels
+        queue["reviewer"] = ["demo-annotator" if d else "" for d in decisions]
         queue.to_csv(csv_path, index=False)
+        reviewed = queue["nucleus_id"].head(k).to_numpy()
+        before = _subset_accuracy(store, truth_of, reviewed)
         seqs = import_csv(store, csv_path, reviewer="demo-annotator")
-        counts = pd.Series(decisions).value_counts().to_dict()
-        click.echo(f"imported {len(seqs)} decisions by demo-annotator ("
-                   + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
+        counts = pd.Series([d for d in decisions if d]).value_counts().to_dict()
+        click.echo(f"imported {len(seqs)} decisions by demo-annotator on the top {k} of {n} flags "
+                   f"({fraction:.0%} by issue score: " + ", ".join(f"{a} {v}" for a, v in sorted(counts.items()))
+                   + f"); {n - k} left for review by hand")
+        if k:
+            after = _subset_accuracy(store, truth_of, reviewed)
+            click.echo(f"  the {k} reviewed nuclei vs synthetic truth: {before:.3f} correct before review, "
+                       f"{after:.3f} after")
         summary = store_summary(store)
         _echo_accuracy("after review", _label_accuracy(store, truth_of))
     click.echo(format_summary(summary).split("Current unified labels")[1].join(["Current unified labels", ""]))
-    click.echo("(to review by hand instead: curate review " + str(ctx["store_path"]) + ")")
+    if n - k:
+        click.echo(f"(review the {n - k} flags left by hand: curate review {ctx['store_path']})")
+    else:
+        click.echo("(every flag is decided; to see them: curate review " + str(ctx["store_path"]) + " --double-review)")
+
+
+#: Default share of the flags the demo's simulated annotator decides (the rest is for `curate review`).
+REVIEW_FRACTION = 0.8
+
+
+def _subset_accuracy(store: Any, true: Any, nucleus_ids: Any) -> float:
+    """Share of the given nuclei whose current label is their true class."""
+    cur = store.current_labels().set_index("nucleus_id")["label"].reindex(nucleus_ids)
+    return float((cur.to_numpy() == true.reindex(nucleus_ids).to_numpy()).mean()) if len(nucleus_ids) else float("nan")
 
 
 def stage_release(ctx: dict[str, Any]) -> None:
@@ -233,7 +257,10 @@ STAGES: list[tuple[str, Any]] = [
               help="Sample size: `tiny` runs in seconds (used by the tests).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Delete OUT first if it exists.")
-def command(out: Path, preset: str, seed: int, force: bool) -> None:
+@click.option("--review-fraction", type=click.FloatRange(0.0, 1.0), default=REVIEW_FRACTION, show_default=True,
+              help="Share of the flags (highest issue scores first) the simulated annotator decides; "
+                   "the rest is left for `curate review OUT/store`.")
+def command(out: Path, preset: str, seed: int, force: bool, review_fraction: float) -> None:
     """Run the whole pipeline on the built-in synthetic sample and report how well it did."""
     from ..errors import StateError
 
@@ -242,7 +269,7 @@ def command(out: Path, preset: str, seed: int, force: bool) -> None:
             raise StateError(f"{out}: exists and is not empty; use --force to replace it or --out elsewhere")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    ctx: dict[str, Any] = {"out": out, "preset": preset, "seed": seed}
+    ctx: dict[str, Any] = {"out": out, "preset": preset, "seed": seed, "review_fraction": review_fraction}
     t0 = time.perf_counter()
     for title, fn in STAGES:
         _header(title)

@@ -24,8 +24,9 @@ def command(store: str, round_: int | None, reviewer: str | None, classes: tuple
     """Review the flagged nuclei of STORE (napari, keyboard-driven).
 
     \b
-    Keys: a accept proposal   k keep current   1-7 set class   n not a nucleus
-          s skip   u undo   j jump to id   (every decision is saved at once)
+    Keys: a accept proposal   k keep current   1-9 set class (taxonomy ids)   n not a nucleus
+          s skip   u undo   j jump to id   d adjudicate   c next conflict
+          o outlines/filled   v overlay on/off   (every decision is saved at once)
     """
     import sys
 

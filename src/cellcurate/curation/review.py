@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,7 +47,7 @@ from ..datasets.ledger import (
     superseded_runs,
 )
 from ..datasets.store import Store
-from ..errors import ConfigError, StateError
+from ..errors import CellcurateError, ConfigError, StateError
 from .queue import build_queue, latest_flags
 
 ReviewAction = Literal["accept", "keep", "set_class", "not_nucleus", "skip", "undo", "adjudicate"]
@@ -244,6 +246,7 @@ def decide(
     reason: str | None = None,
     source: DecisionSource = "api",
     ledger: Ledger | None = None,
+    events: pd.DataFrame | None = None,
 ) -> Decision:
     """Record one review decision; durable when it returns.
 
@@ -267,6 +270,9 @@ def decide(
         Stored in the payload.
     ledger
         Ledger to write through (e.g. a ``Ledger(durable=True)``); default ``store.ledger``.
+    events
+        The nucleus's events plus every ``round`` event (:func:`nucleus_events`), when the caller
+        has just read them; default read here.
 
     Raises
     ------
@@ -278,7 +284,7 @@ def decide(
     >>> d = decide(store, nid, "set_class", reviewer="ana", label="Macrophage")  # doctest: +SKIP
     """
     event = decision_event(store, nucleus_id, action, reviewer=reviewer, label=label, round=round,
-                           flag_seq=flag_seq, reason=reason, source=source)
+                           flag_seq=flag_seq, reason=reason, source=source, events=events)
     (seq,) = (ledger or store.ledger).append([event])
     return Decision(seq, int(event["nucleus_id"]), action, str(reviewer), event["label"], event["prev_label"],
                     event["round"], event["ref"])
@@ -307,6 +313,21 @@ def conflict_table(store: Store) -> pd.DataFrame:
 
 
 # -- a review session (what the napari widget drives) --------------------------------------------
+#: RGB of the context window outside the image (a nucleus at a tile edge stays centred).
+PAD_RGB: tuple[int, int, int] = (48, 48, 48)
+
+
+@dataclass(frozen=True)
+class PriorDecision:
+    """Another reviewer's effective decision on the shown nucleus (after its flag)."""
+
+    reviewer: str
+    action: str
+    label: int | None
+    time: str
+    seq: int
+
+
 @dataclass
 class ReviewItem:
     """Everything the panel shows about the current nucleus."""
@@ -325,16 +346,95 @@ class ReviewItem:
     probs: list[float] = field(default_factory=list)
     centroid: tuple[float, float] = (0.0, 0.0)
     rank: int = 0
+    #: other reviewers' effective decisions after the flag (filled by :meth:`ReviewSession.context`)
+    others: list[PriorDecision] = field(default_factory=list)
+    #: the reviewer holding a lease on it, when that is somebody else
+    held_by: str | None = None
 
 
 @dataclass
 class Context:
-    """The window around the current nucleus: image, class map, mask of the nucleus, offset."""
+    """The window around the current nucleus: image, class map, mask of the nucleus, offset.
+
+    The window is always ``window`` × ``window`` pixels with the nucleus's centroid at its centre;
+    the part outside the image is :data:`PAD_RGB` (instances 0)."""
 
     image: np.ndarray  # (h, w, 3) uint8
     classes: np.ndarray  # (h, w) uint8: 0 background, 1..K class, 8 unresolved, 9 rejected, 10 ignore
     current: np.ndarray  # (h, w) uint8: 1 on the current nucleus
-    offset: tuple[int, int]  # (y0, x0) of the window in the image
+    offset: tuple[int, int]  # (y0, x0) of the window in the image (negative at the top/left edge)
+    nucleus_id: int = -1
+    #: ledger position the classes were folded at, the events of the window's nuclei and their
+    #: instance ids (to refold when the ledger moved on)
+    seq: int = 0
+    events: pd.DataFrame | None = None
+    near: pd.DataFrame | None = None
+    instances: np.ndarray | None = None
+    label: int | None = None
+    others: list[PriorDecision] = field(default_factory=list)
+    #: ``classes`` on each nucleus's outline only (2 px), 0 elsewhere
+    outline: np.ndarray | None = None
+    #: pixels on a nucleus's outline (computed once per window)
+    edge: np.ndarray | None = None
+
+
+def boundary(instances: np.ndarray, width: int = 2) -> np.ndarray:
+    """(h, w) bool: the pixels of each nucleus within ``width`` pixels of its edge (its outline,
+    drawn per instance, so touching nuclei of one class keep their border)."""
+    ins = instances
+    edge = np.zeros(ins.shape, bool)
+    edge[1:, :] |= ins[1:, :] != ins[:-1, :]
+    edge[:-1, :] |= ins[:-1, :] != ins[1:, :]
+    edge[:, 1:] |= ins[:, 1:] != ins[:, :-1]
+    edge[:, :-1] |= ins[:, :-1] != ins[:, 1:]
+    for _ in range(width - 1):
+        grow = edge.copy()
+        grow[1:, :] |= edge[:-1, :] & (ins[1:, :] == ins[:-1, :])
+        grow[:-1, :] |= edge[1:, :] & (ins[:-1, :] == ins[1:, :])
+        grow[:, 1:] |= edge[:, :-1] & (ins[:, 1:] == ins[:, :-1])
+        grow[:, :-1] |= edge[:, 1:] & (ins[:, :-1] == ins[:, 1:])
+        edge = grow
+    return edge & (ins > 0)
+
+
+def _changed_since(ledger: Ledger, nucleus_ids: list[int], seq: int) -> bool:
+    """Whether the ledger has events after ``seq`` on any of these nuclei (one indexed SQL probe,
+    no frame: the common answer, "no", costs well under a millisecond)."""
+    if not nucleus_ids:
+        return False
+    marks = ",".join("?" * len(nucleus_ids))
+    row = ledger._con.execute(f"SELECT 1 FROM events WHERE seq > ? AND nucleus_id IN ({marks}) LIMIT 1",
+                              [int(seq), *nucleus_ids]).fetchone()
+    return row is not None
+
+
+class DecidedByOthers(StateError):
+    """Deciding a nucleus another reviewer already decided needs confirmation (``confirm=True``)."""
+
+    def __init__(self, nucleus_id: int, others: list[PriorDecision], names: Mapping[int, str]) -> None:
+        who = ", ".join(f"{o.reviewer} ({names.get(o.label, o.label) if o.label is not None else o.action})"
+                        for o in others)
+        super().__init__(f"nucleus {nucleus_id} was already decided by {who}")
+        self.nucleus_id = nucleus_id
+        self.others = others
+
+
+def label_names(store: Store) -> dict[int, str]:
+    """Display names of label values: the taxonomy's classes, -1 and 0."""
+    tax = store.taxonomy
+    return {NOT_A_NUCLEUS: "not a nucleus", UNRESOLVED: "unresolved", **{c.id: c.name for c in tax.classes}}
+
+
+def prior_decisions(events: pd.DataFrame, nucleus_id: int, flag_seq: int, reviewer: str) -> list[PriorDecision]:
+    """Effective decisions by reviewers other than ``reviewer`` on a nucleus after its flag."""
+    from .queue import EFFECTIVE_ACTIONS, effective_decisions
+
+    dec = events[(events["kind"] == "decision") & (events["nucleus_id"] == nucleus_id) & (events["seq"] > flag_seq)]
+    eff = effective_decisions(dec)
+    eff = eff[eff["action"].isin(EFFECTIVE_ACTIONS) & (eff["actor"] != reviewer)]
+    eff = eff.drop_duplicates("actor", keep="last")
+    return [PriorDecision(str(r.actor), str(r.action), _na(r.label), str(r.time), int(r.seq))
+            for r in eff.itertuples(index=False)]
 
 
 class ReviewSession:
@@ -353,35 +453,75 @@ class ReviewSession:
         Write decisions with ``synchronous=FULL`` (survives power loss, not only a crash).
     window
         Side in pixels of the context window around the nucleus.
+    leases
+        Claim nuclei before showing them (:mod:`cellcurate.datasets.leases`) so that two
+        reviewers never see the same nucleus; off with ``double_review`` or a read-only store.
+    lease_seconds, claim_batch
+        Lease duration; how many upcoming nuclei one claim takes.
     """
 
     def __init__(self, store: Store, *, reviewer: str | None = None, durable: bool = True, window: int = 256,
+                 leases: bool = True, lease_seconds: float | None = None, claim_batch: int = 8,
                  **filters: Any) -> None:
+        from ..datasets.leases import LEASE_SECONDS, Leases
+
         self.store = store
         self.reviewer = reviewer or default_reviewer()
         self.filters = filters
         self.window = int(window)
+        self.double_review = bool(filters.get("double_review"))
         self._ledger: Ledger | None = None
         if durable and not store.readonly:
             self._ledger = Ledger(store.ledger.path, durable=True)
+        self._leases: Leases | None = None
+        if leases and not self.double_review and not store.readonly:
+            self._leases = Leases(store.ledger.path, self.reviewer,
+                                  seconds=LEASE_SECONDS if lease_seconds is None else lease_seconds)
+        self.claim_batch = max(1, int(claim_batch))
+        self._held: set[int] = set()
+        self._claimed_at = 0.0
+        self._taken: dict[int, str] = {}
         self.history: list[Decision] = []
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._by_image: dict[str, pd.DataFrame] = {}
+        self._nuclei: pd.DataFrame | None = None
+        self._rounds = store.ledger.events(kinds=("round",))
+        self._cache: dict[int, Context] = {}
+        self.names = label_names(store)
         self.queue = build_queue(store, reviewer=self.reviewer, **filters)
         self._pos: dict[int, int] = {int(n): i for i, n in enumerate(self.queue["nucleus_id"])}
-        self._nuclei_by_image: pd.core.groupby.DataFrameGroupBy | None = None
         self.cursor: int | None = None
         self.cursor = self._first_pending()
+        self._claim_current()
 
     def close(self) -> None:
         if self._ledger is not None:
             self._ledger.close()
             self._ledger = None
+        if self._leases is not None:
+            try:
+                self._leases.release()
+            except CellcurateError:  # a read-only or full disk: the leases expire by themselves
+                pass
+            self._leases.close()
+            self._leases = None
 
     # -- navigation ---------------------------------------------------------------------------
-    def _first_pending(self, after: int | None = None) -> int | None:
+    def _pending_mask(self) -> tuple[np.ndarray, np.ndarray]:
         decided = self.queue["decided"].to_numpy(bool)
         skipped = self.queue["skipped"].to_numpy(bool)
+        free = ~decided
+        if self._taken:
+            taken = [self._pos[n] for n in self._taken if n in self._pos]
+            free = free.copy()
+            free[taken] = False
+        return free & ~skipped, free
+
+    def _first_pending(self, after: int | None = None) -> int | None:
+        unseen, pending = self._pending_mask()
         start = 0 if after is None else after + 1
-        for pool in (~decided & ~skipped, ~decided):  # unseen first, then the skipped ones
+        for pool in (unseen, pending):  # unseen first, then the skipped ones
             idx = np.flatnonzero(pool[start:])
             if idx.size:
                 return int(start + idx[0])
@@ -390,9 +530,65 @@ class ReviewSession:
                 return int(idx[0])
         return None
 
+    def upcoming(self, n: int) -> list[ReviewItem]:
+        """The next ``n`` nuclei :meth:`next` would show after the current one (for prefetching)."""
+        out: list[ReviewItem] = []
+        if self.cursor is None:
+            return out
+        unseen, pending = self._pending_mask()
+        order = np.r_[np.arange(self.cursor + 1, len(self.queue)), np.arange(0, self.cursor)]
+        for pool in (unseen, pending):
+            for pos in order[pool[order]]:
+                item = self._item(int(pos))
+                if item.nucleus_id not in {o.nucleus_id for o in out}:
+                    out.append(item)
+                if len(out) >= n:
+                    return out
+        return out
+
+    def _claim_current(self) -> None:
+        """Hold a lease on the current nucleus (and the next few); move on past nuclei others hold."""
+        if self._leases is None:
+            return
+        renew = time.time() - self._claimed_at > self._leases.seconds / 2
+        for _ in range(len(self.queue) + 1):
+            if self.cursor is None:
+                return
+            nid = int(self.queue["nucleus_id"].iat[self.cursor])
+            if nid in self._held and not renew:
+                return
+            batch = [nid] + [i.nucleus_id for i in self.upcoming(self.claim_batch - 1)]
+            if renew:
+                batch += sorted(self._held)
+            got = self._leases.claim(batch)
+            self._claimed_at = time.time()
+            renew = False
+            self._held = (self._held | got) - (set(batch) - got)
+            self._taken = self._leases.taken()
+            for n in got:
+                self._taken.pop(n, None)
+            if nid in self._held:
+                return
+            self.cursor = self._first_pending(self.cursor)
+
     def progress(self) -> tuple[int, int]:
         """(reviewed, total) in this queue."""
         return int(self.queue["decided"].sum()), len(self.queue)
+
+    def stats(self) -> dict[str, Any]:
+        """This session's work: ``decided`` (effective decisions), ``skipped``, ``per_class``
+        (resulting label -> count), ``rate_per_hour`` (decisions per hour since the session
+        opened, over at least one minute), ``left`` in the queue, ``taken`` by other reviewers."""
+        live = [d for d in self.history if d.action not in ("skip", "undo")]
+        per_class: dict[int, int] = {}
+        for d in live:
+            if d.label is not None:
+                per_class[int(d.label)] = per_class.get(int(d.label), 0) + 1
+        hours = max(time.time() - self.started, 60.0) / 3600
+        done, total = self.progress()
+        return {"decided": len(live), "skipped": sum(d.action == "skip" for d in self.history),
+                "per_class": dict(sorted(per_class.items())), "rate_per_hour": len(live) / hours,
+                "left": total - done, "taken": len(self._taken)}
 
     @property
     def done(self) -> bool:
@@ -401,82 +597,166 @@ class ReviewSession:
     def next(self) -> ReviewItem | None:
         """Move to the next pending nucleus (wrapping round; skipped ones come last)."""
         self.cursor = self._first_pending(self.cursor)
+        self._claim_current()
         return self.current()
 
     def jump(self, nucleus_id: int) -> ReviewItem:
-        """Show a given nucleus of the queue (reviewed or not)."""
+        """Show a given nucleus of the queue (reviewed or not, held by somebody else or not)."""
         pos = self._pos.get(int(nucleus_id))
         if pos is None:
             raise ConfigError(f"nucleus {nucleus_id} is not in this review queue")
         self.cursor = pos
+        if self._leases is not None and int(nucleus_id) not in self._taken:
+            got = self._leases.claim([int(nucleus_id)])
+            self._held |= got
         item = self.current()
         assert item is not None
         return item
 
     def refresh(self) -> None:
-        """Rebuild the queue from the ledger (picks up other reviewers' decisions)."""
+        """Rebuild the queue from the ledger (picks up other reviewers' decisions and leases)."""
         nid = None if self.cursor is None else int(self.queue["nucleus_id"].iat[self.cursor])
         self.queue = build_queue(self.store, reviewer=self.reviewer, **self.filters)
+        self._rounds = self.store.ledger.events(kinds=("round",))
         self._pos = {int(n): i for i, n in enumerate(self.queue["nucleus_id"])}
+        self._cache.clear()
+        if self._leases is not None:
+            self._taken = self._leases.taken()
         pos = None if nid is None else self._pos.get(nid)
-        self.cursor = pos if pos is not None and not self.queue["decided"].iat[pos] else self._first_pending()
+        ok = pos is not None and not self.queue["decided"].iat[pos] and nid not in self._taken
+        self.cursor = pos if ok else self._first_pending()
+        self._claim_current()
 
     # -- the current nucleus ------------------------------------------------------------------
-    def current(self) -> ReviewItem | None:
-        if self.cursor is None:
-            return None
-        r = self.queue.iloc[self.cursor]
+    def _item(self, pos: int) -> ReviewItem:
+        r = self.queue.iloc[pos]
         payload = r["payload"]
         try:
             probs = list(json.loads(payload).get("probs", [])) if isinstance(payload, str) else []
         except json.JSONDecodeError:
             probs = []
+        nid = int(r["nucleus_id"])
         return ReviewItem(
-            nucleus_id=int(r["nucleus_id"]), image_id=str(r["image_id"]), source=str(r["source"]),
+            nucleus_id=nid, image_id=str(r["image_id"]), source=str(r["source"]),
             source_label=str(r["source_label"]), label=int(r["label"]), status=str(r["status"]),
             proposed=None if pd.isna(r["proposed"]) else int(r["proposed"]),
             score=float(r["score"]) if not pd.isna(r["score"]) else float("nan"), reason=str(r["reason"]),
             round=None if pd.isna(r["round"]) else int(r["round"]), flag_seq=int(r["flag_seq"]),
             probs=[float(p) for p in probs], centroid=(float(r["centroid_y"]), float(r["centroid_x"])),
-            rank=int(r["rank"]),
+            rank=int(r["rank"]), held_by=self._taken.get(nid),
         )
 
-    def context(self, item: ReviewItem | None = None) -> Context:
-        """Read the window around the (current) nucleus with its neighbours' current classes."""
-        item = item or self.current()
-        if item is None:
-            raise StateError("the review queue is empty")
-        half = self.window // 2
-        cy, cx = int(round(item.centroid[0])), int(round(item.centroid[1]))
-        y0, x0 = max(0, cy - half), max(0, cx - half)
-        image, ins = self.store.read_region(item.image_id, y0, x0, y0 + self.window, x0 + self.window)
-        y1, x1 = y0 + ins.shape[0], x0 + ins.shape[1]
-        if self._nuclei_by_image is None:
-            nuc = self.store.nuclei()
-            self._nuclei_by_image = nuc[["nucleus_id", "image_id", "kind", "instance_id", "bbox_y0", "bbox_x0",
-                                         "bbox_y1", "bbox_x1"]].groupby("image_id", sort=False)
-        near = self._nuclei_by_image.get_group(item.image_id)
-        near = near[(near["bbox_y1"] > y0) & (near["bbox_y0"] < y1) & (near["bbox_x1"] > x0) & (near["bbox_x0"] < x1)]
-        labels = current_labels_of(self.store, near["nucleus_id"])["label"]
-        value = labels.reindex(near["nucleus_id"]).fillna(0).astype(np.int64).to_numpy()
+    def current(self) -> ReviewItem | None:
+        if self.cursor is None:
+            return None
+        return self._item(self.cursor)
+
+    def _near(self, image_id: str) -> pd.DataFrame:
+        with self._lock:
+            near = self._by_image.get(image_id)
+            if near is None:
+                if self._nuclei is None:
+                    self._nuclei = self.store.nuclei()[["nucleus_id", "image_id", "kind", "instance_id", "bbox_y0",
+                                                        "bbox_x0", "bbox_y1", "bbox_x1"]]
+                nuc = self._nuclei
+                near = nuc[nuc["image_id"] == image_id]
+                self._by_image[image_id] = near
+            return near
+
+    def load_context(self, item: ReviewItem, *, ledger: Ledger | None = None) -> Context:
+        """Read the window around a nucleus with its neighbours' current classes.
+
+        Safe to call from a worker thread when ``ledger`` is a connection of that thread's own
+        (the prefetch does so); :meth:`context` calls it on the session's ledger."""
+        ledger = ledger or self.store.ledger
+        w = self.window
+        half = w // 2
+        cy, cx = round(item.centroid[0]), round(item.centroid[1])
+        y0, x0 = cy - half, cx - half
+        img, ins_part = self.store.read_region(item.image_id, y0, x0, y0 + w, x0 + w)
+        image = np.empty((w, w, 3), np.uint8)
+        image[:] = PAD_RGB
+        ins = np.zeros((w, w), ins_part.dtype)
+        py, px = max(0, -y0), max(0, -x0)
+        image[py : py + img.shape[0], px : px + img.shape[1]] = img
+        ins[py : py + ins_part.shape[0], px : px + ins_part.shape[1]] = ins_part
+        near = self._near(item.image_id)
+        near = near[(near["bbox_y1"] > y0) & (near["bbox_y0"] < y0 + w) & (near["bbox_x1"] > x0)
+                    & (near["bbox_x0"] < x0 + w)]
+        (seq, _) = ledger.head()
+        ids = [int(n) for n in near["nucleus_id"]]
+        if item.nucleus_id not in ids:
+            ids.append(item.nucleus_id)
+        ev = ledger.events(nucleus_ids=ids, until_seq=seq)
+        ctx = Context(image=image, classes=np.zeros((w, w), np.uint8), current=np.zeros((w, w), np.uint8),
+                      offset=(y0, x0), nucleus_id=item.nucleus_id, seq=seq, events=ev, near=near, instances=ins)
+        self._fold_into(ctx, item)
+        return ctx
+
+    def _fold_into(self, ctx: Context, item: ReviewItem) -> None:
+        assert ctx.events is not None and ctx.near is not None and ctx.instances is not None
+        ev = pd.concat([ctx.events, self._rounds], ignore_index=True).sort_values("seq", kind="stable")
+        folded = fold_labels(ev)
+        near, ins = ctx.near, ctx.instances
+        labels = folded["label"].reindex(near["nucleus_id"])
+        value = labels.fillna(0).astype(np.int64).to_numpy()
         value = np.where(value == NOT_A_NUCLEUS, REJECTED_VALUE, np.where(value == UNRESOLVED, UNRESOLVED_VALUE, value))
         value = np.where(near["kind"].to_numpy() == "ignore", IGNORE_VALUE, value)
         inst = near["instance_id"].to_numpy(np.int64)
         lut = np.zeros(max(int(ins.max()) if ins.size else 0, int(inst.max()) if inst.size else 0) + 1, np.uint8)
         lut[inst] = value.astype(np.uint8)
-        classes = lut[ins]
+        ctx.classes = lut[ins]
+        if ctx.edge is None:
+            ctx.edge = boundary(ins)
+        ctx.outline = np.where(ctx.edge, ctx.classes, 0).astype(np.uint8)
         me = near.loc[near["nucleus_id"] == item.nucleus_id, "instance_id"]
-        current = (ins == int(me.iloc[0])).astype(np.uint8) if len(me) else np.zeros(ins.shape, np.uint8)
-        # the exact current label of the shown nucleus (the queue column may lag other writers)
-        if item.nucleus_id in labels.index:
-            item.label = int(labels.loc[item.nucleus_id])
-        return Context(image=image, classes=classes, current=current, offset=(y0, x0))
+        ctx.current = (ins == int(me.iloc[0])).astype(np.uint8) if len(me) else np.zeros(ins.shape, np.uint8)
+        ctx.label = int(folded.at[item.nucleus_id, "label"]) if item.nucleus_id in folded.index else None
+        ctx.others = prior_decisions(ev, item.nucleus_id, item.flag_seq, self.reviewer)
+
+    def context(self, item: ReviewItem | None = None) -> Context:
+        """The window around the (current) nucleus, from the prefetch cache when it is there and
+        refolded when the ledger moved on since; fills ``item.label`` (the exact fold, the queue
+        column may lag other writers) and ``item.others``."""
+        item = item or self.current()
+        if item is None:
+            raise StateError("the review queue is empty")
+        ctx = self._cache.pop(item.nucleus_id, None)
+        if ctx is None or ctx.events is None or ctx.near is None:
+            ctx = self.load_context(item)
+        else:
+            ids = [int(n) for n in ctx.near["nucleus_id"]] + [item.nucleus_id]
+            changed = _changed_since(self.store.ledger, ids, ctx.seq)
+            newer = self.store.ledger.events(nucleus_ids=ids, since_seq=ctx.seq) if changed else None
+            if newer is not None and not newer.empty:
+                ctx.events = pd.concat([ctx.events, newer], ignore_index=True)
+                ctx.seq = int(newer["seq"].max())
+                self._fold_into(ctx, item)
+        if ctx.label is not None:
+            item.label = ctx.label
+        item.others = ctx.others
+        return ctx
+
+    def prefetched(self, contexts: Iterable[Context]) -> None:
+        """Keep contexts read ahead (by a worker thread) for :meth:`context`; at most 16 kept."""
+        for ctx in contexts:
+            self._cache[ctx.nucleus_id] = ctx
+        while len(self._cache) > 16:
+            self._cache.pop(next(iter(self._cache)))
+
+    def prefetch(self, n: int = 3, *, ledger: Ledger | None = None) -> list[Context]:
+        """Read the contexts of the next ``n`` nuclei (what the widget's worker thread runs)."""
+        return [self.load_context(item, ledger=ledger) for item in self.upcoming(n)
+                if item.nucleus_id not in self._cache]
 
     # -- decisions ------------------------------------------------------------------------------
-    def act(self, action: ReviewAction, *, label: int | str | None = None, advance: bool = True) -> Decision:
+    def act(self, action: ReviewAction, *, label: int | str | None = None, advance: bool = True,
+            confirm: bool = False) -> Decision:
         """Record a decision on the current nucleus, then move on (``undo`` goes back to it).
 
-        Raises :class:`StoreError` when the store cannot be written: nothing recorded, the
+        Raises :class:`DecidedByOthers` (nothing recorded) when another reviewer already has an
+        effective decision on it and ``confirm`` is False (not with double review, where that is
+        the point); :class:`StoreError` when the store cannot be written: nothing recorded, the
         cursor stays on the nucleus.
         """
         if action == "undo":
@@ -484,8 +764,15 @@ class ReviewSession:
         item = self.current()
         if item is None:
             raise StateError("the review queue is empty: nothing to decide")
+        # the nucleus's events plus the round events read when the session opened (or refreshed)
+        ev = pd.concat([self.store.ledger.events(nucleus_ids=[item.nucleus_id]), self._rounds],
+                       ignore_index=True).sort_values("seq", kind="stable").reset_index(drop=True)
+        if action not in ("skip", "adjudicate") and not confirm and not self.double_review:
+            others = prior_decisions(ev, item.nucleus_id, item.flag_seq, self.reviewer)
+            if others:
+                raise DecidedByOthers(item.nucleus_id, others, self.names)
         d = decide(self.store, item.nucleus_id, action, reviewer=self.reviewer, label=label, round=item.round,
-                   flag_seq=item.flag_seq, source="napari", ledger=self._ledger)
+                   flag_seq=item.flag_seq, source="napari", ledger=self._ledger, events=ev)
         self.history.append(d)
         self._mark(item.nucleus_id, d)
         if advance:
@@ -538,6 +825,10 @@ class ReviewSession:
             folded = fold_labels(ev)
             if nucleus_id in folded.index:
                 q.iat[pos, q.columns.get_loc("label")] = int(folded.at[nucleus_id, "label"])
+                status = str(folded.at[nucleus_id, "status"])
+                q.iat[pos, q.columns.get_loc("status")] = ("flagged" if status in ("source", "unresolved", "auto")
+                                                           else status)
+            self._cache.pop(nucleus_id, None)
             return
         if d.action == "skip":
             q.iat[pos, q.columns.get_loc("skipped")] = True

@@ -9,6 +9,7 @@ Dimensions: N images, n nuclei per image, K = 7 classes, T×T pixels per tile.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,26 +115,61 @@ def write_flags(store: Store, *, fraction: float = 0.1, round: int = 1, seed: in
     return flags.assign(seq=seqs)
 
 
-def make_sample_store(path: str | Path | None = None, *, preset: str = "tiny", seed: int = 0,
-                      flag_fraction: float = 0.1) -> Store:
+def make_sample_store(path: str | Path, *, preset: str = "tiny", seed: int = 0, flag_fraction: float = 0.1,
+                      step: Callable[[str], None] | None = None) -> Store:
     """The synthetic sample (:func:`cellcurate.datasets.synthetic.write_sample`) ingested into a
-    store, with flags on ``flag_fraction`` of its nuclei. ``path`` default: a new temp folder."""
+    store under ``path``, with flags on ``flag_fraction`` of its nuclei. ``step`` is told each
+    stage as it starts (a progress display)."""
     from ..datasets.ingest import ingest_monusac, ingest_pannuke
     from ..datasets.synthetic import write_sample
 
-    root = Path(tempfile.mkdtemp(prefix="cellcurate-sample-")) if path is None else Path(path)
+    tell = step or (lambda _what: None)
+    root = Path(path)
     sample = root / "sample"
+    tell("writing the synthetic sample")
     write_sample(sample, preset=preset, seed=seed)  # type: ignore[arg-type]
     store = Store.create(root / "store")
+    tell("ingesting PanNuke")
     ingest_pannuke(store, sample / "pannuke", progress=False)
+    tell("ingesting MoNuSAC")
     ingest_monusac(store, sample / "monusac", progress=False)
+    tell("flagging")
     write_flags(store, fraction=flag_fraction, seed=seed)
     return store
 
 
+#: Stages of :func:`sample_data` (for its progress bar).
+SAMPLE_STEPS = 5
+
+
 def sample_data() -> list[tuple[Any, dict[str, Any], str]]:
-    """napari sample-data contribution: the tiny synthetic sample, images with nuclei by class."""
+    """napari sample-data contribution: the tiny synthetic sample, images with nuclei by class.
+
+    Built in a temporary folder that is removed before returning (the layers are in memory);
+    each stage shows in napari's activity dock."""
     from .reader import store_layers
 
-    store = make_sample_store()
-    return store_layers(store, max_images=4)
+    bar: Any = None
+    try:
+        from napari.utils import progress
+
+        bar = progress(total=SAMPLE_STEPS, desc="cellcurate sample")
+    except ImportError:  # pragma: no cover - napari is this module's dependency
+        pass
+
+    def step(what: str) -> None:
+        if bar is not None:
+            bar.set_description(f"cellcurate sample: {what}")
+            bar.update(1)
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="cellcurate-sample-") as tmp:
+            store = make_sample_store(tmp, step=step)
+            step("reading the layers")
+            try:
+                return store_layers(store, max_images=4)
+            finally:
+                store.close()
+    finally:
+        if bar is not None:
+            bar.close()
