@@ -71,7 +71,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, InputFormatError, InputNotFoundError
-from .records import SOURCE_NUCLEI_COLUMNS, IngestReport, SourceImage
+from .records import SOURCE_NUCLEI_COLUMNS, IngestReport, SourceImage, UnitPlan, files_fingerprint
 
 __all__ = [
     "MONUSAC_CLASSES",
@@ -694,3 +694,26 @@ def looks_like_monusac(path: PathArg) -> bool:
         return False
     except OSError:
         return False
+
+
+# --------------------------------------------------------------------------------------------
+# registry hooks (cellcurate.datasets.sources)
+# --------------------------------------------------------------------------------------------
+looks_like = looks_like_monusac
+
+
+def plan_units(path: PathArg, *, split: str | None = None) -> list[UnitPlan]:
+    """One unit per patient folder and split (``monusac-<split>-<patient folder>``)."""
+    by_unit: dict[str, list[MonusacItem]] = {}
+    for it in discover_monusac(path, split=split):
+        by_unit.setdefault(f"monusac-{it.split}-{it.patient_folder}", []).append(it)
+    plans = []
+    for unit, items in by_unit.items():
+        def read(report: IngestReport, items: list[MonusacItem] = items) -> Iterator[SourceImage]:
+            for it in items:
+                yield read_monusac_image(it, report=report)
+
+        plans.append(UnitPlan(unit=unit, n_images=len(items),
+                              fingerprint=files_fingerprint([p for it in items for p in (it.xml, it.image)]),
+                              origin=str(items[0].xml.parent), read=read))
+    return plans

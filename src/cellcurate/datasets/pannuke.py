@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputFormatError, InputNotFoundError
-from .records import OPTIONAL_SOURCE_COLUMNS, SOURCE_NUCLEI_COLUMNS, IngestReport, SourceImage
+from .records import OPTIONAL_SOURCE_COLUMNS, SOURCE_NUCLEI_COLUMNS, IngestReport, SourceImage, UnitPlan
 
 __all__ = [
     "PANNUKE_CHANNELS",
@@ -616,6 +616,25 @@ def iter_pannuke(path: str | os.PathLike[str], *, report: IngestReport | None = 
     arrays = [open_fold(f) for f in discover_pannuke(path)]
     for a in arrays:
         yield from iter_pannuke_fold(a, report=report)
+
+
+# -- registry hooks (cellcurate.datasets.sources) ---------------------------------------------
+looks_like = looks_like_pannuke
+
+
+def plan_units(path: Path) -> list[UnitPlan]:
+    """One unit per fold (``pannuke-fold<k>``); every fold is opened and checked here, before any write."""
+    plans = []
+    for fold in discover_pannuke(path):
+        arrays = open_fold(fold)  # validates headers, shapes and types.npy before any write
+        h, w = arrays.images.shape[1:3]
+
+        def read(report: IngestReport, arrays: FoldArrays = arrays) -> Iterator[SourceImage]:
+            return iter_pannuke_fold(arrays, report=report)  # already opened and validated
+
+        plans.append(UnitPlan(unit=f"pannuke-fold{fold.fold}", n_images=arrays.n, fingerprint=fold_fingerprint(fold),
+                              origin=str(fold.folder), read=read, stacked=(arrays.n, h, w)))
+    return plans
 
 
 def _one_line(exc: BaseException) -> str:
