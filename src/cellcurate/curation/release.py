@@ -44,14 +44,8 @@ from ..errors import ConfigError, InputFormatError, StateError
 from ..datasets.release_format import RELEASE_FORMAT, read_release_manifest  # noqa: E402
 from ..datasets.release_format import SUPPORTED_FORMAT_VERSION as RELEASE_FORMAT_VERSION  # noqa: E402
 
-LICENCE = "CC BY-NC-SA 4.0"
-ATTRIBUTION = [
-    "PanNuke: Gamper et al., 'PanNuke: an open pan-cancer histology dataset for nuclei instance "
-    "segmentation and classification', ECDP 2019, and Gamper et al., arXiv:2003.10778 (2020). "
-    "Licence CC BY-NC-SA 4.0.",
-    "MoNuSAC: Verma et al., 'MoNuSAC2020: A Multi-organ Nuclei Segmentation and Classification "
-    "Challenge', IEEE TMI 40(12), 2021. Licence CC BY-NC-SA 4.0.",
-]
+# Licence and attribution lines come from the registry entries of the sources a release holds
+# (cellcurate.datasets.sources.release_licence / release_attribution).
 STACK_TILES_PER_SHARD = 64
 NATIVE_CHUNK = 512
 IGNORE_VALUE = 255
@@ -290,6 +284,7 @@ def export_release(
         The version exists, or flagged nuclei are unreviewed and ``allow_unreviewed`` is False.
     """
     from .. import __version__
+    from ..datasets.sources import release_attribution, release_licence
     from .splits import SPLIT_ALIASES, SPLIT_NAMES, assign_splits
 
     version = check_version_name(version)
@@ -359,8 +354,8 @@ def export_release(
             "review": {"allow_unreviewed": bool(allow_unreviewed), "unreviewed_flags": int(n_unreviewed)},
             "counts": counts,
             "ignore_counts": ignore_counts,
-            "licence": LICENCE,
-            "attribution": ATTRIBUTION,
+            "licence": release_licence(sorted(set(images["source"].astype(str)))),
+            "attribution": release_attribution(sorted(set(images["source"].astype(str)))),
         }
         from .card import write_card
 

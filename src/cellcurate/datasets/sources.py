@@ -99,6 +99,7 @@ class SourceSpec:
     downloads: Mapping[str, tuple[DownloadFile, ...]] = field(default_factory=dict)
     slide_separator: str = ""
     origin: str = "cellcurate"
+    detect_order: int = 100  # lower is tried first by detect_source (more specific layouts first)
 
     def module(self) -> ModuleType:
         try:
@@ -229,7 +230,7 @@ BUILTIN: tuple[SourceSpec, ...] = (
             "multi-tissue histology images', Medical Image Analysis 58, 2019."
         ),
         group_by="slide",
-        slide_separator="__",
+        slide_separator="/",
         splits={"train": "train", "test": "test"},
         options=(OptionSpec("classes", ("original", "merged"), "Class scheme of type ids: the original 7 "
                             "or the 4-class merge (default: original for Train/Test, merged for patches).",),),
@@ -248,6 +249,7 @@ BUILTIN: tuple[SourceSpec, ...] = (
         ),
         group_by="patient",
         splits={"train": "train", "test": "test"},
+        detect_order=10,  # its Aperio XML would also pass MoNuSAC's cheap check
     ),
     SourceSpec(
         name="cpm",
@@ -283,7 +285,7 @@ BUILTIN: tuple[SourceSpec, ...] = (
             "Image Analysis 92, 2024. Licence CC BY-NC-SA 4.0."
         ),
         group_by="slide",
-        slide_separator="__",
+        slide_separator="/",
         splits={"fold1": "train", "fold2": "train", "fold3": "test", "train": "train"},
         downloads={"all": (
             _dl(f"{_WARWICK}/lizard/lizard_images1.zip", "lizard_images1.zip",
@@ -377,7 +379,7 @@ def detect_source(path: str | Path) -> str:
     p = Path(path)
     if not p.exists():
         raise InputNotFoundError(p, "path does not exist")
-    for spec in installed_sources():
+    for spec in sorted(installed_sources(), key=lambda s: s.detect_order):
         if spec.looks_like(p):
             return spec.name
     raise InputNotFoundError(p, f"holds no dataset an installed reader recognises ({', '.join(source_names())})")
