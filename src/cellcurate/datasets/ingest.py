@@ -15,13 +15,12 @@ leaves the store exactly as it was.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputNotFoundError, StateError
+from ..errors import StateError
 from .records import IngestReport, SourceImage, files_fingerprint
 from .store import PreparedUnit, Store, UnitSummary
 
