@@ -143,7 +143,7 @@ def read_image(img: Path, xml: Path, *, split: str, root: Path, report: IngestRe
                 xml, f"Region Id={r.region_id} (Annotation {r.annotation_id}) lies entirely outside the {w}x{h} "
                 f"image {img.name}: the XML does not belong to this image"
             )
-    instances, kept = M.rasterize_regions(regions, (h, w), report=report, source=str(xml))
+    instances, kept = M.rasterize_regions(regions, (h, w), report=report, source=str(xml), simplify=False)
     regs = [regions[k] for k in kept]
     nuclei = R.nuclei_table(np.full(len(regs), -1), [LABEL] * len(regs))
     nuclei["origin_region"] = [str(r.region_id) for r in regs]
