@@ -120,7 +120,7 @@ def plan_units(path: Path) -> list[UnitPlan]:
             pairs17.append((img, mat))
 
         def read17(report: IngestReport, pairs17: list[tuple[Path, Path]] = pairs17, split: str = split,
-                   root: Path = folder) -> Iterator[SourceImage]:
+                   root: Path = folder.parent) -> Iterator[SourceImage]:
             report.warn(f"{root}: CPM-17 does not state pixel sizes; {DEFAULT_MPP} µm assumed")
             for img, mat in pairs17:
                 raw = R.instance_ids(R.load_mat(mat, ("inst_map",))["inst_map"], mat)
