@@ -78,3 +78,95 @@ def test_pannuke_and_monusac_on_the_registry_write_the_same_store_as_before(tiny
         ingest_source(store, "pannuke", tiny_sample.pannuke_root, progress=False)
         ingest_source(store, "monusac", tiny_sample.monusac_root, progress=False)
     assert store_digests(tmp_path / "store") == FROZEN
+
+
+PLUGIN = '''
+from pathlib import Path
+import numpy as np
+import pandas as pd
+from cellcurate.datasets.records import SOURCE_NUCLEI_COLUMNS, SourceImage, UnitPlan, files_fingerprint
+from cellcurate.datasets.sources import SourceSpec
+
+SPEC = SourceSpec(name="toy", title="Toy", reader="toyreader", labels={"blob": ["Neoplastic"]},
+                  licence="CC0", attribution="Toy: a test plug-in.", description="one blob per .toy file")
+
+
+def looks_like(path):
+    return any(Path(path).glob("*.toy"))
+
+
+def plan_units(path):
+    files = sorted(Path(path).glob("*.toy"))
+
+    def read(report):
+        for f in files:
+            ins = np.zeros((8, 8), np.int32)
+            ins[2:5, 2:5] = 1
+            nuc = pd.DataFrame({"instance_id": np.array([1], np.int32), "kind": ["nucleus"], "source_label": ["blob"],
+                                "origin_channel": np.array([-1], np.int16), "origin_instance": np.array([1]),
+                                "origin_region": [""], "origin_annotation": [""]})[list(SOURCE_NUCLEI_COLUMNS)]
+            yield SourceImage(key=f.stem, split="train", image=np.zeros((8, 8, 3), np.uint8), instances=ins,
+                              nuclei=nuc, origin_file=f.name, mpp=0.5)
+
+    return [UnitPlan(unit="toy-all", n_images=len(files), fingerprint=files_fingerprint(files), origin=str(path),
+                     read=read)]
+'''
+
+
+def _plugin(tmp_path: Path) -> Path:
+    site = tmp_path / "site"
+    (site / "toyreader-1.0.dist-info").mkdir(parents=True)
+    (site / "toyreader.py").write_text(PLUGIN)
+    (site / "toyreader-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: toyreader\nVersion: 1.0\n")
+    (site / "toyreader-1.0.dist-info" / "entry_points.txt").write_text("[cellcurate.sources]\ntoy = toyreader:SPEC\n")
+    return site
+
+
+def test_a_third_party_reader_is_one_module_and_one_entry_point(tmp_path):
+    """The done-when of issue 11: a new dataset needs its module and its registry entry, nothing else
+    (no taxonomy edit: its default mapping comes from the entry; no CLI edit: `curate ingest toy`)."""
+    import os
+    import subprocess
+    import sys
+
+    site = _plugin(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.toy").write_text("x")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    cli = [sys.executable, "-m", "cellcurate.cli.main", "ingest"]
+    listing = subprocess.run(cli, env=env, capture_output=True, text=True, check=True).stdout
+    for name in ("pannuke", "monusac", "consep", "monuseg", "cpm", "lizard", "toy"):
+        assert f"  {name} " in listing
+    assert "toyreader:SPEC" in listing
+    done = subprocess.run([*cli, "toy", str(data), "--store", str(tmp_path / "store"), "--json"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["units"] == [{"unit": "toy-all", "status": "ingested", "images": 1, "nuclei": 1}]
+    _, nuclei = __import__("store_readback").tables(tmp_path / "store")
+    assert nuclei["candidates"].tolist() == ["1"] and nuclei["source"].tolist() == ["toy"]
+    auto = subprocess.run([*cli, "monusac", str(data), "--store", str(tmp_path / "s2")], env=env,
+                          capture_output=True, text=True)
+    assert auto.returncode == 1 and "holds toy data, not monusac; use `curate ingest toy`" in auto.stderr
+
+
+def test_registry_entries_carry_licence_attribution_and_splits():
+    from cellcurate.datasets.sources import get_source, release_attribution, release_licence
+
+    assert release_licence(["monusac", "pannuke"]) == "CC BY-NC-SA 4.0"
+    assert [a.split(":")[0] for a in release_attribution(["monusac", "pannuke", "consep"])] == [
+        "PanNuke", "MoNuSAC", "CoNSeP"]
+    assert get_source("pannuke").release_split("fold3") == "fold3"
+    assert get_source("lizard").release_split("fold3") == "test"
+    assert get_source("consep").group_key(None, "test", "consep/test_1/003") == "test_1"
+    assert get_source("monusac").group_key(None, "train", "monusac/x") == "monusac/x"
+    with pytest.raises(Exception, match="unknown source 'nope'"):
+        get_source("nope")
+
+
+def test_detection_prefers_monuseg_over_monusac_for_monuseg_xml(fixtures_dir):
+    from cellcurate.datasets.sources import detect_source
+
+    assert detect_source(fixtures_dir / "real" / "monuseg") == "monuseg"
+    assert detect_source(fixtures_dir / "real" / "consep") == "consep"
+    assert detect_source(fixtures_dir / "real" / "cpm15") == "cpm"
