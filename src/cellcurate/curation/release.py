@@ -48,7 +48,7 @@ from ..datasets.release_format import SUPPORTED_FORMAT_VERSION as RELEASE_FORMAT
 # (cellcurate.datasets.sources.release_licence / release_attribution).
 STACK_TILES_PER_SHARD = 64
 NATIVE_CHUNK = 512
-IGNORE_VALUE = 255
+IGNORE_VALUE = 255  # the default taxonomy's; releases use store.taxonomy.ignore
 
 OmeVersion = Literal["0.5", "0.4"]
 OME_VERSIONS: tuple[str, ...] = ("0.5", "0.4")
@@ -194,7 +194,7 @@ def snapshot(store: Any) -> Snapshot:
     status = nuc["status"].fillna("unresolved").astype(str).to_numpy()
     is_nucleus = kind == "nucleus"
     valid = is_nucleus & (label >= 1) & np.isin(label, list(tax.ids)) & ~np.isin(status, ["conflict"])
-    class_value = np.where(valid, label, IGNORE_VALUE).astype(np.uint8)
+    class_value = np.where(valid, label, tax.ignore).astype(np.uint8)
     decided = np.array([_STATUS_TO_DECIDED.get(s, "unresolved") for s in status], dtype=object)
     decided[~is_nucleus] = "ignore_region"
     reason = np.full(len(nuc), "", dtype=object)
@@ -342,7 +342,7 @@ def export_release(
                 "ledger_chain": snap.ledger_chain,
             },
             "taxonomy": {"hash": store.taxonomy.hash, "classes": {str(c.id): c.name for c in store.taxonomy.classes},
-                         "background": 0, "ignore": IGNORE_VALUE},
+                         "background": store.taxonomy.background, "ignore": store.taxonomy.ignore},
             "splits": {
                 "rule": "PanNuke official folds kept; MoNuSAC official train/test kept; val drawn from "
                         "MoNuSAC train patients ordered by sha256(f'{seed}:{patient_id}')",
@@ -395,7 +395,7 @@ def _write_arrays(store: Any, tmp: Path, images: pd.DataFrame, nuclei: pd.DataFr
     def class_map(image_id: str, instances: np.ndarray) -> np.ndarray:
         pos = positions.get(image_id)
         top = int(instances.max(initial=0))
-        lut = np.full(top + 1, IGNORE_VALUE, dtype=np.uint8)  # pixels of an unknown id: ignore
+        lut = np.full(top + 1, store.taxonomy.ignore, dtype=np.uint8)  # pixels of an unknown id: ignore
         lut[0] = 0
         if pos is not None and len(pos):
             ids = inst_ids[pos]
@@ -445,7 +445,8 @@ def _write_arrays(store: Any, tmp: Path, images: pd.DataFrame, nuclei: pd.DataFr
         zgroup[r] = name
         bar.update(1)
     bar.close()
-    n_ignore = nuclei.groupby("image_id")["class_value"].apply(lambda v: int((v == IGNORE_VALUE).sum()))
+    ignore = store.taxonomy.ignore
+    n_ignore = nuclei.groupby("image_id")["class_value"].apply(lambda v: int((v == ignore).sum()))
     out = pd.DataFrame({
         "image_id": images["image_id"].astype(str),
         "split": images["split"].astype(str),
@@ -497,7 +498,7 @@ def _counts(images: pd.DataFrame, nuclei: pd.DataFrame, taxonomy: Any) -> tuple[
     n_images: dict[str, int] = {}
     for s in present:
         sub = nuclei[nuclei["split"] == s]
-        vc = sub.loc[sub["class_value"] != IGNORE_VALUE, "class_value"].value_counts()
+        vc = sub.loc[sub["class_value"] != taxonomy.ignore, "class_value"].value_counts()
         counts[s] = {c.name: int(vc.get(c.id, 0)) for c in taxonomy.classes}
         rc = sub["ignore_reason"].value_counts()
         ignore[s] = {r: int(rc.get(r, 0)) for r in IGNORE_REASONS}

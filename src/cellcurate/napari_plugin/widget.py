@@ -2,7 +2,8 @@
 
 Layers: ``context`` (the image window around the nucleus), ``classes`` (the nuclei of that window
 coloured by current class) and ``current`` (the outline of the nucleus under review). Keys (bound
-on the viewer): ``a`` accept proposal, ``k`` keep current label, ``1``-``7`` set class, ``n`` not a
+on the viewer): ``a`` accept proposal, ``k`` keep current label, ``1``-``K`` set class
+(the digit of each class id of the store's taxonomy), ``n`` not a
 nucleus, ``s`` skip, ``u`` undo, ``j`` jump to an id. Every decision is in the ledger before the
 next nucleus is shown; a failed write (read-only store, full disk) shows a red message, keeps the
 nucleus on screen and records nothing, so the reviewer can retry.
@@ -36,11 +37,16 @@ from .reader import class_colors
 if TYPE_CHECKING:
     import napari
 
-#: key -> (action, class id or None)
+#: key -> (action, class id or None); the class keys come from the store's taxonomy (class_keys)
 KEYS: dict[str, tuple[str, int | None]] = {
     "a": ("accept", None), "k": ("keep", None), "n": ("not_nucleus", None), "s": ("skip", None),
-    "u": ("undo", None), **{str(c): ("set_class", c) for c in range(1, 8)},
+    "u": ("undo", None),
 }
+
+
+def class_keys(taxonomy: Any) -> dict[str, tuple[str, int | None]]:
+    """Digit keys of the taxonomy's classes: key ``d`` sets the class with id ``d`` (ids 1..9)."""
+    return {str(c.id): ("set_class", c.id) for c in taxonomy.classes if 1 <= c.id <= 9}
 
 
 class ReviewWidget(QWidget):
@@ -51,6 +57,7 @@ class ReviewWidget(QWidget):
         self.viewer = napari_viewer
         self.session: ReviewSession | None = None
         self.last_error: str | None = None
+        self._class_keys: dict[str, tuple[str, int | None]] = {}
         self._build()
         self._bind_keys()
         if session is not None:
@@ -128,6 +135,11 @@ class ReviewWidget(QWidget):
 
     def _set_classes(self, session: ReviewSession) -> None:
         tax = session.store.taxonomy
+        for key in [k for k in self._class_keys if k not in class_keys(tax)]:
+            self.viewer.bind_key(key, None, overwrite=True)  # a previous store's class keys
+        self._class_keys = class_keys(tax)
+        for key, (action, label) in self._class_keys.items():
+            self.viewer.bind_key(key, lambda _v, a=action, c=label: self.decide(a, label=c), overwrite=True)
         for w in self.prob_bars + self.prob_names:
             w.deleteLater()
         self.prob_bars, self.prob_names = [], []
