@@ -161,3 +161,31 @@ def test_bad_release_files_give_one_line_and_leave_the_store_unchanged(tmp_path,
     text = str(err.value)
     assert "\n" not in text and message in text and "train_1" in text
     assert snapshot(store_path) == before
+
+
+def test_cli_bad_mat_is_one_line_and_exit_1(tmp_path):
+    import subprocess
+    import sys
+
+    root = _write_release(tmp_path / "CoNSeP", drop="inst_map")
+    r = subprocess.run([sys.executable, "-m", "cellcurate.cli.main", "ingest", "consep", str(root),
+                        "--store", str(tmp_path / "store")], capture_output=True, text=True, check=False)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "train_1.mat: has no inst_map" in lines[0]
+
+
+def test_demo_real_sample_is_small_licensed_and_ingests(tmp_path):
+    import scipy.io
+
+    from cellcurate.cli.demo import real_sample_path
+
+    root = real_sample_path()
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert size < 2 * 1024 * 1024
+    readme = (root / "README.md").read_text()
+    assert "CC BY-NC-SA 4.0" in readme and "RessCris2/pannuke_app @ 2b35a852" in readme
+    expect = sum(scipy.io.loadmat(m)["inst_type"].size for m in (root / "type_mat").glob("*.mat"))
+    with Store.create(tmp_path / "store") as store:
+        result = ingest_source(store, "consep", root, progress=False)
+    assert result.units[0].n_images == 4 and result.units[0].n_nuclei == expect == 304

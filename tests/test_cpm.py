@@ -82,3 +82,21 @@ def test_cpm17_layout(tmp_path):
     row = images[images["image_id"] == "cpm/train/image_00"].iloc[0]
     _, ins = arrays(tmp_path / "store", row)
     assert_pixels_equal_source(ins, nuclei[nuclei["image_id"] == row["image_id"]], inst)
+
+
+def test_cpm17_and_consep_release_folders_are_told_apart(tmp_path):
+    """Both are train|test/Images + Labels/*.mat; the .mat keys decide (CoNSeP has inst_type)."""
+    import scipy.io
+    from PIL import Image
+
+    from cellcurate.datasets.sources import detect_source
+
+    for name, data in (("cpm17", {"inst_map": np.ones((4, 4))}),
+                       ("consep", {"inst_map": np.ones((4, 4)), "inst_type": np.ones((1, 1))})):
+        for split in ("train", "test"):
+            (tmp_path / name / split / "Images").mkdir(parents=True)
+            (tmp_path / name / split / "Labels").mkdir(parents=True)
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / name / split / "Images" / "a.png")
+            scipy.io.savemat(tmp_path / name / split / "Labels" / "a.mat", data)
+    assert detect_source(tmp_path / "cpm17") == "cpm"
+    assert detect_source(tmp_path / "consep") == "consep"

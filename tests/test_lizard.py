@@ -112,7 +112,7 @@ def test_conic_counts_pixels_classes(tmp_path):
 
 
 def test_conic_size_mismatch_is_refused(tmp_path):
-    images, labels = _conic(tmp_path / "conic")
+    _, labels = _conic(tmp_path / "conic")
     np.save(tmp_path / "conic" / "labels.npy", labels[:, :128])
     with Store.create(tmp_path / "store") as store, pytest.raises(InputFormatError, match="labels.npy: labels are"):
         ingest_source(store, "lizard", tmp_path / "conic", progress=False)

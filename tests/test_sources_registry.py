@@ -140,18 +140,22 @@ def test_a_third_party_reader_is_one_module_and_one_entry_point(tmp_path):
         assert f"  {name} " in listing
     assert "toyreader:SPEC" in listing
     done = subprocess.run([*cli, "toy", str(data), "--store", str(tmp_path / "store"), "--json"], env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["units"] == [{"unit": "toy-all", "status": "ingested", "images": 1, "nuclei": 1}]
     _, nuclei = __import__("store_readback").tables(tmp_path / "store")
     assert nuclei["candidates"].tolist() == ["1"] and nuclei["source"].tolist() == ["toy"]
     auto = subprocess.run([*cli, "monusac", str(data), "--store", str(tmp_path / "s2")], env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert auto.returncode == 1 and "holds toy data, not monusac; use `curate ingest toy`" in auto.stderr
 
 
 def test_registry_entries_carry_licence_attribution_and_splits():
-    from cellcurate.datasets.sources import get_source, release_attribution, release_licence
+    from cellcurate.datasets.sources import (
+        get_source,
+        release_attribution,
+        release_licence,
+    )
 
     assert release_licence(["monusac", "pannuke"]) == "CC BY-NC-SA 4.0"
     assert [a.split(":")[0] for a in release_attribution(["monusac", "pannuke", "consep"])] == [

@@ -8,8 +8,8 @@ from typing import Any
 
 import click
 
-from .main import LazyGroup
 from ._common import STORE_OPTION
+from .main import LazyGroup
 
 
 class SourceGroup(LazyGroup):

@@ -143,3 +143,17 @@ def nuclei_table(raw_ids: np.ndarray, labels: Iterable[str], *, kinds: Iterable[
 def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                   and not p.name.startswith("."))
+
+
+def mat_keys(path: Path) -> set[str]:
+    """Variable names of a .mat file from its headers only (``scipy.io.whosmat``); empty if unreadable."""
+    import scipy.io
+
+    try:
+        return {name for name, _shape, _cls in scipy.io.whosmat(str(path))}
+    except Exception:  # any unreadable file: not this layout (the reader reports it properly later)
+        return set()
+
+
+def first_mat(folder: Path) -> Path | None:
+    return next(iter(sorted(folder.glob("*.mat"))), None)

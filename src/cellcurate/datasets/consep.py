@@ -84,8 +84,17 @@ def _is_patch_layout(root: Path) -> bool:
 
 
 def looks_like(path: Path) -> bool:
+    """The patch layout, or Train/Test folders whose first .mat has ``inst_type`` (CPM-17's has not)."""
     try:
-        return path.is_dir() and (_is_patch_layout(path) or bool(_split_folders(path)))
+        if not path.is_dir():
+            return False
+        if _is_patch_layout(path):
+            return True
+        for _split, folder in _split_folders(path):
+            labels = _child(folder, "labels")
+            mat = R.first_mat(labels) if labels is not None else None
+            return mat is not None and "inst_type" in R.mat_keys(mat)
+        return False
     except OSError:
         return False
 

@@ -53,9 +53,18 @@ def _cpm17_splits(root: Path) -> list[tuple[str, Path]]:
 
 
 def looks_like(path: Path) -> bool:
+    """CPM-15 ``*_mask.txt`` files, or CPM-17 splits whose first .mat has ``inst_map`` but no
+    ``inst_type`` (CoNSeP's .mat has both)."""
     try:
-        return path.is_dir() and (bool(_cpm15_pairs(path)) or (bool(_cpm17_splits(path)) and
-                                                               not (path / "Train").is_dir()))
+        if not path.is_dir():
+            return False
+        if _cpm15_pairs(path):
+            return True
+        for _split, folder in _cpm17_splits(path):
+            mat = R.first_mat(folder / "Labels")
+            keys = R.mat_keys(mat) if mat is not None else set()
+            return "inst_map" in keys and "inst_type" not in keys
+        return False
     except (OSError, InputNotFoundError):
         return False
 
