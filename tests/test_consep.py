@@ -163,6 +163,7 @@ def test_bad_release_files_give_one_line_and_leave_the_store_unchanged(tmp_path,
     assert snapshot(store_path) == before
 
 
+@pytest.mark.slow
 def test_cli_bad_mat_is_one_line_and_exit_1(tmp_path):
     import subprocess
     import sys

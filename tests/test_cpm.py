@@ -27,6 +27,7 @@ def cpm_store(fixtures_dir, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_counts_pixels_and_pixel_size(cpm_store, fixtures_dir):
     from PIL import Image
 

@@ -65,7 +65,7 @@ def _fold_zip(tiny_sample, k: int) -> bytes:
 
     buf = io.BytesIO()
     root = Path(tiny_sample.pannuke_root)
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for p in sorted((root / f"Fold {k}").rglob("*")):
             zf.write(p, p.relative_to(root).as_posix())
     return buf.getvalue()
@@ -77,6 +77,7 @@ def _spec(base: str, blobs: dict[str, bytes], sha: dict[str, str | None] | None 
     return dataclasses.replace(get_source("pannuke"), downloads={"all": files})
 
 
+@pytest.mark.slow
 def test_download_resumes_after_a_cut_connection_and_unpacks_the_reader_layout(server, tiny_sample, tmp_path):
     base, handler = server
     blob = _fold_zip(tiny_sample, 1)

@@ -54,6 +54,7 @@ def _expected_map(regs: list[tuple[str, np.ndarray]], shape: tuple[int, int]) ->
     return out
 
 
+@pytest.mark.slow
 def test_counts_pixel_size_and_labels(monuseg_store, monuseg_root):
     images, nuclei = tables(monuseg_store)
     assert sorted(images["image_id"]) == [f"monuseg/{s}" for s in STEMS]
@@ -67,6 +68,7 @@ def test_counts_pixel_size_and_labels(monuseg_store, monuseg_root):
     assert set(nuclei["candidates"]) == {"1|2|3|4|5|6|7"} and set(nuclei["unified_label"]) == {0}
 
 
+@pytest.mark.slow
 def test_every_instance_has_its_polygon_pixels_smaller_wins(monuseg_store, monuseg_root):
     import tifffile
 

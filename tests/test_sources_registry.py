@@ -70,6 +70,7 @@ def _array_paths(group, prefix: str = "") -> list[str]:
     return found
 
 
+@pytest.mark.slow
 def test_pannuke_and_monusac_on_the_registry_write_the_same_store_as_before(tiny_sample, tmp_path):
     from cellcurate.datasets.ingest import ingest_source
     from cellcurate.datasets.store import Store
@@ -122,6 +123,7 @@ def _plugin(tmp_path: Path) -> Path:
     return site
 
 
+@pytest.mark.slow
 def test_a_third_party_reader_is_one_module_and_one_entry_point(tmp_path):
     """The done-when of issue 11: a new dataset needs its module and its registry entry, nothing else
     (no taxonomy edit: its default mapping comes from the entry; no CLI edit: `curate ingest toy`)."""
