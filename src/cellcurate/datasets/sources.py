@@ -255,7 +255,8 @@ BUILTIN: tuple[SourceSpec, ...] = (
         name="cpm",
         title="CPM-15/17",
         reader="cellcurate.datasets.cpm",
-        description="CPM-15 / CPM-17: images with instance labels (CPM-15 `*_mask.txt` ASCII, CPM-17 `Labels/*.mat`).",
+        description="CPM-15 / CPM-17: images with instance labels "
+                    "(CPM-15 `*_mask.txt` ASCII, CPM-17 `Labels/*.mat`).",
         labels={UNKNOWN_LABEL: ALL_CLASSES},
         licence="research use; no licence stated by the CPM challenge release",
         attribution=(
