@@ -13,7 +13,9 @@ import pytest
 
 #: Digests of the tiny sample (seed 0, flip 0.10) ingested by main's code before the registry
 #: (commit 66b8d68, ``ingest_pannuke`` then ``ingest_monusac``): the nucleus/image tables, the
-#: arrays and the ledger's ingest events. The registry must reproduce them exactly.
+#: arrays and the ledger's ingest events. The registry must reproduce them exactly. A deliberate
+#: change of a reader's output (e.g. PanNuke's fingerprint) must update these on purpose:
+#: ``PYTHONPATH=src python tests/test_sources_registry.py`` prints the digests of the current code.
 FROZEN = {
     "images": "497b88169a8cc0fcc0a4601e25fc230443a61222bc6ac0afe79e9f8e00e2b872",
     "nuclei": "7b51482188970fbcf160b51e27321e25be8c176f102bdccffa840f289647d6a4",
@@ -176,3 +178,18 @@ def test_detection_prefers_monuseg_over_monusac_for_monuseg_xml(fixtures_dir):
     assert detect_source(fixtures_dir / "real" / "monuseg") == "monuseg"
     assert detect_source(fixtures_dir / "real" / "consep") == "consep"
     assert detect_source(fixtures_dir / "real" / "cpm15") == "cpm"
+
+
+if __name__ == "__main__":  # print the digests of the current code (see FROZEN)
+    import tempfile
+
+    from cellcurate.datasets.ingest import ingest_source
+    from cellcurate.datasets.store import Store
+    from cellcurate.datasets.synthetic import write_sample
+
+    tmp = Path(tempfile.mkdtemp())
+    sample = write_sample(tmp / "sample", preset="tiny", seed=0, flip_fraction=0.10)
+    with Store.create(tmp / "store") as s:
+        ingest_source(s, "pannuke", sample.pannuke_root, progress=False)
+        ingest_source(s, "monusac", sample.monusac_root, progress=False)
+    print(json.dumps(store_digests(tmp / "store"), indent=4))
