@@ -43,7 +43,10 @@ def test_unknown_label_and_class_are_clear_errors():
     tax = Taxonomy.default()
     with pytest.raises(ConfigError, match="unknown monusac class 'Mitosis'"):
         tax.candidates("monusac", "Mitosis")
-    with pytest.raises(ConfigError, match="no mapping for source 'consep'"):
+    with pytest.raises(ConfigError, match="no mapping for source 'nosuch'"):
+        tax.candidates("nosuch", "Epithelial")
+    # a registered source the taxonomy file does not map uses its registry entry's mapping
+    with pytest.raises(ConfigError, match="unknown consep class 'Epithelial'"):
         tax.candidates("consep", "Epithelial")
     with pytest.raises(ConfigError, match="unknown class 'Plasma'"):
         tax.class_id("Plasma")

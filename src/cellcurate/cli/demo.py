@@ -1,7 +1,8 @@
 """`curate demo`: the whole pipeline, end to end, on the built-in synthetic sample.
 
 Stages: generate the sample (PanNuke and MoNuSAC in their real release formats, with a known
-truth and 10 % planted label flips) -> ingest both -> summary. Later stages (relabeling rounds,
+truth and 10 % planted label flips) -> ingest both, plus four real CoNSeP tiles shipped in the
+package (``datasets/real_sample/``) -> summary. Later stages (relabeling rounds,
 review, release, teacher/student) are added to :data:`STAGES` as they exist.
 """
 
@@ -29,8 +30,15 @@ def stage_sample(ctx: dict[str, Any]) -> None:
                f"({info.n_nuclei:,} nuclei, {info.n_flipped} planted label flips) to {info.root}")
 
 
+def real_sample_path() -> Path:
+    """The real CoNSeP tiles shipped with the package (provenance and licence in their README.md)."""
+    from importlib import resources
+
+    return Path(str(resources.files("cellcurate.datasets") / "real_sample" / "consep"))
+
+
 def stage_ingest(ctx: dict[str, Any]) -> None:
-    from ..datasets.ingest import ingest_monusac, ingest_pannuke
+    from ..datasets.ingest import ingest_monusac, ingest_pannuke, ingest_source
     from ..datasets.store import Store
     from .ingest import _print_result
 
@@ -39,6 +47,15 @@ def stage_ingest(ctx: dict[str, Any]) -> None:
     with store:
         _print_result(ingest_pannuke(store, ctx["sample"].pannuke_root), False)
         _print_result(ingest_monusac(store, ctx["sample"].monusac_root), False)
+        real = real_sample_path()
+        click.echo(f"real tissue next to the synthetic sample: CoNSeP tiles from {real} (CC BY-NC-SA 4.0, "
+                   "Graham et al. 2019; see README.md there)")
+        _print_result(ingest_source(store, "consep", real), False)
+        nuc = store.nuclei(include_ignore=False)
+        real_nuc = nuc[nuc["source"] == "consep"]
+        click.echo("  CoNSeP nuclei by source class: " + ", ".join(
+            f"{k} {v}" for k, v in sorted(real_nuc["source_label"].value_counts().items()))
+            + "; relabeling proposes unified classes for them (round report: source label -> proposed class)")
 
 
 def stage_summary(ctx: dict[str, Any]) -> None:
@@ -71,7 +88,7 @@ def _true_classes(ctx: dict[str, Any], store: Any) -> Any:
 def _label_accuracy(store: Any, true: Any) -> tuple[float, int, int]:
     """(accuracy of resolved current labels vs the true class, n resolved, n nuclei)."""
     cur = store.current_labels()
-    cur = cur[cur["kind"] == "nucleus"]
+    cur = cur[(cur["kind"] == "nucleus") & cur["nucleus_id"].isin(true.dropna().index)]  # synthetic nuclei only
     resolved = cur[cur["label"] > 0]
     ok = (resolved["label"].to_numpy() == true.reindex(resolved["nucleus_id"]).to_numpy())
     return float(ok.mean()) if len(ok) else float("nan"), len(resolved), len(cur)
@@ -133,7 +150,12 @@ def stage_review(ctx: dict[str, Any]) -> None:
         tax = store.taxonomy
         truth_of = _true_classes(ctx, store)
         decisions, labels = [""] * n, [""] * n
-        for i, row in enumerate(queue.head(k).itertuples(index=False)):
+        # the real CoNSeP tiles have no synthetic truth: their flags are left for a person
+        has_truth = queue["nucleus_id"].isin(truth_of.dropna().index).to_numpy()
+        candidates = [i for i in range(n) if has_truth[i]]
+        k = min(len(candidates), int(round(fraction * len(candidates))))
+        for i in candidates[:k]:
+            row = queue.iloc[i]
             true = tax.class_name(int(truth_of[row.nucleus_id]))
             if true == row.current_label:
                 decisions[i] = "keep"
@@ -144,7 +166,7 @@ def stage_review(ctx: dict[str, Any]) -> None:
         queue["decision"], queue["label"] = decisions, labels
         queue["reviewer"] = ["demo-annotator" if d else "" for d in decisions]
         queue.to_csv(csv_path, index=False)
-        reviewed = queue["nucleus_id"].head(k).to_numpy()
+        reviewed = queue["nucleus_id"].to_numpy()[candidates[:k]]
         before = _subset_accuracy(store, truth_of, reviewed)
         seqs = import_csv(store, csv_path, reviewer="demo-annotator")
         counts = pd.Series([d for d in decisions if d]).value_counts().to_dict()

@@ -1,4 +1,5 @@
-"""`curate ingest pannuke|monusac|qupath`: bring a source's release files into a store."""
+"""`curate ingest SOURCE PATH`: bring a source's release files into a store (one subcommand per
+installed reader of :mod:`cellcurate.datasets.sources`, plus `qupath` for GeoJSON edits)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,42 @@ from typing import Any
 
 import click
 
-from .main import LazyGroup
 from ._common import STORE_OPTION
+from .main import LazyGroup
 
 
-@click.group(cls=LazyGroup, lazy={"qupath": "cellcurate.cli.ingest_qupath:command"})
-def command() -> None:
-    """Ingest a dataset from its real release format into a store."""
+class SourceGroup(LazyGroup):
+    """`curate ingest`: one subcommand per installed source reader (built-in and entry points)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        from ..datasets.sources import source_names
+
+        return sorted(set(super().list_commands(ctx)) | set(source_names()))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            return cmd
+        from ..datasets.sources import find_source
+
+        spec = find_source(cmd_name)
+        return None if spec is None else _source_command(spec)
+
+
+@click.group(cls=SourceGroup, lazy={"qupath": "cellcurate.cli.ingest_qupath:command"}, invoke_without_command=True)
+@click.pass_context
+def command(ctx: click.Context) -> None:
+    """Ingest a dataset from its real release format into a store.
+
+    `curate ingest SOURCE PATH --store S`; run `curate ingest` alone to list the installed readers.
+    """
+    if ctx.invoked_subcommand is None:
+        from ..datasets.sources import installed_sources
+
+        click.echo("installed source readers (curate ingest SOURCE PATH --store S):")
+        for spec in installed_sources():
+            click.echo(f"  {spec.name:<10} {spec.title:<10} {spec.origin:<12} {spec.description}")
+        click.echo("  qupath     QuPath     cellcurate   GeoJSON edits exported by QuPath")
 
 
 def _store_for_ingest(store_path: Path, taxonomy: Path | None) -> Any:
@@ -80,34 +110,21 @@ def _with_common(f: Any) -> Any:
     return f
 
 
-@command.command("pannuke")
-@_with_common
-@click.option("--overlap", type=click.Choice(["highest", "lowest"]), default="highest", show_default=True,
-              help="Mask channel that wins a pixel claimed by two: highest (official PanNuke evaluation) "
-                   "or lowest (the rule before issue 10). Recorded in the unit's report.json.")
-def pannuke_cmd(source: Path, store_path: Path, overwrite: bool, taxonomy: Path | None, as_json: bool,
-                overlap: str) -> None:
-    """Ingest PanNuke: a release root (`Fold 1/`, `Fold 2/`, ...) or one `Fold k` folder."""
-    from ..datasets.ingest import ingest_pannuke
-    from ..datasets.pannuke import looks_like_pannuke
+def _source_command(spec: Any) -> click.Command:
+    """The `curate ingest NAME` command of one registry entry (its reader options included)."""
 
-    if not looks_like_pannuke(source):
-        _wrong_source_hint(source, "pannuke")
-    with _store_for_ingest(store_path, taxonomy) as store:
-        _print_result(ingest_pannuke(store, source, overwrite=overwrite, overlap=overlap), as_json)
+    def run(source: Path, store_path: Path, overwrite: bool, taxonomy: Path | None, as_json: bool,
+            **options: Any) -> None:
+        from ..datasets.ingest import ingest_source
 
+        if not spec.looks_like(source):
+            _wrong_source_hint(source, spec.name)
+        with _store_for_ingest(store_path, taxonomy) as store:
+            _print_result(ingest_source(store, spec.name, source, overwrite=overwrite, **options), as_json)
 
-@command.command("monusac")
-@_with_common
-@click.option("--split", type=click.Choice(["train", "test"]), default=None,
-              help="Override the split inferred from the folder name.")
-def monusac_cmd(source: Path, store_path: Path, overwrite: bool, taxonomy: Path | None, as_json: bool,
-                split: str | None) -> None:
-    """Ingest MoNuSAC: training/testing release folders, both, or one patient folder."""
-    from ..datasets.ingest import ingest_monusac
-    from ..datasets.monusac import looks_like_monusac
-
-    if not looks_like_monusac(source):
-        _wrong_source_hint(source, "monusac")
-    with _store_for_ingest(store_path, taxonomy) as store:
-        _print_result(ingest_monusac(store, source, split=split, overwrite=overwrite), as_json)
+    f: Any = run
+    for opt in reversed(spec.options):
+        f = click.option(f"--{opt.name}", opt.name.replace("-", "_"), default=opt.default,
+                         type=click.Choice(list(opt.choices)) if opt.choices else str, help=opt.help)(f)
+    f = _with_common(f)
+    return click.command(spec.name, help=spec.description or f"Ingest {spec.title}.")(f)

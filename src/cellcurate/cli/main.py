@@ -21,6 +21,7 @@ import click
 COMMANDS: dict[str, str] = {
     "demo": "cellcurate.cli.demo:command",
     "ingest": "cellcurate.cli.ingest:command",
+    "download": "cellcurate.cli.download:command",
     "info": "cellcurate.cli.info:command",
     "verify": "cellcurate.cli.verify:command",
     "relabel": "cellcurate.cli.relabel:command",

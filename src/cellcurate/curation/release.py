@@ -38,20 +38,15 @@ import numpy as np
 import pandas as pd
 
 from ..core.atomic import fsync_dir, fsync_tree, remove_tree
-from ..core.constants import IGNORE_VALUE
 from ..datasets.containment import containment_problems, resolves_inside, unsafe_relative_path
 from ..datasets.release_format import RELEASE_FORMAT, read_release_manifest, release_schema
 from ..datasets.release_format import SUPPORTED_FORMAT_VERSION as RELEASE_FORMAT_VERSION
 from ..errors import ConfigError, InputFormatError, StateError
 
+# Licence and attribution lines come from the registry entries of the sources a release holds
+# (cellcurate.datasets.sources.release_licence / release_attribution); LICENCE is the fallback of
+# a manifest without one.
 LICENCE = "CC BY-NC-SA 4.0"
-ATTRIBUTION = [
-    "PanNuke: Gamper et al., 'PanNuke: an open pan-cancer histology dataset for nuclei instance "
-    "segmentation and classification', ECDP 2019, and Gamper et al., arXiv:2003.10778 (2020). "
-    "Licence CC BY-NC-SA 4.0.",
-    "MoNuSAC: Verma et al., 'MoNuSAC2020: A Multi-organ Nuclei Segmentation and Classification "
-    "Challenge', IEEE TMI 40(12), 2021. Licence CC BY-NC-SA 4.0.",
-]
 STACK_TILES_PER_SHARD = 64
 NATIVE_CHUNK = 512
 
@@ -199,7 +194,7 @@ def snapshot(store: Any) -> Snapshot:
     status = nuc["status"].fillna("unresolved").astype(str).to_numpy()
     is_nucleus = kind == "nucleus"
     valid = is_nucleus & (label >= 1) & np.isin(label, list(tax.ids)) & ~np.isin(status, ["conflict"])
-    class_value = np.where(valid, label, IGNORE_VALUE).astype(np.uint8)
+    class_value = np.where(valid, label, tax.ignore).astype(np.uint8)
     decided = np.array([_STATUS_TO_DECIDED.get(s, "unresolved") for s in status], dtype=object)
     decided[~is_nucleus] = "ignore_region"
     reason = np.full(len(nuc), "", dtype=object)
@@ -289,6 +284,7 @@ def export_release(
         The version exists, or flagged nuclei are unreviewed and ``allow_unreviewed`` is False.
     """
     from .. import __version__
+    from ..datasets.sources import release_attribution, release_licence
     from .splits import SPLIT_ALIASES, SPLIT_NAMES, assign_splits
 
     version = check_version_name(version)
@@ -350,7 +346,7 @@ def export_release(
                 "ledger_chain": snap.ledger_chain,
             },
             "taxonomy": {"hash": store.taxonomy.hash, "classes": {str(c.id): c.name for c in store.taxonomy.classes},
-                         "background": 0, "ignore": IGNORE_VALUE},
+                         "background": store.taxonomy.background, "ignore": store.taxonomy.ignore},
             "splits": {
                 "rule": "PanNuke official folds kept; MoNuSAC official train/test kept; val drawn from "
                         "MoNuSAC train patients ordered by sha256(f'{seed}:{patient_id}')",
@@ -362,8 +358,8 @@ def export_release(
             "review": {"allow_unreviewed": bool(allow_unreviewed), "unreviewed_flags": int(n_unreviewed)},
             "counts": counts,
             "ignore_counts": ignore_counts,
-            "licence": LICENCE,
-            "attribution": ATTRIBUTION,
+            "licence": release_licence(sorted(set(images["source"].astype(str)))),
+            "attribution": release_attribution(sorted(set(images["source"].astype(str)))),
         }
         from .card import write_card
 
@@ -411,7 +407,7 @@ def _write_arrays(store: Any, tmp: Path, images: pd.DataFrame, nuclei: pd.DataFr
     def class_map(image_id: str, instances: np.ndarray) -> np.ndarray:
         pos = positions.get(image_id)
         top = int(instances.max(initial=0))
-        lut = np.full(top + 1, IGNORE_VALUE, dtype=np.uint8)  # pixels of an unknown id: ignore
+        lut = np.full(top + 1, store.taxonomy.ignore, dtype=np.uint8)  # pixels of an unknown id: ignore
         lut[0] = 0
         if pos is not None and len(pos):
             ids = inst_ids[pos]
@@ -461,7 +457,8 @@ def _write_arrays(store: Any, tmp: Path, images: pd.DataFrame, nuclei: pd.DataFr
         zgroup[r] = name
         bar.update(1)
     bar.close()
-    n_ignore = nuclei.groupby("image_id")["class_value"].apply(lambda v: int((v == IGNORE_VALUE).sum()))
+    ignore = store.taxonomy.ignore
+    n_ignore = nuclei.groupby("image_id")["class_value"].apply(lambda v: int((v == ignore).sum()))
     out = pd.DataFrame({
         "image_id": images["image_id"].astype(str),
         "split": images["split"].astype(str),
@@ -522,7 +519,9 @@ def write_hf_readme(folder: str | Path, manifest: dict[str, Any], splits: list[s
     ``datasets.load_dataset(<release folder>)`` reads the nuclei table (without it the folder's
     many ``zarr.json`` files make ``datasets`` pick its JSON builder, which fails)."""
     folder = Path(folder)
-    lines = ["---", f"license: {HF_LICENSE}", "pretty_name: cellcurate release " + json.dumps(str(manifest["version"])),
+    licence = str(manifest.get("licence", LICENCE))
+    hf_licence = HF_LICENSE if licence == LICENCE else "other"  # the Hub's id, or "other" with the text below
+    lines = ["---", f"license: {hf_licence}", "pretty_name: cellcurate release " + json.dumps(str(manifest["version"])),
              "tags:", "- histopathology", "- nuclei", "- cell-classification", "configs:"]
     for table, default in (("nuclei", True), ("images", False)):
         lines.append(f"- config_name: {table}")
@@ -539,7 +538,7 @@ def write_hf_readme(folder: str | Path, manifest: dict[str, Any], splits: list[s
               "```python", "import datasets",
               "nuclei = datasets.load_dataset('path/to/release')  # DatasetDict: one Dataset per split",
               "images = datasets.load_dataset('path/to/release', 'images')", "```", "",
-              f"Licence: {manifest.get('licence', LICENCE)}.", ""]
+              f"Licence: {licence}.", ""]
     path = folder / "README.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
@@ -575,7 +574,7 @@ def _counts(images: pd.DataFrame, nuclei: pd.DataFrame, taxonomy: Any) -> tuple[
     n_images: dict[str, int] = {}
     for s in present:
         sub = nuclei[nuclei["split"] == s]
-        vc = sub.loc[sub["class_value"] != IGNORE_VALUE, "class_value"].value_counts()
+        vc = sub.loc[sub["class_value"] != taxonomy.ignore, "class_value"].value_counts()
         counts[s] = {c.name: int(vc.get(c.id, 0)) for c in taxonomy.classes}
         rc = sub["ignore_reason"].value_counts()
         ignore[s] = {r: int(rc.get(r, 0)) for r in IGNORE_REASONS}

@@ -54,10 +54,20 @@ ReviewAction = Literal["accept", "keep", "set_class", "not_nucleus", "skip", "un
 REVIEW_ACTIONS: tuple[str, ...] = ("accept", "keep", "set_class", "not_nucleus", "skip", "undo", "adjudicate")
 DecisionSource = Literal["napari", "csv", "cli", "api"]
 
-#: Values of the class map shown in napari besides the class ids 1..K.
+#: Values of the class map shown in napari besides the class ids (those of the default 7-class
+#: taxonomy; :func:`display_values` gives the ones of any taxonomy, always above its largest id).
 UNRESOLVED_VALUE = 8
 REJECTED_VALUE = 9
 IGNORE_VALUE = 10
+
+
+def display_values(taxonomy: Any) -> tuple[int, int, int]:
+    """(unresolved, rejected, ignore) values of the displayed class map for ``taxonomy``: 8, 9, 10
+    while its class ids are at most 7, else the three values after its largest id."""
+    base = max(7, *taxonomy.ids)
+    if base + 3 > 255:
+        raise ConfigError(f"class ids up to {base} leave no room for the review display values (<= 252)")
+    return base + 1, base + 2, base + 3
 
 
 @dataclass(frozen=True)
@@ -700,8 +710,9 @@ class ReviewSession:
         near, ins = ctx.near, ctx.instances
         labels = folded["label"].reindex(near["nucleus_id"])
         value = labels.fillna(0).astype(np.int64).to_numpy()
-        value = np.where(value == NOT_A_NUCLEUS, REJECTED_VALUE, np.where(value == UNRESOLVED, UNRESOLVED_VALUE, value))
-        value = np.where(near["kind"].to_numpy() == "ignore", IGNORE_VALUE, value)
+        unresolved_v, rejected_v, ignore_v = display_values(self.store.taxonomy)
+        value = np.where(value == NOT_A_NUCLEUS, rejected_v, np.where(value == UNRESOLVED, unresolved_v, value))
+        value = np.where(near["kind"].to_numpy() == "ignore", ignore_v, value)
         inst = near["instance_id"].to_numpy(np.int64)
         lut = np.zeros(max(int(ins.max()) if ins.size else 0, int(inst.max()) if inst.size else 0) + 1, np.uint8)
         lut[inst] = value.astype(np.uint8)

@@ -6,6 +6,9 @@ Rules (documented in docs/RELEASE_FORMAT.md):
 * MoNuSAC keeps its official ``train`` / ``test``; a ``val`` split is drawn from the *patients*
   of MoNuSAC train (``val_fraction`` of them, at least one when train has two or more patients),
   so no patient is on two sides.
+* Every other source maps its own splits through its registry entry (``SourceSpec.splits`` in
+  ``cellcurate.datasets.sources``, keyed by source, so a new source's ``fold1`` never joins
+  PanNuke's); those with ``val_from_train`` give ``val`` patients as MoNuSAC does.
 * PanNuke has no patient ids; ``pannuke_val_fraction`` (default 0) optionally draws ``val``
   images from fold1/fold2, grouped by image.
 * The order in which patients are drawn is ``sha256(f"{seed}:{group}")``: no RNG state, so the
@@ -90,14 +93,15 @@ def assign_splits(
         if not 0.0 <= float(v) < 1.0:
             raise ConfigError(f"{name} must be in [0, 1), got {v}")
     source_split = images["split"].astype(str).to_numpy()
-    split = source_split.copy().astype(object)
     source = images["source"].astype(str).to_numpy()
+    split = release_splits(source, source_split)
     patient = images["patient_id"].astype("string").fillna("").to_numpy(dtype=object)
     group = np.where(patient != "", patient, images["image_id"].astype(str).to_numpy())
+    from_train = _val_from_train(source)
 
-    # MoNuSAC (and any other source with train/test): val by patient, never a test patient.
-    is_train = (source != "pannuke") & (source_split == "train")
-    test_groups = set(group[(source != "pannuke") & (source_split == "test")])
+    # MoNuSAC (and every source whose entry says val_from_train): val by patient, never a test patient.
+    is_train = from_train & (split == "train")
+    test_groups = set(group[from_train & (split == "test")])
     candidates = [g for g in group[is_train] if g not in test_groups]
     val = _draw(candidates, float(val_fraction), seed, at_least_one=val_fraction > 0)
     split[is_train & np.isin(group, list(val))] = "val"
@@ -112,6 +116,39 @@ def assign_splits(
         "source_split": source_split,
         "split": split.astype(str),
     })
+
+
+def release_splits(source: np.ndarray, source_split: np.ndarray) -> np.ndarray:
+    """(N,) object array: each image's release split from its source's own split, through the
+    source's registry entry (``SourceSpec.splits``, keyed by source: CoNSeP ``test`` -> ``test``,
+    Lizard ``fold3`` -> ``test``; PanNuke keeps ``fold1``..``fold3``). A split the entry does not
+    map, or a source not in the registry, keeps its name if it is a release split name, else
+    raises ConfigError (an image must never land in a split nobody asked for)."""
+    from ..datasets.sources import find_source
+
+    out = np.empty(len(source), dtype=object)
+    for src in np.unique(source):
+        spec = find_source(str(src))
+        sel = source == src
+        for ss in np.unique(source_split[sel]):
+            target = spec.splits.get(str(ss), str(ss)) if spec is not None else str(ss)
+            if target not in SPLIT_NAMES:
+                raise ConfigError(
+                    f"source {src!r}: its split {ss!r} has no release split; the source's registry entry "
+                    f"must map it to one of {', '.join(SPLIT_NAMES)}"
+                )
+            out[sel & (source_split == ss)] = target
+    return out
+
+
+def _val_from_train(source: np.ndarray) -> np.ndarray:
+    from ..datasets.sources import find_source
+
+    out = np.zeros(len(source), dtype=bool)
+    for src in np.unique(source):
+        spec = find_source(str(src))
+        out[source == src] = (src != "pannuke") if spec is None else spec.val_from_train
+    return out
 
 
 def resolve_split(name: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:

@@ -1,7 +1,9 @@
 """Ingest a source's release files into a store: readers -> store units -> one ledger commit.
 
-Units: one per PanNuke fold (``pannuke-fold1``) and one per MoNuSAC patient folder
-(``monusac-train-TCGA-KK-A6E0-01Z-00-DX1``). A unit whose files (fingerprint) and taxonomy are
+Every source goes through :func:`ingest_source`: its registry entry
+(:mod:`cellcurate.datasets.sources`) names the reader, whose ``plan_units`` finds the units: one
+per PanNuke fold (``pannuke-fold1``), one per MoNuSAC patient folder
+(``monusac-train-TCGA-KK-A6E0-01Z-00-DX1``), one per CoNSeP split, and so on. A unit whose files (fingerprint) and taxonomy are
 unchanged is skipped, so re-ingesting the same files is a no-op with the same nucleus ids; a unit
 whose files changed is refused unless ``overwrite`` (which replaces it; nucleus ids stay the same
 for the same origin references and the ledger keeps the history).
@@ -13,14 +15,13 @@ leaves the store exactly as it was.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputNotFoundError, StateError
-from .records import IngestReport, SourceImage
+from ..errors import StateError
+from .records import IngestReport, SourceImage, files_fingerprint
 from .store import PreparedUnit, Store, UnitSummary
 
 ProgressFactory = Callable[..., Any]
@@ -93,6 +94,36 @@ def _transaction(store: Store, result: IngestResult) -> Iterator[list[PreparedUn
             result.units.extend(store.commit(prepared))
 
 
+def ingest_source(store: Store, source: str, path: str | Path, *, overwrite: bool = False,
+                  progress: bool | ProgressFactory = True, **options: Any) -> IngestResult:
+    """Ingest ``path`` with the reader of ``source`` (a name in :mod:`cellcurate.datasets.sources`).
+
+    The reader plans its units first (finding and checking every file), so a missing or bad file
+    fails before anything is written; ``options`` go to the reader's ``plan_units``.
+    """
+    from .sources import get_source
+
+    spec = get_source(source)
+    result = IngestResult(spec.name)
+    plan = []
+    for p in spec.plan_units(path, **options):
+        status = _check_unit(store, p.unit, p.fingerprint, overwrite)
+        if status == "unchanged" and not overwrite:
+            result.units.append(UnitSummary(p.unit, spec.name, "unchanged", p.n_images, _unit_nuclei(store, p.unit)))
+            continue
+        plan.append(p)
+    with _transaction(store, result) as prepared:
+        total = sum(p.n_images for p in plan)
+        with _progress(progress, total=total, unit=spec.progress_unit, desc=spec.title) as bar:
+            for p in plan:
+                report = IngestReport(settings=dict(p.settings))
+                prepared.append(_write_unit(
+                    store, p.unit, spec.name, p.read(report), fingerprint=p.fingerprint, origin=p.origin,
+                    stacked=p.stacked, overwrite=overwrite, report=report, bar=bar))
+                result.report.merge(report)
+    return result
+
+
 def ingest_pannuke(store: Store, path: str | Path, *, overwrite: bool = False,
                    progress: bool | ProgressFactory = True, overlap: str = "highest") -> IngestResult:
     """Ingest a PanNuke release root (all folds found) or one ``Fold k`` folder.
@@ -102,70 +133,13 @@ def ingest_pannuke(store: Store, path: str | Path, *, overwrite: bool = False,
     recorded in each unit's ``report.json`` (``settings.pannuke_overlap``) and in the fold
     fingerprint, so re-ingesting with the other rule is a change that needs ``overwrite``.
     """
-    from . import pannuke
-
-    result = IngestResult("pannuke")
-    folds = pannuke.discover_pannuke(path)
-    plan = []
-    for fold in folds:
-        arrays = pannuke.open_fold(fold)  # validates headers, shapes and types.npy before any write
-        unit = f"pannuke-fold{fold.fold}"
-        fp = pannuke.fold_fingerprint(fold, overlap=overlap)  # type: ignore[arg-type]
-        status = _check_unit(store, unit, fp, overwrite)
-        if status == "unchanged" and not overwrite:
-            result.units.append(UnitSummary(unit, "pannuke", "unchanged", arrays.n, _unit_nuclei(store, unit)))
-            continue
-        plan.append((fold, arrays, unit, fp))
-    with _transaction(store, result) as prepared:
-        total = sum(a.n for _, a, _, _ in plan)
-        with _progress(progress, total=total, unit="tile", desc="PanNuke") as bar:
-            for fold, arrays, unit, fp in plan:
-                report = IngestReport(settings={"pannuke_overlap": overlap})
-                items = pannuke.iter_pannuke_fold(arrays, report=report,  # already opened and validated
-                                                  overlap=overlap)  # type: ignore[arg-type]
-                h, w = arrays.images.shape[1:3]
-                prepared.append(_write_unit(
-                    store, unit, "pannuke", items, fingerprint=fp, origin=str(fold.folder),
-                    stacked=(arrays.n, h, w), overwrite=overwrite, report=report, bar=bar))
-                result.report.merge(report)
-    return result
+    return ingest_source(store, "pannuke", path, overwrite=overwrite, progress=progress, overlap=overlap)
 
 
 def ingest_monusac(store: Store, path: str | Path, *, split: str | None = None, overwrite: bool = False,
                    progress: bool | ProgressFactory = True) -> IngestResult:
     """Ingest MoNuSAC release folders (training and/or testing), or a single patient folder."""
-    from . import monusac
-
-    result = IngestResult("monusac")
-    items = monusac.discover_monusac(path, split=split)
-    by_unit: dict[str, list[Any]] = {}
-    for it in items:
-        by_unit.setdefault(f"monusac-{it.split}-{it.patient_folder}", []).append(it)
-    plan = []
-    for unit, unit_items in by_unit.items():
-        fp = _files_fingerprint([p for it in unit_items for p in (it.xml, it.image)])
-        status = _check_unit(store, unit, fp, overwrite)
-        if status == "unchanged" and not overwrite:
-            result.units.append(UnitSummary(unit, "monusac", "unchanged", len(unit_items), _unit_nuclei(store, unit)))
-            continue
-        plan.append((unit, unit_items, fp))
-    with _transaction(store, result) as prepared:
-        total = sum(len(u[1]) for u in plan)
-        with _progress(progress, total=total, unit="image", desc="MoNuSAC") as bar:
-            for unit, unit_items, fp in plan:
-                report = IngestReport()
-                stream = _read_each(unit_items, monusac.read_monusac_image, report)
-                origin = str(unit_items[0].xml.parent)
-                prepared.append(_write_unit(
-                    store, unit, "monusac", stream, fingerprint=fp, origin=origin, stacked=None,
-                    overwrite=overwrite, report=report, bar=bar))
-                result.report.merge(report)
-    return result
-
-
-def _read_each(items: list[Any], read: Callable[..., SourceImage], report: IngestReport) -> Iterator[SourceImage]:
-    for it in items:
-        yield read(it, report=report)
+    return ingest_source(store, "monusac", path, split=split, overwrite=overwrite, progress=progress)
 
 
 def _discard(prepared: list[PreparedUnit]) -> None:
@@ -180,31 +154,11 @@ def _unit_nuclei(store: Store, unit: str) -> int:
     return 0 if row is None else int(row["n_nuclei"])
 
 
-def _files_fingerprint(paths: list[Path]) -> str:
-    """sha256 over the names and full contents of a unit's files (MoNuSAC units are small)."""
-    h = hashlib.sha256()
-    for p in sorted(paths, key=lambda p: p.name):
-        h.update(p.name.encode("utf-8") + b"\0")
-        try:
-            with open(p, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-        except FileNotFoundError:
-            raise InputNotFoundError(p, "file disappeared during ingest") from None
-    return h.hexdigest()
+_files_fingerprint = files_fingerprint
 
 
 def detect_source(path: str | Path) -> str:
-    """"pannuke" or "monusac" for a folder holding that dataset; InputNotFoundError otherwise."""
-    from . import monusac, pannuke
+    """Name of the installed source whose reader recognises ``path``; InputNotFoundError otherwise."""
+    from .sources import detect_source as _detect
 
-    p = Path(path)
-    if not p.exists():
-        raise InputNotFoundError(p, "path does not exist")
-    if pannuke.looks_like_pannuke(p):
-        return "pannuke"
-    if monusac.looks_like_monusac(p):
-        return "monusac"
-    raise InputNotFoundError(
-        p, "holds neither dataset (expected PanNuke 'Fold k/images/foldk/images.npy' or MoNuSAC <patient>/<image>.xml)"
-    )
+    return _detect(path)

@@ -71,7 +71,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, InputFormatError, InputNotFoundError
-from .records import SOURCE_NUCLEI_COLUMNS, IngestReport, SourceImage
+from .records import SOURCE_NUCLEI_COLUMNS, IngestReport, SourceImage, UnitPlan, files_fingerprint
 
 __all__ = [
     "MONUSAC_CLASSES",
@@ -399,6 +399,7 @@ def rasterize_regions(
     *,
     report: IngestReport | None = None,
     source: str = "",
+    simplify: bool = True,
 ) -> tuple[np.ndarray, list[int]]:
     """Rasterise regions onto an (H, W) grid with the module's overlap rule (smaller wins).
 
@@ -410,6 +411,9 @@ def rasterize_regions(
         (H, W) of the image.
     report, source
         Counters and warnings; ``source`` names the file in warnings.
+    simplify
+        Drop vertices on straight runs before drawing (faster). Not exact: a pixel centre that is
+        itself such a vertex can fall out (seen on real MoNuSeg polygons); MoNuSeg passes False.
 
     Returns
     -------
@@ -440,7 +444,7 @@ def rasterize_regions(
             continue
         if lo[0] < 0 or lo[1] < 0 or hi[0] > w - 1 or hi[1] > h - 1:
             report.count("regions_clipped")
-        rings[k] = _drop_straight_vertices(ring)
+        rings[k] = _drop_straight_vertices(ring) if simplify else ring
         areas[k] = _shoelace(ring)
 
     drawn: list[int] = []
@@ -703,3 +707,26 @@ def looks_like_monusac(path: PathArg) -> bool:
         return False
     except OSError:
         return False
+
+
+# --------------------------------------------------------------------------------------------
+# registry hooks (cellcurate.datasets.sources)
+# --------------------------------------------------------------------------------------------
+looks_like = looks_like_monusac
+
+
+def plan_units(path: PathArg, *, split: str | None = None) -> list[UnitPlan]:
+    """One unit per patient folder and split (``monusac-<split>-<patient folder>``)."""
+    by_unit: dict[str, list[MonusacItem]] = {}
+    for it in discover_monusac(path, split=split):
+        by_unit.setdefault(f"monusac-{it.split}-{it.patient_folder}", []).append(it)
+    plans = []
+    for unit, items in by_unit.items():
+        def read(report: IngestReport, items: list[MonusacItem] = items) -> Iterator[SourceImage]:
+            for it in items:
+                yield read_monusac_image(it, report=report)
+
+        plans.append(UnitPlan(unit=unit, n_images=len(items),
+                              fingerprint=files_fingerprint([p for it in items for p in (it.xml, it.image)]),
+                              origin=str(items[0].xml.parent), read=read))
+    return plans

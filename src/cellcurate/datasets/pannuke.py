@@ -58,12 +58,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, InputFormatError, InputNotFoundError
-from .records import (
-    OPTIONAL_SOURCE_COLUMNS,
-    SOURCE_NUCLEI_COLUMNS,
-    IngestReport,
-    SourceImage,
-)
+from .records import OPTIONAL_SOURCE_COLUMNS, SOURCE_NUCLEI_COLUMNS, IngestReport, SourceImage, UnitPlan
 
 __all__ = [
     "PANNUKE_CHANNELS",
@@ -659,6 +654,33 @@ def iter_pannuke(path: str | os.PathLike[str], *, report: IngestReport | None = 
     arrays = [open_fold(f) for f in discover_pannuke(path)]
     for a in arrays:
         yield from iter_pannuke_fold(a, report=report, overlap=overlap)
+
+
+# -- registry hooks (cellcurate.datasets.sources) ---------------------------------------------
+looks_like = looks_like_pannuke
+
+
+def plan_units(path: Path, *, overlap: str | None = None) -> list[UnitPlan]:
+    """One unit per fold (``pannuke-fold<k>``); every fold is opened and checked here, before any write.
+
+    ``overlap``: the mask channel that wins a pixel claimed by several (``"highest"``, the default
+    and the official evaluation's rule, or ``"lowest"``); recorded in the fingerprint and report."""
+    rule = overlap or "highest"
+    if rule not in OVERLAP_RULES:
+        raise ConfigError(f"unknown PanNuke overlap rule {rule!r}; expected one of {', '.join(OVERLAP_RULES)}")
+    plans = []
+    for fold in discover_pannuke(path):
+        arrays = open_fold(fold)  # validates headers, shapes and types.npy before any write
+        h, w = arrays.images.shape[1:3]
+
+        def read(report: IngestReport, arrays: FoldArrays = arrays) -> Iterator[SourceImage]:
+            return iter_pannuke_fold(arrays, report=report, overlap=rule)  # type: ignore[arg-type]
+
+        plans.append(UnitPlan(unit=f"pannuke-fold{fold.fold}", n_images=arrays.n,
+                              fingerprint=fold_fingerprint(fold, overlap=rule),  # type: ignore[arg-type]
+                              origin=str(fold.folder), read=read, stacked=(arrays.n, h, w),
+                              settings={"pannuke_overlap": rule}))
+    return plans
 
 
 def _one_line(exc: BaseException) -> str:

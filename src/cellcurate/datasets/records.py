@@ -10,6 +10,8 @@ Dimensions: H×W pixels, n instances in one image.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -92,6 +94,38 @@ class SourceImage:
 
 
 @dataclass
+class UnitPlan:
+    """One ingest unit a reader found (``plan_units``), checked but not read yet.
+
+    Attributes
+    ----------
+    unit
+        Unit name, unique in a store, e.g. ``"consep-test"``; conventionally ``<source>-...``.
+    n_images
+        Images the unit will yield (for the progress bar and the "unchanged" summary).
+    fingerprint
+        Content fingerprint of the unit's files (re-ingest of the same files is a no-op).
+    origin
+        Where the unit came from (a folder), recorded in the unit catalog.
+    read
+        ``read(report)`` streams the unit's :class:`SourceImage` records.
+    stacked
+        ``(N, H, W)`` when every image has the same size (stacked arrays), else ``None``.
+    settings
+        Reader settings that shaped the unit (e.g. PanNuke's overlap rule), recorded in the unit's
+        ``report.json``.
+    """
+
+    unit: str
+    n_images: int
+    fingerprint: str
+    origin: str
+    read: Callable[["IngestReport"], Iterator[SourceImage]]
+    stacked: tuple[int, int, int] | None = None
+    settings: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class IngestReport:
     """Counters and warnings a reader collects while converting; printed in the ingest summary.
 
@@ -125,3 +159,21 @@ class IngestReport:
         if self.settings:
             out["settings"] = dict(sorted(self.settings.items()))
         return out
+
+
+def files_fingerprint(paths: Iterable[Path]) -> str:
+    """sha256 over the names and full contents of a unit's files (for units of small files)."""
+    import hashlib
+
+    from ..errors import InputNotFoundError
+
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: p.name):
+        h.update(p.name.encode("utf-8") + b"\0")
+        try:
+            with open(p, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        except FileNotFoundError:
+            raise InputNotFoundError(p, "file disappeared during ingest") from None
+    return h.hexdigest()

@@ -4,7 +4,9 @@ Class ids: 0 = background, 1..7 = the classes below, 255 = ignore (in class maps
 A source label maps to a *set of candidate classes*: one candidate means the label is resolved
 at ingest; several (PanNuke ``Inflammatory`` -> {Lymphocyte, Macrophage, Neutrophil}, MoNuSAC
 ``Epithelial`` -> {Neoplastic, Epithelial}) are resolved later by relabeling; the string
-``"ignore"`` makes the region an ignore region (MoNuSAC ``Ambiguous``).
+``"ignore"`` makes the region an ignore region (MoNuSAC ``Ambiguous``); ``"*"`` means every class
+(instance-only sources label their nuclei ``"unknown nucleus"``). A source the taxonomy does not
+map uses the default mapping of its registry entry (``cellcurate.datasets.sources``).
 
 The taxonomy is stored as ``taxonomy.json`` in every store and release and identified by
 :attr:`Taxonomy.hash` (sha256 of its canonical JSON). A user can bring another mapping with
@@ -30,6 +32,8 @@ from ..core.constants import IGNORE_VALUE
 from ..errors import ConfigError, InputFormatError
 
 IGNORE = "ignore"
+#: Mapping target meaning "every class of this taxonomy" (instance-only sources: "unknown nucleus").
+ALL = "*"
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,14 @@ class Taxonomy:
         target = mapping[label]
         if target == IGNORE:
             return ()
+        if target == ALL:
+            return self.ids
+        missing = [t for t in target if t.lower() not in self._by_name]
+        if missing:  # only possible for a registry mapping (a taxonomy file is validated)
+            raise ConfigError(
+                f"source {source!r} maps {label!r} to {', '.join(map(repr, missing))}, which this taxonomy "
+                f"lacks ({', '.join(self.names)}); add a \"sources\": {{\"{source}\": ...}} mapping to it"
+            )
         return tuple(sorted(self._by_name[t.lower()].id for t in target))
 
     def is_ignore(self, source: str, label: str) -> bool:
@@ -158,12 +170,19 @@ class Taxonomy:
         return "|".join(self.class_name(c) for c in candidates)
 
     def _source(self, source: str) -> dict[str, Any]:
+        """The taxonomy's own mapping of ``source``, else the default mapping of its registry entry."""
         try:
             return self._data["sources"][source]
         except KeyError:
+            pass
+        from .sources import find_source
+
+        spec = find_source(source)
+        if spec is None:
             raise ConfigError(
                 f"the taxonomy has no mapping for source {source!r}; it maps {', '.join(self.sources())}"
-            ) from None
+            )
+        return dict(spec.labels)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Taxonomy) and other.hash == self.hash
@@ -207,11 +226,11 @@ def _validate(data: Any, origin: str) -> dict[str, Any]:
         if not isinstance(mapping, dict) or not mapping:
             raise ConfigError(f"{origin}: mapping of source {src!r} must be a non-empty object")
         for label, target in mapping.items():
-            if target == IGNORE:
+            if target in (IGNORE, ALL):
                 continue
             if not isinstance(target, list) or not target:
                 raise ConfigError(
-                    f"{origin}: {src}/{label} must map to a list of class names or \"ignore\", got {target!r}"
+                    f"{origin}: {src}/{label} must map to a list of class names, \"ignore\" or \"*\", got {target!r}"
                 )
             for t in target:
                 if str(t).lower() not in seen_names:

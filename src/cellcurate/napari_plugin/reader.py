@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..curation.review import IGNORE_VALUE, REJECTED_VALUE, UNRESOLVED_VALUE, current_labels_of
+from ..curation.review import current_labels_of, display_values
 from ..datasets.ledger import NOT_A_NUCLEUS, UNRESOLVED
 from ..datasets.store import Store
 from ..datasets.taxonomy import Taxonomy
@@ -35,7 +35,8 @@ def class_colors(taxonomy: Taxonomy) -> dict[int | None, str]:
     ignore regions dark grey, background transparent."""
     colors: dict[int | None, str] = {None: "transparent", 0: "transparent"}
     colors.update({c.id: c.color for c in taxonomy.classes})
-    colors.update({UNRESOLVED_VALUE: "#ffffff", REJECTED_VALUE: "#808080", IGNORE_VALUE: "#404040"})
+    unresolved_v, rejected_v, ignore_v = display_values(taxonomy)
+    colors.update({unresolved_v: "#ffffff", rejected_v: "#808080", ignore_v: "#404040"})
     return colors
 
 
@@ -73,7 +74,8 @@ def outline_color(taxonomy: Taxonomy) -> str:
 def class_names(taxonomy: Taxonomy) -> dict[int, str]:
     """Names of the class map values (what napari shows on hover)."""
     names = {0: "background", **{c.id: c.name for c in taxonomy.classes}}
-    names.update({UNRESOLVED_VALUE: "unresolved", REJECTED_VALUE: "not a nucleus", IGNORE_VALUE: "ignore region"})
+    unresolved_v, rejected_v, ignore_v = display_values(taxonomy)
+    names.update({unresolved_v: "unresolved", rejected_v: "not a nucleus", ignore_v: "ignore region"})
     return names
 
 
@@ -89,8 +91,9 @@ def class_map(store: Store, image_id: str, instances: np.ndarray) -> np.ndarray:
     nuc = nuc[nuc["image_id"] == image_id]
     labels = current_labels_of(store, nuc["nucleus_id"])["label"]
     value = labels.reindex(nuc["nucleus_id"]).fillna(0).astype(np.int64).to_numpy()
-    value = np.where(value == NOT_A_NUCLEUS, REJECTED_VALUE, np.where(value == UNRESOLVED, UNRESOLVED_VALUE, value))
-    value = np.where(nuc["kind"].to_numpy() == "ignore", IGNORE_VALUE, value)
+    unresolved_v, rejected_v, ignore_v = display_values(store.taxonomy)
+    value = np.where(value == NOT_A_NUCLEUS, rejected_v, np.where(value == UNRESOLVED, unresolved_v, value))
+    value = np.where(nuc["kind"].to_numpy() == "ignore", ignore_v, value)
     inst = nuc["instance_id"].to_numpy(np.int64)
     lut = np.zeros(max(int(instances.max(initial=0)), int(inst.max(initial=0))) + 1, np.uint8)
     lut[inst] = value.astype(np.uint8)

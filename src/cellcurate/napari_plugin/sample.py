@@ -91,10 +91,12 @@ def write_flags(store: Store, *, fraction: float = 0.1, round: int = 1, seed: in
     pick = np.sort(rng.choice(len(nuc), size=min(n, len(nuc)), replace=False))
     ids = nuc["nucleus_id"].to_numpy()[pick]
     given = cur["label"].reindex(ids).to_numpy()
-    k = store.taxonomy.n_classes
+    class_ids = np.asarray(store.taxonomy.ids)  # the store's classes (ids need not be 1..K)
+    k = len(class_ids)
     logits = rng.normal(size=(len(ids), k))
-    suggested = rng.integers(1, k + 1, len(ids))
-    logits[np.arange(len(ids)), suggested - 1] += 2.5
+    pos = rng.integers(0, k, len(ids))
+    suggested = class_ids[pos]
+    logits[np.arange(len(ids)), pos] += 2.5
     probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     score = np.round(rng.uniform(0.3, 1.0, len(ids)), 4)
     actor = f"relabel:r{round}:{model}"

@@ -141,6 +141,11 @@ class _KeyFilter(QObject):
         return True
 
 
+def class_keys(taxonomy: Any) -> dict[str, tuple[str, int | None]]:
+    """Digit keys of the taxonomy's classes: key ``d`` sets the class with id ``d`` (ids 1..9)."""
+    return {str(c.id): ("set_class", c.id) for c in taxonomy.classes if 1 <= c.id <= 9}
+
+
 class ReviewWidget(QWidget):
     """Dock widget reviewing one store's queue. Give a ``session`` or open one with :meth:`open_store`;
     without a session it opens ``$CELLCURATE_STORE`` when that is set (the Plugins menu entry)."""

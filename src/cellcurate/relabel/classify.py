@@ -4,7 +4,7 @@ Groups keep correlated nuclei on one side of every split: a MoNuSAC nucleus's gr
 patient (``monusac:<patient_id>``), a PanNuke nucleus's group is its fold (``pannuke:<split>``).
 No group is ever in both the training and the test part of a split.
 
-Dimensions: N nuclei, F features, K classes (K = 7 unified classes in probability vectors).
+Dimensions: N nuclei, F features, K classes (K = the store taxonomy's classes in probability vectors).
 
 >>> import numpy as np
 >>> rng = np.random.default_rng(0)
@@ -33,22 +33,27 @@ CLASSIFIERS: tuple[str, ...] = ("hgb", "logreg")
 
 
 def nucleus_groups(nuclei: "pd.DataFrame", images: "pd.DataFrame") -> np.ndarray:
-    """(N,) object array of group keys: ``monusac:<patient_id>`` or ``pannuke:<split>``.
-
-    Other sources group by patient when known, else by split, else by image.
+    """(N,) object array of group keys ``<source>:<group>``: ``monusac:<patient_id>``,
+    ``pannuke:<split>``, ``consep:<slide>`` ... as each source's registry entry says
+    (``SourceSpec.group_by``). Sources not in the registry group by patient when known, else by
+    split, else by image.
     """
+    from ..datasets.sources import find_source
+
     im = images.set_index("image_id")
     patient = im["patient_id"].reindex(nuclei["image_id"]).to_numpy(dtype=object)
     split = im["split"].reindex(nuclei["image_id"]).to_numpy(dtype=object)
     src = nuclei["source"].astype(str).to_numpy()
     img = nuclei["image_id"].astype(str).to_numpy()
+    specs = {s: find_source(s) for s in np.unique(src)}
     out = np.empty(len(nuclei), dtype=object)
     for i in range(len(out)):
-        if src[i] == "pannuke":
-            key = split[i]
+        spec = specs[src[i]]
+        if spec is not None:
+            key = spec.group_key(patient[i], split[i], img[i])
         else:
             key = patient[i] if isinstance(patient[i], str) and patient[i] else (
-                split[i] if src[i] != "monusac" and isinstance(split[i], str) else img[i])
+                split[i] if isinstance(split[i], str) else img[i])
         out[i] = f"{src[i]}:{key}"
     return out
 

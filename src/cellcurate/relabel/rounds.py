@@ -23,7 +23,7 @@ commit leaves the ledger unchanged and puts the previous folder back; a crash be
 and the commit leaves a folder whose ``run_seq`` the ledger never finished, which
 ``curate verify`` reports (a finished round always has its folder).
 
-Dimensions: N nuclei, F features, K = 7 unified classes.
+Dimensions: N nuclei, F features, K = the store taxonomy's classes.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ from .features import cache_dir, check_features, load_cached, nucleus_features
 if TYPE_CHECKING:  # pragma: no cover
     from ..datasets.store import Store
 
-N_CLASSES = 7
-CLASS_IDS = np.arange(1, N_CLASSES + 1)
+# Class ids, their number and the probability columns p<id> follow the store's taxonomy
+# (store.taxonomy.ids): nothing here assumes 7 classes or contiguous ids.
 
 
 @dataclass
@@ -174,9 +174,10 @@ def _candidate_sets(cands: pd.Series) -> np.ndarray:
     return cands.fillna("").astype(str).to_numpy()
 
 
-def _probs7(probs: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    out = np.zeros((len(probs), N_CLASSES))
-    out[:, np.asarray(classes) - 1] = probs
+def _probs_k(probs: np.ndarray, classes: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """(n, K) probabilities over the taxonomy's class ids ``ids`` from (n, len(classes)) ones."""
+    out = np.zeros((len(probs), len(ids)))
+    out[:, np.searchsorted(ids, np.asarray(classes))] = probs
     return out
 
 
@@ -240,10 +241,11 @@ def run_round(store: "Store", round: int, *, config: RoundConfig | None = None, 
         check_features(X, labels["nucleus_id"].to_numpy(), where=cache_dir(store, backbone.id) / "features.npy")
         groups = nucleus_groups(labels, store.images())
         model_id = f"{cfg.classifier}-{backbone.id}"
+        tax = store.taxonomy
         if round == 1:
-            out = _round_one(labels, X, groups, cfg, model_id)
+            out = _round_one(labels, X, groups, cfg, model_id, tax)
         else:
-            out = _round_unified(labels, X, groups, cfg, model_id)
+            out = _round_unified(labels, X, groups, cfg, model_id, tax)
         out["previous_run"] = previous
         return _commit(store, round, cfg, backbone.id, model_id, labels, out, existing, plan, truth, t0)
 
@@ -267,22 +269,18 @@ def _plan(store: "Store", round: int, cfg: RoundConfig, labels: pd.DataFrame, ba
     return lines
 
 
-def _require_counts(y: np.ndarray, classes: np.ndarray, folds: int, what: str) -> None:
+def _require_counts(y: np.ndarray, classes: np.ndarray, folds: int, what: str, tax: Any) -> None:
     for c in classes:
         n = int((y == c).sum())
         if 0 < n < folds:
-            from ..datasets.taxonomy import Taxonomy
-
-            name = Taxonomy.default().class_name(int(c))
+            name = tax.class_name(int(c))
             raise ConfigError(f"class {name} has {n} labelled nuclei in {what}, fewer than --folds {folds}; "
                               "lower --folds or add nuclei of that class")
 
 
 def _round_one(labels: pd.DataFrame, X: np.ndarray, groups: np.ndarray, cfg: RoundConfig,
-               model_id: str) -> dict[str, Any]:
-    from ..datasets.taxonomy import Taxonomy
-
-    tax = Taxonomy.default()
+               model_id: str, tax: Any) -> dict[str, Any]:
+    ids = np.asarray(tax.ids, dtype=np.int64)
     lab = labels["label"].to_numpy(np.int64)
     status = labels["status"].astype(str).to_numpy()
     src = labels["source"].astype(str).to_numpy()
@@ -302,7 +300,7 @@ def _round_one(labels: pd.DataFrame, X: np.ndarray, groups: np.ndarray, cfg: Rou
                 f"round 1 needs labelled {'/'.join(names)} nuclei from a source other than {source} to resolve "
                 f"{len(targets)} {source} nuclei with candidates {cset}; found "
                 f"{', '.join(tax.class_name(int(c)) for c in present) or 'none'} (ingest the other source)")
-        _require_counts(lab[train], classes, cfg.folds, what)
+        _require_counts(lab[train], classes, cfg.folds, what, tax)
         cv = cross_val_probs(X[train], lab[train], groups[train], classes=present, folds=cfg.folds,
                              seed=cfg.seed, classifier=cfg.classifier, n_jobs=cfg.n_jobs,
                              max_train=cfg.max_train)
@@ -317,9 +315,9 @@ def _round_one(labels: pd.DataFrame, X: np.ndarray, groups: np.ndarray, cfg: Rou
         })
         calib.append((cv.probs.max(axis=1), present[cv.probs.argmax(axis=1)] == lab[train]))
         proposals.append(pd.DataFrame({"row": targets, "model": mid}).assign(
-            **{f"p{c}": _probs7(p, present)[:, c - 1] for c in CLASS_IDS}))
+            **{f"p{c}": col for c, col in zip(ids, _probs_k(p, present, ids).T)}))
     props = pd.concat(proposals, ignore_index=True) if proposals else pd.DataFrame(
-        columns=["row", "model", *(f"p{c}" for c in CLASS_IDS)])
+        columns=["row", "model", *(f"p{c}" for c in ids)])
     conf = np.concatenate([c[0] for c in calib]) if calib else np.zeros(0)
     corr = np.concatenate([c[1] for c in calib]) if calib else np.zeros(0, bool)
     return {"proposals": props, "flags": _empty_flags(), "classifiers": classifiers, "calibration": (conf, corr),
@@ -333,7 +331,8 @@ def _empty_flags() -> pd.DataFrame:
 
 
 def _round_unified(labels: pd.DataFrame, X: np.ndarray, groups: np.ndarray, cfg: RoundConfig,
-                   model_id: str) -> dict[str, Any]:
+                   model_id: str, tax: Any) -> dict[str, Any]:
+    ids = np.asarray(tax.ids, dtype=np.int64)
     lab = labels["label"].to_numpy(np.int64)
     status = labels["status"].astype(str).to_numpy()
     cands = _candidate_sets(labels["candidates"])
@@ -341,7 +340,7 @@ def _round_unified(labels: pd.DataFrame, X: np.ndarray, groups: np.ndarray, cfg:
     present = np.unique(lab[labelled])
     if len(present) < 2:
         raise StateError(f"round ≥ 2 needs labelled nuclei of at least 2 classes, found {len(present)}")
-    _require_counts(lab[labelled], present, cfg.folds, "the store")
+    _require_counts(lab[labelled], present, cfg.folds, "the store", tax)
     cv = cross_val_probs(X[labelled], lab[labelled], groups[labelled], classes=present, folds=cfg.folds,
                          seed=cfg.seed, classifier=cfg.classifier, n_jobs=cfg.n_jobs,
                              max_train=cfg.max_train)
@@ -355,20 +354,20 @@ def _round_unified(labels: pd.DataFrame, X: np.ndarray, groups: np.ndarray, cfg:
         "suggested": present[iss.suggested[keep]], "quality": iss.quality[keep], "rank": iss.rank[keep],
     })
     flags["rank"] = flags["score"].rank(ascending=False, method="first").astype(np.int64) if len(flags) else []
-    p7 = _probs7(cv.probs, present)
-    oos = pd.DataFrame({"row": labelled, "given": lab[labelled], **{f"p{c}": p7[:, c - 1] for c in CLASS_IDS}})
+    pk = _probs_k(cv.probs, present, ids)
+    oos = pd.DataFrame({"row": labelled, "given": lab[labelled], **{f"p{c}": pk[:, j] for j, c in enumerate(ids)}})
     # unresolved nuclei: fold models' mean, restricted to the candidate classes
     unres = np.flatnonzero(status == "unresolved")
-    pu = _probs7(predict_mean(cv.models, X[unres], present, n_jobs=cfg.n_jobs), present)
+    pu = _probs_k(predict_mean(cv.models, X[unres], present, n_jobs=cfg.n_jobs), present, ids)
     mask = np.zeros_like(pu)
     for i, cs in enumerate(cands[unres]):
-        ids = [int(c) for c in cs.split("|") if c]
-        mask[i, np.array(ids, dtype=int) - 1] = 1.0
+        cset = [int(c) for c in cs.split("|") if c]
+        mask[i, np.searchsorted(ids, np.array(cset, dtype=np.int64))] = 1.0
     pu = pu * mask
     tot = pu.sum(axis=1)
     ok = tot > 0
     props = pd.DataFrame({"row": unres[ok], "model": f"r-unified-{model_id}",
-                          **{f"p{c}": pu[ok, c - 1] / tot[ok] for c in CLASS_IDS}})
+                          **{f"p{c}": pu[ok, j] / tot[ok] for j, c in enumerate(ids)}})
     clf = {"model": f"r-unified-{model_id}", "classes": present.tolist(), "n_train": int(len(labelled)),
            "n_targets": int(ok.sum()), "folds": cv.folds, "accuracy": cv.accuracy,
            "confusion": cv.confusion.tolist(), "train_groups": int(len(np.unique(groups[labelled])))}
@@ -407,11 +406,12 @@ def _commit(store: "Store", round: int, cfg: RoundConfig, backbone_id: str, mode
     lab = labels["label"].to_numpy(np.int64)
     props: pd.DataFrame = out["proposals"]
     flags: pd.DataFrame = out["flags"]
-    pcols = [f"p{c}" for c in CLASS_IDS]
-    P = props[pcols].to_numpy(np.float64) if len(props) else np.zeros((0, N_CLASSES))
+    ids = np.asarray(store.taxonomy.ids, dtype=np.int64)
+    pcols = [f"p{c}" for c in ids]
+    P = props[pcols].to_numpy(np.float64) if len(props) else np.zeros((0, len(ids)))
     props = props.assign(
         nucleus_id=nid[props["row"].to_numpy(np.int64)],
-        proposed=(P.argmax(axis=1) + 1).astype(np.int64) if len(P) else np.zeros(0, np.int64),
+        proposed=ids[P.argmax(axis=1)].astype(np.int64) if len(P) else np.zeros(0, np.int64),
         confidence=P.max(axis=1) if len(P) else np.zeros(0),
         source_label=labels["source_label"].astype(str).to_numpy()[props["row"].to_numpy(np.int64)],
         source=labels["source"].astype(str).to_numpy()[props["row"].to_numpy(np.int64)],
@@ -441,8 +441,8 @@ def _commit(store: "Store", round: int, cfg: RoundConfig, backbone_id: str, mode
     metrics: dict[str, Any] = {
         "round": round, "backbone": backbone_id, "model": model_id, "auto_accept": cfg.auto_accept,
         "classifiers": out["classifiers"],
-        "class_before": {int(c): int((lab == c).sum()) for c in range(-1, N_CLASSES + 1)},
-        "class_after": {int(c): int((after == c).sum()) for c in range(-1, N_CLASSES + 1)},
+        "class_before": {int(c): int((lab == c).sum()) for c in (-1, 0, *ids)},
+        "class_after": {int(c): int((after == c).sum()) for c in (-1, 0, *ids)},
         "flags_by_reason": {str(k): int(v) for k, v in all_flags["reason"].value_counts().sort_index().items()},
         "ece": expected_calibration_error(conf, corr) if len(conf) else None,
         "flip_rate": flip_rate, "flip_compared": int(len(both)),
@@ -546,7 +546,7 @@ def _before_commit(folder: Path) -> None:
 
 
 def _flag_probs(flags: pd.DataFrame, props: pd.DataFrame, oos: pd.DataFrame | None, pcols: list[str]) -> np.ndarray:
-    out = np.zeros((len(flags), N_CLASSES))
+    out = np.zeros((len(flags), len(pcols)))
     sources = [props.set_index("row")[pcols]]
     if oos is not None:
         sources.append(oos.set_index("row")[pcols])
