@@ -167,6 +167,7 @@ def _match(truth_inst, table):
     return ok / max(len(table), 1)
 
 
+@pytest.mark.slow
 def test_slide_path_gives_the_nuclei_of_the_in_memory_path(scene, scene_slide, tmp_path):
     model = ContextOracle()
     mem = predict_image(model, scene[0], tile=256, overlap=64, with_polygons=False)
@@ -215,6 +216,7 @@ def test_a_finer_slide_is_read_at_the_matching_level_and_mapped_back(scene, tmp_
     assert np.allclose(t["area_um2"], t["area_px"] * 0.125**2)
 
 
+@pytest.mark.slow
 def test_roi_and_tissue_restrict_the_nuclei(scene, scene_slide, tmp_path):
     roi = shapely.box(300, 200, 700, 500)
     model = ContextOracle()
@@ -299,6 +301,7 @@ def test_cli_slide_outputs_and_bad_inputs(oracle_file, scene_slide, tmp_path):
     assert not (tmp_path / "bad").exists() or not list((tmp_path / "bad").glob("*.parquet"))
 
 
+@pytest.mark.slow
 def test_cli_offset_for_plain_images(oracle_file, scene, tmp_path):
     from PIL import Image
 
@@ -321,8 +324,10 @@ def test_cli_offset_for_plain_images(oracle_file, scene, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_equals_an_uninterrupted_run(oracle_file, scene_slide, tmp_path):
-    args = ["predict", str(oracle_file), str(scene_slide), "--device", "cpu", "--tile", "64", "--overlap", "16",
+def test_resume_after_sigkill_equals_an_uninterrupted_run(oracle_file, scene, tmp_path):
+    slide = tmp_path / "scene.tif"
+    write_pyramid(slide, scene[0][:400, :480], mpp=0.25)
+    args = ["predict", str(oracle_file), str(slide), "--device", "cpu", "--tile", "64", "--overlap", "16",
             "--chunk-tiles", "1", "--batch-size", "4", "--tissue", "all"]
     ref = _run([*args, "--out", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr
@@ -350,3 +355,48 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(oracle_file, scene_sli
     # a finished slide is not run again
     again = _run([*args, "--out", str(out), "--resume"])
     assert again.returncode == 0 and "already done" in again.stdout
+
+
+@pytest.mark.slow
+def test_cohort_on_a_local_dask_cluster_survives_a_killed_worker(oracle_file, scene, tmp_path):
+    from cellcurate.cli._slidejob import run_slide
+
+    slides = []
+    for i in range(3):
+        p = tmp_path / f"s{i}.tif"
+        write_pyramid(p, scene[0][i * 150 : i * 150 + 320, :400], mpp=0.25)
+        slides.append(p)
+    listing = tmp_path / "slides.csv"
+    listing.write_text("slide\n" + "\n".join(p.name for p in slides) + "\n")
+    out = tmp_path / "cohort"
+    job = ["--device", "cpu", "--tile", "64", "--overlap", "16", "--chunk-tiles", "1", "--tissue", "all"]
+    proc = subprocess.Popen([*CLI, "predict", str(oracle_file), "--slides", str(listing), "--out", str(out),
+                             "--workers", "2", *job], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = None
+    deadline = time.monotonic() + 240
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        for cfg in out.glob("*.partial/config.json"):
+            parts = list(cfg.parent.glob("chunk_*.parquet"))
+            if len(parts) >= 5:
+                try:
+                    pid = json.loads(cfg.read_text())["pid"]
+                    os.kill(pid, signal.SIGKILL)
+                    killed = cfg.parent.name.removesuffix(".partial")
+                except (OSError, ValueError, KeyError):
+                    continue
+                break
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    if killed is None:
+        pytest.skip("no worker could be killed while busy")
+    summary = pq.read_table(out / "cohort_summary.parquet").to_pandas()
+    assert summary["status"].tolist() == ["done"] * 3 and summary["stem"].tolist() == ["s0", "s1", "s2"]
+    assert "3/3 slides done" in stdout
+    assert not list(out.glob("*.partial")) and not list(out.glob(".*tmp"))
+    # the killed slide's outputs equal an uninterrupted run's
+    ref = run_slide(str(oracle_file), str(tmp_path / f"{killed}.tif"), str(tmp_path / "ref"), device="cpu", tile=64,
+                    overlap=16, chunk_tiles=1, tissue="all", progress=False)
+    assert pq.read_table(out / f"{killed}_nuclei.parquet").equals(pq.read_table(ref["nuclei_table"]))
+    row = summary[summary["stem"] == killed].iloc[0]
+    assert row["nuclei"] == ref["nuclei"] and sum(row[f"n_{c}"] for c in ContextOracle().meta["classes"][1:]) == ref["nuclei"]

@@ -277,8 +277,9 @@ def predict_slide(
     if work.exists() and not (resume and cfg_path.is_file() and json.loads(cfg_path.read_text()).get("fingerprint") == fp):
         shutil.rmtree(work)
     work.mkdir(exist_ok=True)
-    if not cfg_path.is_file():
-        cfg_path.write_text(json.dumps({"fingerprint": fp, "slide": str(slide.path), "n_chunks": len(chunks)}))
+    # the pid of the process working on it (diagnostics; rewritten by a resuming process)
+    cfg_path.write_text(json.dumps({"fingerprint": fp, "slide": str(slide.path), "n_chunks": len(chunks),
+                                    "pid": os.getpid()}))
     done = {int(p.stem.split("_")[1]) for p in work.glob("chunk_*.parquet")}
     todo = [c for c in chunks if c.index not in done]
 
