@@ -400,3 +400,57 @@ def test_cohort_on_a_local_dask_cluster_survives_a_killed_worker(oracle_file, sc
     assert pq.read_table(out / f"{killed}_nuclei.parquet").equals(pq.read_table(ref["nuclei_table"]))
     row = summary[summary["stem"] == killed].iloc[0]
     assert row["nuclei"] == ref["nuclei"] and sum(row[f"n_{c}"] for c in ContextOracle().meta["classes"][1:]) == ref["nuclei"]
+
+
+# -- QuPath script ------------------------------------------------------------------------------------
+
+
+def test_qupath_script_is_filled_in_and_uses_only_existing_predict_options(oracle_file, tmp_path):
+    import re
+
+    from cellcurate.cli.predict import command as predict
+    from cellcurate.cli.qupath_script import command
+
+    out = tmp_path / "run_cellcurate.groovy"
+    res = CliRunner().invoke(command, ["--out", str(out), "--model", str(oracle_file), "--curate",
+                                       "'/opt/my env/bin/python' -m cellcurate.cli.main", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    text = out.read_text()
+    assert "{{" not in text
+    assert "def CURATE = ['/opt/my env/bin/python', '-m', 'cellcurate.cli.main']" in text
+    assert f"def MODEL = '{oracle_file.resolve()}'" in text and "def DEVICE = 'cpu'" in text
+    # the QuPath API the script relies on
+    for call in ("getSelectedObjects()", "exportObjectsToGeoJson(", "PathIO.readObjects(", "removeObjects(", "addObjects("):
+        assert call in text
+    # every option it passes to curate predict exists
+    used = set(re.findall(r"'(--[a-z-]+)'", text))
+    known = {opt for p in predict.params for opt in p.opts}
+    assert used and used <= known, used - known
+    # quotes and backslashes are escaped for Groovy
+    from cellcurate.cli.qupath_script import render_script
+
+    assert "def MODEL = 'C:\\\\models\\\\it\\'s.pt'" in render_script(curate=["curate"], model="C:\\models\\it's.pt",
+                                                                        device="cpu")
+
+
+def test_slide_geojson_validates_with_geojson_pydantic(scene, tmp_path):
+    gp = pytest.importorskip("geojson_pydantic")
+    from cellcurate.curation.qupath_slide import read_roi, write_nuclei_geojson
+
+    write_pyramid(tmp_path / "g.tif", scene[0][:300, :300], mpp=0.25)
+    with open_slide(tmp_path / "g.tif") as s:
+        res = predict_slide(ContextOracle(), s, tmp_path, "g", polygonize=mask_to_geometry, progress=False)
+    n = write_nuclei_geojson(res.nuclei_path, tmp_path / "g.geojson.gz", image_name="g.tif", object_type="cell")
+    with gzip.open(tmp_path / "g.geojson.gz", "rt") as fh:
+        doc = json.load(fh)
+    fc = gp.FeatureCollection.model_validate(doc)
+    assert len(fc.features) == n == res.n_nuclei > 10
+    assert doc["features"][0]["properties"]["objectType"] == "cell" and "nucleusGeometry" in doc["features"][0]
+    # a FeatureCollection of two annotations reads back as their union
+    roi = tmp_path / "roi.geojson"
+    roi.write_text(json.dumps([{"type": "Feature", "properties": {"objectType": "annotation"},
+                                "geometry": shapely.geometry.mapping(shapely.box(*b))} for b in ((0, 0, 10, 10), (20, 0, 30, 10))]))
+    assert read_roi(roi).area == 200
+    (tmp_path / "empty.geojson").write_text('{"type": "FeatureCollection", "features": []}')
+    with pytest.raises(InputFormatError, match="empty.geojson: the ROI file has no polygon features"):
+        read_roi(tmp_path / "empty.geojson")
