@@ -121,6 +121,12 @@ def test_pyramid_levels_pixel_size_and_lazy_reads(tmp_path, scene):
         assert (s.read_level(690, 590, 20, 20, 0)[10:, :] == 255).all()
     with open_slide(tmp_path / "a.tif", mpp=0.3) as s:
         assert s.mpp == 0.3
+    # a slide without a coarse level: the thumbnail is made of block means, never of the whole level
+    write_pyramid(tmp_path / "flat.tif", image, mpp=0.5, levels=1)
+    with open_slide(tmp_path / "flat.tif") as s:
+        thumb, down = s.thumbnail(100)
+    assert thumb.shape == (86, 100, 3) and down == pytest.approx(7.0)  # 7-px blocks
+    np.testing.assert_allclose(thumb[10, 10], image[70:77, 70:77].reshape(-1, 3).mean(0), atol=0.51)
 
 
 def test_bad_slides_are_one_line_errors(tmp_path, scene):

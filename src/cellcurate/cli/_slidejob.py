@@ -66,7 +66,9 @@ def run_slide(model_path: str, slide_path: str, out_dir: str, *, stem: str | Non
     model_id = file_digest(model_path)
     opts = SlideOptions(tile=tile, overlap=overlap, batch_size=batch_size, chunk_tiles=chunk_tiles,
                         offset=(float(offset[0]), float(offset[1])))
-    request = {"model": model_id, "slide": str(Path(slide_path).resolve()), "mpp": mpp, "tile": tile,
+    st = Path(slide_path).stat()
+    request = {"model": model_id, "slide": str(Path(slide_path).resolve()), "slide_size": st.st_size,
+               "slide_mtime": int(st.st_mtime), "mpp": mpp, "tile": tile,
                "overlap": overlap, "chunk_tiles": chunk_tiles, "offset": list(opts.offset),
                "region": list(region) if region else None, "roi": file_digest(roi_path) if roi_path else None,
                "tissue": tissue, "tissue_mask": file_digest(tissue_mask) if tissue_mask else None,

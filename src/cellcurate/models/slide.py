@@ -228,6 +228,10 @@ class Slide:
             if max(lw, lh) >= max_side:
                 level = i
         lw, lh = self.level_dimensions[level]
+        if max(lw, lh) > 4 * max_side:  # no coarse level: block means over small reads, memory bounded
+            f = -(-max(lw, lh) // max_side)
+            img = self._block_mean(level, f)
+            return img, float(self.dimensions[0] / img.shape[1])
         img = self.read_level(0, 0, lw, lh, level)
         factor = max(lw, lh) / max_side
         if factor > 1.0:
@@ -235,6 +239,20 @@ class Slide:
             img = (resize(img, size + (3,), order=1, anti_aliasing=True, preserve_range=True) + 0.5).astype(np.uint8)
         down = self.dimensions[0] / img.shape[1]
         return img, float(down)
+
+
+    def _block_mean(self, level: int, f: int, *, block: int = 64) -> np.ndarray:
+        lw, lh = self.level_dimensions[level]
+        h, w = -(-lh // f), -(-lw // f)
+        out = np.empty((h, w, 3), np.uint8)
+        step = block * f
+        for y in range(0, h * f, step):
+            for x in range(0, w * f, step):
+                a = self.read_level(x, y, step, step, level).astype(np.float32)
+                m = a.reshape(block, f, block, f, 3).mean(axis=(1, 3))
+                by, bx = y // f, x // f
+                out[by : by + block, bx : bx + block] = (m[: h - by, : w - bx] + 0.5).astype(np.uint8)
+        return out
 
 
 def _flatten_rgba(rgba: np.ndarray) -> np.ndarray:
