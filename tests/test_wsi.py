@@ -243,13 +243,17 @@ def test_roi_and_tissue_restrict_the_nuclei(scene, scene_slide, tmp_path):
     assert pq.read_table(part.nuclei_path).column("centroid_x").to_numpy().max() < 300 + 256
 
 
-def test_out_of_memory_is_one_line_with_the_size():
+def test_out_of_memory_is_one_line_with_the_size(tmp_path):
     class Greedy(ContextOracle):
         def forward(self, x):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 1 GiB free)")
 
     with pytest.raises(ModelError, match=r"out of GPU memory on a batch of 1 tiles of 256x256 px .*2.00 GiB"):
         infer_tiled(Greedy(), np.zeros((256, 256, 3), np.uint8))
+    write_pyramid(tmp_path / "z.tif", np.zeros((300, 300, 3), np.uint8), mpp=0.25)
+    with open_slide(tmp_path / "z.tif") as s, pytest.raises(ModelError, match=r"batch of 4 tiles .*2.00 GiB"):
+        predict_slide(Greedy(), s, tmp_path, "z", progress=False)
+    assert not (tmp_path / "z_nuclei.parquet").exists()
 
     class Host(ContextOracle):
         def forward(self, x):

@@ -314,8 +314,12 @@ def predict_slide(
                 if item is _DONE:
                     return
                 c, acc = item
-                table = _chunk_table(c, acc, opts, names, schema, (mx0, my0), inv, (ox, oy), roi, poly_fn,
-                                     slide.mpp, keep_box)
+                try:
+                    table = _chunk_table(c, acc, opts, names, schema, (mx0, my0), inv, (ox, oy), roi, poly_fn,
+                                         slide.mpp, keep_box)
+                except MemoryError as exc:
+                    h, w = acc["w"].shape
+                    raise oom_error(exc, f"post-processing a chunk of {w}x{h} px (lower --chunk-tiles)") from None
                 _atomic_write(work / f"chunk_{c.index:06d}.parquet", lambda p, t=table: pq.write_table(t, p))
                 bar.update(1)
         except BaseException as exc:  # noqa: BLE001
