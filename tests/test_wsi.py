@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -22,6 +21,7 @@ import pytest
 import shapely
 import torch
 from click.testing import CliRunner
+from wsi_synth import ContextOracle, oracle_scene, tissue_slide
 
 from cellcurate.curation.qupath import geometry_mask, mask_to_geometry
 from cellcurate.errors import InputFormatError, ModelError
@@ -30,9 +30,6 @@ from cellcurate.models.predict import infer_tiled, predict_image
 from cellcurate.models.slide import is_slide, open_slide, write_pyramid
 from cellcurate.models.tissue import TissueMap, detect_tissue
 from cellcurate.models.wsi import SlideOptions, plan_chunks, predict_slide
-
-sys.path.insert(0, str(Path(__file__).parent))
-from wsi_synth import ContextOracle, oracle_scene, tissue_slide
 
 CLI = [sys.executable, "-m", "cellcurate.cli.main"]
 
