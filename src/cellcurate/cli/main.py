@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "cellcurate.cli.evaluate:command",
     "predict": "cellcurate.cli.predict:command",
     "export-model": "cellcurate.cli.export_model:command",
+    "qupath-script": "cellcurate.cli.qupath_script:command",
 }
 
 

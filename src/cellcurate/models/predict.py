@@ -193,10 +193,13 @@ def infer_tiled(
     stride = tile - overlap
     boxes = [(y, x) for y in _axis_starts(ph, th, stride) for x in _axis_starts(pw, tw, stride)]
 
-    acc_np = np.zeros((ph, pw), np.float32)
-    acc_hv = np.zeros((2, ph, pw), np.float32)
+    try:
+        acc_np = np.zeros((ph, pw), np.float32)
+        acc_hv = np.zeros((2, ph, pw), np.float32)
+        weight = np.zeros((ph, pw), np.float32)
+    except MemoryError as exc:
+        raise oom_error(exc, f"the output maps of a {pw}x{ph} px image") from None
     acc_tp: np.ndarray | None = None
-    weight = np.zeros((ph, pw), np.float32)
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
         model.eval()
@@ -205,14 +208,20 @@ def infer_tiled(
             for start in range(0, len(boxes), batch_size):
                 chunk = boxes[start : start + batch_size]
                 batch = np.stack([padded[y : y + th, x : x + tw] for y, x in chunk])
-                x_t = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-                out = model(x_t)
+                try:
+                    x_t = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+                    out = model(x_t)
+                except (MemoryError, RuntimeError) as exc:
+                    raise oom_error(exc, f"a batch of {len(chunk)} tiles of {th}x{tw} px") from None
                 _check_outputs(out, x_t.shape)
                 p_np = torch.softmax(out["np"].float(), dim=1)[:, 1].cpu().numpy()
                 p_hv = out["hv"].float().cpu().numpy()
                 p_tp = torch.softmax(out["tp"].float(), dim=1).cpu().numpy()
                 if acc_tp is None:
-                    acc_tp = np.zeros((p_tp.shape[1], ph, pw), np.float32)
+                    try:
+                        acc_tp = np.zeros((p_tp.shape[1], ph, pw), np.float32)
+                    except MemoryError as exc:
+                        raise oom_error(exc, f"the type maps of a {pw}x{ph} px image") from None
                 for i, (y, x) in enumerate(chunk):
                     sl = (slice(y, y + th), slice(x, x + tw))
                     acc_np[sl] += p_np[i] * window
@@ -228,6 +237,29 @@ def infer_tiled(
         "hv": (acc_hv / weight)[:, :h, :w],
         "tp": (acc_tp / weight)[:, :h, :w],
     }
+
+
+def oom_error(exc: BaseException, what: str) -> BaseException:
+    """A one-line :class:`ModelError` for running out of memory on ``what``, with the size the
+    allocation needed (from torch's or numpy's message); ``exc`` itself when it is not an
+    out-of-memory error."""
+    import re
+
+    text = str(exc)
+    is_oom = isinstance(exc, MemoryError) or "out of memory" in text.lower() or type(exc).__name__ == "OutOfMemoryError"
+    if not is_oom:
+        return exc
+    m = re.search(r"(?:[Tt]ried to allocate|[Uu]nable to allocate)\s+([\d.]+\s*[KMGT]i?B)", text)
+    if m is None:
+        m = re.search(r"allocate\s+(\d+)\s+bytes", text)
+        need = f"{int(m.group(1)) / 2**30:.2f} GiB" if m else "an unknown amount"
+    else:
+        need = m.group(1)
+    where = "GPU" if "cuda" in text.lower() or type(exc).__name__ == "OutOfMemoryError" else "host"
+    return ModelError(
+        f"out of {where} memory on {what} (an allocation of {need} failed); "
+        "lower --batch-size or --tile, or read the image as a slide (a tiled TIFF)"
+    )
 
 
 def _ceil32(n: int, multiple: int = 32) -> int:
