@@ -78,10 +78,11 @@ def test_constants():
 
 def test_ignore_value_is_defined_once():
     """Issue 10: 255 was defined in four places."""
-    from cellcurate.curation import release
     from cellcurate.datasets import synthetic
+    from cellcurate.datasets.taxonomy import Taxonomy
 
-    assert release.IGNORE_VALUE is IGNORE_VALUE and synthetic.IGNORE_CLASS == IGNORE_VALUE
+    # releases take the store taxonomy's ignore value, whose default is the core constant
+    assert Taxonomy.default().ignore == IGNORE_VALUE and synthetic.IGNORE_CLASS == IGNORE_VALUE
 
 
 # -- weights -------------------------------------------------------------------------------------

@@ -272,11 +272,16 @@ def test_full_disk_during_export_leaves_no_temp_folder(made, tmp_path, monkeypat
     import errno
 
     import pandas as pd
+    import pyarrow.parquet as pq
 
     def no_space(self, path, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(pd.DataFrame, "to_parquet", no_space)
+    def no_space_table(table, where, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(where))
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", no_space)  # the disk fills while the tables are written
+    monkeypatch.setattr(pq, "write_table", no_space_table)
     out = tmp_path / "releases"
     r = CliRunner().invoke(cli, ["export", str(made / "store"), "--version", "v5", "--out", str(out)])
     assert r.exit_code == 1, (r.output, r.exception)

@@ -23,10 +23,10 @@ KILL_AT = {
     # moment -> code run in the child before Store.create, arranging a SIGKILL at that step
     "taxonomy_written": "store_mod.Ledger.__init__ = die",
     "ledger_half_made": "store_mod.Ledger.set_meta = die",
-    "before_marker": "orig = store_mod._atomic_write_text\n"
-                     "store_mod._atomic_write_text = lambda p, t: die() if p.name == 'store.json' else orig(p, t)",
+    "before_marker": "orig = store_mod.atomic_write_text\n"
+                     "store_mod.atomic_write_text = lambda p, t: die() if p.name == 'store.json' else orig(p, t)",
     "before_rename": "os.rename = die",
-    "after_rename": "store_mod._fsync_dir = die",
+    "after_rename": "store_mod.fsync_dir = die",
 }
 
 CHILD = """

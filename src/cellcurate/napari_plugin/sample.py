@@ -113,6 +113,13 @@ def write_flags(store: Store, *, fraction: float = 0.1, round: int = 1, seed: in
                     for row, s, r in zip(probs, score, rank)],
     })
     seqs = store.ledger.append(flags)
+    # like a real run, the round folder is in place (naming the run) before the run is committed
+    from ..core.atomic import atomic_write_json
+
+    folder = Path(store.path) / "rounds" / str(round)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "summary.json", {"metrics": {"run_seq": int(start)}, "synthetic": True,
+                                                "model": model})
     store.ledger.append([{"kind": "round", "round": round, "actor": "relabel", "action": "finished", "ref": start}])
     return flags.assign(seq=seqs)
 
