@@ -50,9 +50,10 @@ def command(store_path: Path, round_: int | None, cls: str | None, reason: str |
         if str(csv_path) == "-":
             click.echo(df.to_csv(index=False), nl=False)
             return
-        tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-        df.to_csv(tmp, index=False)
-        tmp.replace(csv_path)
+        from ..core.atomic import atomic_path
+
+        with atomic_path(csv_path) as tmp:  # a unique temp name, fsynced
+            df.to_csv(tmp, index=False)
     if df.empty:
         click.echo("no open flags")
         return

@@ -216,10 +216,9 @@ class TileCache:
             self._memory[key] = arrays
             return
         path = self._path(key)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, *[a.numpy() for a in arrays])
-        os.replace(tmp, path)
+        from ..core.atomic import atomic_write_with
+
+        atomic_write_with(path, lambda fh: np.savez(fh, *[a.numpy() for a in arrays]))  # fsynced
 
     def get(self, key: str) -> list[torch.Tensor]:
         if self.directory is None:

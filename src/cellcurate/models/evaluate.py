@@ -29,7 +29,8 @@ import numpy as np
 from ..errors import ConfigError, InputFormatError, ModelError
 from .metrics import SUMMARY_METRICS, SplitMetrics
 from .postprocess import PostprocessConfig
-from .predict import atomic_path, class_names_and_colors, model_meta, predict_image
+from ..core.atomic import atomic_path
+from .predict import class_names_and_colors, model_meta, predict_image
 
 
 def _as_numpy(x: Any) -> np.ndarray:
