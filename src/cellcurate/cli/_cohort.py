@@ -14,7 +14,6 @@ seconds, error) is written atomically at the end; a progress bar counts finished
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +78,8 @@ def run_cohort(model_path: str, slides: list[str], stems: list[str], out_dir: st
     if "skipped" in frame:
         frame["skipped"] = frame["skipped"].fillna(False).astype(bool)
     dest = out / "cohort_summary.parquet"
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, dest)
+    from ..core.atomic import atomic_path
+
+    with atomic_path(dest) as tmp:
+        frame.to_parquet(tmp, index=False)
     return frame

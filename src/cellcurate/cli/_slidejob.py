@@ -99,7 +99,7 @@ def run_slide(model_path: str, slide_path: str, out_dir: str, *, stem: str | Non
                    "tiles": res.n_tiles, "chunks": res.n_chunks, "resumed_chunks": res.resumed_chunks,
                    "tissue_fraction": res.tissue_fraction, "seconds": round(time.perf_counter() - t0, 3),
                    "slide_mpp": slide.mpp, "nuclei_table": str(res.nuclei_path), "geojson": str(geojson)}
-    tmp = summary_path.with_name(f".{summary_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, summary_path)
+    from ..core.atomic import atomic_write_text
+
+    atomic_write_text(summary_path, json.dumps(summary, indent=1))
     return {**summary, "skipped": False}

@@ -166,7 +166,7 @@ def command(model_path: Path, images: tuple[Path, ...], out_dir: Path, mpp: floa
                         max_pixels=max_pixels)
     if not slides:
         return
-    kwargs = {"mpp": mpp, "device": device, "tile": tile, "overlap": overlap, "batch_size": batch_size,
+    kwargs: dict[str, Any] = {"mpp": mpp, "device": device, "tile": tile, "overlap": overlap, "batch_size": batch_size,
               "chunk_tiles": chunk_tiles, "offset": off, "region": None if reg is None else tuple(int(v) for v in reg),
               "roi_path": None if roi_path is None else str(roi_path), "tissue": tissue,
               "tissue_mask": None if tissue_mask is None else str(tissue_mask), "object_type": object_type,

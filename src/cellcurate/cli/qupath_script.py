@@ -42,13 +42,12 @@ def render_script(*, curate: list[str], model: str, device: str) -> str:
 def command(out_path: Path, model_path: Path | None, curate_cmd: str | None, device: str) -> None:
     """Write a QuPath 0.5/0.6 script that runs `curate predict` on the selected annotations (or the
     whole image) and imports the nuclei as detections."""
-    import os
 
     curate = shlex.split(curate_cmd) if curate_cmd else [sys.executable, "-m", "cellcurate.cli.main"]
     model = str(model_path.resolve()) if model_path else "/path/to/student.pt"
     text = render_script(curate=curate, model=model, device=device)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, out_path)
+    from ..core.atomic import atomic_write_text
+
+    atomic_write_text(out_path, text)
     click.echo(f"QuPath script -> {out_path} (open it in Automate > Script editor)")

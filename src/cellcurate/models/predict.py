@@ -407,8 +407,8 @@ def save_prediction(prediction: Prediction, out_dir: str | os.PathLike[str], ste
     out_dir = Path(out_dir)
     paths = {"instances": out_dir / f"{stem}_instances.tif", "nuclei": out_dir / f"{stem}_nuclei.parquet"}
     # pixel size as TIFF resolution (pixels per centimetre), as QuPath and tifffile read it
-    res = {"resolution": (1e4 / prediction.mpp, 1e4 / prediction.mpp), "resolutionunit": "CENTIMETER"} \
-        if prediction.mpp else {}
+    res: dict[str, Any] = ({"resolution": (1e4 / prediction.mpp, 1e4 / prediction.mpp),
+                            "resolutionunit": "CENTIMETER"} if prediction.mpp else {})
     with atomic_path(paths["instances"]) as tmp:
         tifffile.imwrite(tmp, prediction.instances.astype(np.int32), compression="zlib", **res)
     table = prediction.nuclei.copy()

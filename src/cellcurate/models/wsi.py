@@ -34,6 +34,7 @@ foreground type probabilities renormalised, in the order of the schema's ``class
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -140,7 +141,7 @@ def plan_chunks(
     stride = tile - overlap
     ys, xs = _axis_starts(max(h, th), th, stride), _axis_starts(max(w, tw), tw, stride)
     by, bx = _cores(ys, th, h), _cores(xs, tw, w)
-    chunks = []
+    chunks: list[Any] = []
     for ci in range(0, len(ys), chunk_tiles):
         for cj in range(0, len(xs), chunk_tiles):
             rows, cols = ys[ci : ci + chunk_tiles], xs[cj : cj + chunk_tiles]
@@ -163,16 +164,18 @@ def _fingerprint(model_id: str, slide: Slide, opts: SlideOptions, extra: dict[st
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _write_parquet(table: Any, path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, path)
+
+
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    """``write(tmp)`` then put ``tmp`` in place atomically (:func:`cellcurate.core.atomic.atomic_path`)."""
+    from ..core.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
         write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def predict_slide(
@@ -320,7 +323,7 @@ def predict_slide(
                 except MemoryError as exc:
                     h, w = acc["w"].shape
                     raise oom_error(exc, f"post-processing a chunk of {w}x{h} px (lower --chunk-tiles)") from None
-                _atomic_write(work / f"chunk_{c.index:06d}.parquet", lambda p, t=table: pq.write_table(t, p))
+                _atomic_write(work / f"chunk_{c.index:06d}.parquet", functools.partial(_write_parquet, table))
                 bar.update(1)
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
