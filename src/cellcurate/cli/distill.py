@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from .train import echo_best, load_validation, validation_options
+
 
 @click.command(name="distill")
 @click.option("--teacher", "teacher", required=True, type=click.Path(path_type=Path),
@@ -36,29 +38,56 @@ import click
               help="Keep the teacher's predictions on disk here (default: in memory).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--tiny", is_flag=True, help="Tiny student (demo/tests).")
+@click.option("--unlabelled", "unlabelled", multiple=True, type=click.Path(path_type=Path, exists=True),
+              help="Unlabelled images (files or folders; repeatable): the teacher's confidence-weighted soft "
+                   "targets are their only supervision (the CellGenNet setting).")
+@click.option("--unlabelled-split", default=None,
+              help="A release split whose images are used without their labels (e.g. store images not yet curated).")
+@click.option("--unlabelled-mpp", default=0.25, show_default=True, type=float, help="Pixel size of --unlabelled images.")
+@click.option("--teacher-on-ignore", is_flag=True,
+              help="Let the teacher's soft targets also cover the ignore regions of labelled tiles.")
+@validation_options
 def command(teacher: Path, release: Path, out: Path, weights: Path | None, split: str, epochs: int,
             batch_size: int, lr: float, tile_size: int, temperature: float, tversky_alpha: float,
             tversky_beta: float, consistency: float, dropout: float, seed: int, device: str, amp: bool,
-            cache_dir: Path | None, resume: bool, tiny: bool) -> None:
-    """Distil a student from TEACHER: soft targets + ground truth, consistency, layer-wise dropout."""
+            cache_dir: Path | None, resume: bool, tiny: bool, unlabelled: tuple[Path, ...],
+            unlabelled_split: str | None, unlabelled_mpp: float, teacher_on_ignore: bool, val_split: str,
+            val_metric: str, patience: int) -> None:
+    """Distil a student from TEACHER: soft targets + ground truth, consistency, layer-wise dropout.
+
+    With --unlabelled / --unlabelled-split the student also trains on images without annotation,
+    supervised only by the teacher (each pixel weighted by the teacher's confidence)."""
     from cellcurate.datasets.release import load_release
     from cellcurate.models.losses import LossConfig
     from cellcurate.models.student import TINY_STUDENT_CHANNELS, StudentConfig
     from cellcurate.models.train import TrainConfig, distill
+    from torch.utils.data import ConcatDataset
 
     loss = LossConfig(temperature=temperature, tversky_alpha=tversky_alpha, tversky_beta=tversky_beta,
                       consistency=consistency)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,  # type: ignore[arg-type]
                       amp=amp, tile_size=tile_size, loss=loss,
-                      cache_dir=None if cache_dir is None else str(cache_dir))
+                      cache_dir=None if cache_dir is None else str(cache_dir), val_metric=val_metric,
+                      patience=patience, teacher_on_ignore=teacher_on_ignore)
     scfg = StudentConfig(dropout=dropout, tile_size=tile_size)  # normalisation: the teacher's
     if tiny:
         scfg = StudentConfig(channels=TINY_STUDENT_CHANNELS, dropout=dropout, tile_size=tile_size)
     base = load_release(release, split=split)
+    extra = []
+    if unlabelled:
+        from cellcurate.models.data import UnlabelledImages
+
+        extra.append(UnlabelledImages(list(unlabelled), mpp=unlabelled_mpp))
+    if unlabelled_split:
+        from cellcurate.models.data import StrippedLabels
+
+        extra.append(StrippedLabels(load_release(release, split=unlabelled_split)))
     result = distill(teacher, base, out_dir=out, student_config=scfg, config=cfg, resume=resume,
-                     encoder_weights=weights)
+                     encoder_weights=weights, val=load_validation(release, val_split),
+                     unlabelled=(extra[0] if len(extra) == 1 else ConcatDataset(extra)) if extra else None)
     last = result.history[-1] if result.history else {}
     click.echo(
         f"student: {result.parameters:,} parameters, {len(result.history)} epochs, "
         f"loss {last.get('loss', float('nan')):.4f} -> {result.out_dir}"
     )
+    echo_best(result)
