@@ -218,6 +218,8 @@ def _fit(
     on the validation data ({"epoch", "metric", "value", "path"}) when ``validate`` is given."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     best = _best_so_far(history, cfg.val_metric) if validate is not None else None
+    if best is not None:
+        best["path"] = str(out_dir / BEST_DIR)
     if validate is not None and _stopped(history, best, cfg):
         return best
     if start_epoch > 0:
