@@ -134,14 +134,14 @@ def test_overfit_four_tiles_learns_every_class():
     torch.manual_seed(0)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     rng = np.random.default_rng(0)
-    items = [_image(rng, 96, f"t{i}", n=24, touching=False) for i in range(4)]
-    tiles = TileDataset(items, tile_size=96)
+    items = [_image(rng, 64, f"t{i}", n=12, touching=False) for i in range(4)]
+    tiles = TileDataset(items, tile_size=64)
     batch = collate_tiles([tiles[i] for i in range(4)])
     x = batch["image"].float() / 255.0
     model = Student(channels=TINY_STUDENT_CHANNELS, dropout=0.0, mean=(0.5,) * 3, std=(0.25,) * 3)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     cfg = LossConfig()
-    for _ in range(80):
+    for _ in range(60):
         model.train()
         opt.zero_grad()
         loss, _ = supervised_loss(model(x), batch, cfg)

@@ -14,11 +14,28 @@ from test_models_train import SMALL, TILE, Discs, _cfg
 
 from cellcurate.errors import ConfigError, InputFormatError
 from cellcurate.models.checkpoint import load_model
-from cellcurate.models.data import StrippedLabels, TileDataset, UnlabelledImages, collate_tiles, rejected_instances
-from cellcurate.models.losses import LossConfig, distillation_loss, teacher_confidence, teacher_pseudo_types
+from cellcurate.models.data import (
+    StrippedLabels,
+    TileDataset,
+    UnlabelledImages,
+    rejected_instances,
+)
+from cellcurate.models.losses import (
+    LossConfig,
+    distillation_loss,
+    teacher_confidence,
+    teacher_pseudo_types,
+)
 from cellcurate.models.student import TINY_STUDENT_CHANNELS, StudentConfig
 from cellcurate.models.targets import IGNORE
-from cellcurate.models.train import TrainConfig, _teacher_mask, _stopped, distill, plot_curves, train_teacher
+from cellcurate.models.train import (
+    TrainConfig,
+    _stopped,
+    _teacher_mask,
+    distill,
+    plot_curves,
+    train_teacher,
+)
 
 TINY = StudentConfig(channels=TINY_STUDENT_CHANNELS, tile_size=TILE)
 

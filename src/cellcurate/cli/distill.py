@@ -57,11 +57,12 @@ def command(teacher: Path, release: Path, out: Path, weights: Path | None, split
 
     With --unlabelled / --unlabelled-split the student also trains on images without annotation,
     supervised only by the teacher (each pixel weighted by the teacher's confidence)."""
+    from torch.utils.data import ConcatDataset
+
     from cellcurate.datasets.release import load_release
     from cellcurate.models.losses import LossConfig
     from cellcurate.models.student import TINY_STUDENT_CHANNELS, StudentConfig
     from cellcurate.models.train import TrainConfig, distill
-    from torch.utils.data import ConcatDataset
 
     loss = LossConfig(temperature=temperature, tversky_alpha=tversky_alpha, tversky_beta=tversky_beta,
                       consistency=consistency)

@@ -53,6 +53,7 @@ from .targets import IGNORE, dihedral, dihedral_hv, hover_targets
 
 __all__ = [
     "TILE_MODES",
+    "StrippedLabels",
     "TileCache",
     "TileDataset",
     "TileMode",
@@ -61,7 +62,6 @@ __all__ = [
     "collate_tiles",
     "rejected_instances",
     "stain_jitter",
-    "StrippedLabels",
 ]
 
 TileMode = Literal["grid", "random"]
