@@ -198,9 +198,41 @@ def test_distill_with_unlabelled_tiles_and_ground_truth_only(tmp_path):
                   unlabelled=unl)
     doc = json.loads((tmp_path / "s" / "config.json").read_text())
     assert doc["training"]["labelled_tiles"] == 2 and doc["training"]["unlabelled_tiles"] == 4
-    assert res.history[0]["kd_tp_fg"] > 0
+    # the unlabelled tiles train: every distillation term is there (kd_tp_fg is 0 while the barely
+    # trained teacher calls no pixel a nucleus: no confident pseudo-label yet)
+    assert {"kd_tp", "kd_hv", "kd_np", "kd_tp_fg"} <= set(res.history[0]) and res.history[0]["kd_tp"] > 0
     gt = distill(None, labelled, out_dir=tmp_path / "g", student_config=TINY, config=_cfg(epochs=1))
     assert "kd_tp" not in gt.history[0] and "tp_fg_ce" in gt.history[0]
     assert json.loads((tmp_path / "g" / "config.json").read_text())["training"]["stage"] == "student"
     with pytest.raises(ConfigError, match="need a teacher"):
         distill(None, labelled, out_dir=tmp_path / "x", student_config=TINY, config=_cfg(epochs=1), unlabelled=unl)
+
+
+@pytest.mark.slow
+def test_cli_distill_with_an_unlabelled_folder(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from click.testing import CliRunner
+
+    from cellcurate.cli import distill as distill_cli
+
+    train_teacher(Discs(), out_dir=tmp_path / "t", encoder="micro-vit", teacher_config=SMALL, config=_cfg(epochs=1))
+    fake = types.ModuleType("cellcurate.datasets.release")
+    fake.load_release = lambda path, split="train", transform=None: Discs(sizes=((64, 64),) * 2)
+    monkeypatch.setitem(sys.modules, "cellcurate.datasets.release", fake)
+    folder = tmp_path / "unl"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((64, 64, 3), 200 + i, np.uint8)).save(folder / f"u{i}.png")
+    args = ["--teacher", str(tmp_path / "t"), "--release", str(tmp_path), "--out", str(tmp_path / "s"), "--tiny",
+            "--epochs", "1", "--tile-size", "64", "--device", "cpu", "--unlabelled", str(folder), "--val-metric", "PQ"]
+    res = CliRunner().invoke(distill_cli.command, args)
+    assert res.exit_code == 0, res.output
+    assert "best epoch 1: validation PQ" in res.output
+    doc = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert doc["training"]["unlabelled_tiles"] == 2 and doc["training"]["labelled_tiles"] == 2
+    assert (tmp_path / "s" / "curves.png").is_file() and (tmp_path / "s" / "best" / "model.pt").is_file()
+    res = CliRunner().invoke(distill_cli.command, [*args[:5], str(tmp_path / "s2"), "--tiny", "--unlabelled",
+                                                   str(tmp_path / "missing")])
+    assert res.exit_code != 0
