@@ -12,6 +12,40 @@ import click
 #: Decoder widths of the ``--tiny`` teacher (with the random 4-block ``tiny-vit`` encoder).
 TINY_DECODER = (64, 32, 32, 16, 16)
 
+#: Summary metrics a run can select its best epoch on (cellcurate.models.metrics.SUMMARY_METRICS).
+VAL_METRICS = ("PQ", "DQ", "SQ", "bPQ", "mPQ", "AJI", "Dice", "F1_detection", "precision_detection",
+               "recall_detection", "F1_classification", "R2_counts")
+
+
+def validation_options(f):  # type: ignore[no-untyped-def]
+    """``--val-split``, ``--val-metric`` and ``--patience`` (shared by train teacher and distill)."""
+    f = click.option("--patience", default=0, show_default=True, type=click.IntRange(min=0),
+                     help="Stop after this many epochs without a better validation score (0: never).")(f)
+    f = click.option("--val-metric", default="mPQ", show_default=True, type=click.Choice(VAL_METRICS),
+                     help="Validation metric that picks the best epoch (saved in OUT/best/).")(f)
+    f = click.option("--val-split", default="val", show_default=True,
+                     help="Release split evaluated after every epoch ('none' to skip); curves in OUT/curves.png.")(f)
+    return f
+
+
+def load_validation(release: Path, split: str):  # type: ignore[no-untyped-def]
+    """The validation dataset, or None for ``none`` or an empty split (with a note on stderr)."""
+    from cellcurate.datasets.release import load_release
+
+    if split.lower() == "none":
+        return None
+    val = load_release(release, split=split)
+    if len(val) == 0:
+        click.echo(f"note: split {split!r} of {release} is empty; training without validation", err=True)
+        return None
+    return val
+
+
+def echo_best(result) -> None:  # type: ignore[no-untyped-def]
+    if result.best:
+        b = result.best
+        click.echo(f"best epoch {b['epoch']}: validation {b['metric']} {b['value']:.4f} -> {b['path']}")
+
 
 @click.group(name="train")
 def command() -> None:
@@ -42,16 +76,19 @@ def command() -> None:
 @click.option("--encoder-input", type=click.Choice(["native", "resize"]), default="native", show_default=True,
               help="native: the ViT sees windows of its own input size (224 px at 0.5 µm/px for H-Optimus-0), "
                    "stitched back; resize: the whole tile resampled, position embeddings interpolated.")
+@validation_options
 def teacher(release: Path, out: Path, encoder: str, weights: Path | None, split: str, epochs: int,
             batch_size: int, lr: float, tile_size: int, seed: int, device: str, amp: bool,
-            cache_dir: Path | None, resume: bool, tiny: bool, encoder_input: str) -> None:
+            cache_dir: Path | None, resume: bool, tiny: bool, encoder_input: str, val_split: str,
+            val_metric: str, patience: int) -> None:
     """Train the teacher: frozen encoder + HoVer-Net decoder."""
     from cellcurate.datasets.release import load_release
     from cellcurate.models.teacher import TeacherConfig
     from cellcurate.models.train import TrainConfig, train_teacher
 
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,  # type: ignore[arg-type]
-                      amp=amp, tile_size=tile_size, cache_dir=None if cache_dir is None else str(cache_dir))
+                      amp=amp, tile_size=tile_size, cache_dir=None if cache_dir is None else str(cache_dir),
+                      val_metric=val_metric, patience=patience)
     tcfg = (TeacherConfig(decoder_channels=TINY_DECODER, tile_size=tile_size, encoder_input=encoder_input) if tiny
             else TeacherConfig(tile_size=tile_size, encoder_input=encoder_input))
     base = load_release(release, split=split)
@@ -64,9 +101,11 @@ def teacher(release: Path, out: Path, encoder: str, weights: Path | None, split:
         teacher_config=tcfg,
         config=cfg,
         resume=resume,
+        val=load_validation(release, val_split),
     )
     last = result.history[-1] if result.history else {}
     click.echo(
         f"teacher: {result.parameters:,} parameters, {len(result.history)} epochs, "
         f"loss {last.get('loss', float('nan')):.4f} -> {result.out_dir}"
     )
+    echo_best(result)

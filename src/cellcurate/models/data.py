@@ -20,8 +20,19 @@ padding is masked out of every loss. Images whose pixel size differs from ``mpp`
 ``mpp_tolerance`` (relative) are resampled to ``mpp`` first (bilinear image, nearest labels).
 
 Items are dicts: ``image`` uint8 (3, T, T), ``np`` int64 (T, T), ``hv`` float32 (2, T, T), ``tp``
-int64 (T, T), ``valid`` bool (T, T), ``tile_id`` str, ``key`` str (tile id + a digest of the tile's
+int64 (T, T), ``valid`` bool (T, T), ``inside`` bool (T, T) (False on padding), ``labelled`` bool
+(False for an unlabelled tile), ``tile_id`` str, ``key`` str (tile id + a digest of the tile's
 pixels: the cache key).
+
+Curation-aware targets (issue 9): a release keeps every nucleus a reviewer rejected as "not a
+nucleus" as an ignore region (class 255, ``ignore_reason == "rejected"`` in ``nuclei.parquet``).
+For training that region is known to be *background*, so :class:`TileDataset` turns rejected
+nuclei into background (instance 0, class 0: a negative for the nuclear map); unresolved,
+conflicting and ambiguous regions stay ignored. :func:`rejected_instances` reads the ids.
+
+Unlabelled data (the CellGenNet setting, issue 19): :class:`UnlabelledImages` serves a folder
+of images (or any images) as items without annotation; their tiles have ``labelled`` False and
+every pixel ignored for the ground-truth losses, so only a teacher's soft targets train on them.
 """
 
 from __future__ import annotations
@@ -42,16 +53,113 @@ from .targets import IGNORE, dihedral, dihedral_hv, hover_targets
 
 __all__ = [
     "TILE_MODES",
+    "StrippedLabels",
     "TileCache",
     "TileDataset",
     "TileMode",
+    "UnlabelledImages",
     "augment_batch",
     "collate_tiles",
+    "rejected_instances",
     "stain_jitter",
 ]
 
 TileMode = Literal["grid", "random"]
 TILE_MODES: tuple[str, ...] = ("grid", "random")
+
+
+def rejected_instances(base: Any) -> dict[str, set[int]]:
+    """Instance ids of the nuclei reviewers rejected as "not a nucleus", per image id.
+
+    Looks through ``torch.utils.data.Subset`` wrappers for a release dataset's ``nuclei`` table
+    (columns ``image_id``, ``instance_id``, ``ignore_reason``); any other dataset has none.
+    """
+    ds = base
+    while hasattr(ds, "dataset") and not hasattr(ds, "nuclei"):
+        ds = ds.dataset
+    nuclei = getattr(ds, "nuclei", None)
+    if nuclei is None or not {"image_id", "instance_id", "ignore_reason"} <= set(getattr(nuclei, "columns", ())):
+        return {}
+    rej = nuclei[nuclei["ignore_reason"].astype(str) == "rejected"]
+    out: dict[str, set[int]] = {}
+    for image_id, inst in zip(rej["image_id"].astype(str), rej["instance_id"].astype("int64")):
+        out.setdefault(image_id, set()).add(int(inst))
+    return out
+
+
+class UnlabelledImages(Dataset):
+    """Images without annotation as base-dataset items (all pixels ignored, ``labelled`` False).
+
+    Parameters
+    ----------
+    images
+        Image files (PNG/TIF/JPG, read by :func:`cellcurate.models.predict.read_image`), folders
+        (their image files, sorted), or (H, W, 3) uint8 arrays.
+    mpp
+        Pixel size of the images (µm/px).
+    """
+
+    def __init__(self, images: list[Any], *, mpp: float = 0.25) -> None:
+        from .predict import IMAGE_SUFFIXES
+
+        self.entries: list[Any] = []
+        for entry in images:
+            if isinstance(entry, (str, os.PathLike)):
+                path = Path(entry)
+                if path.is_dir():
+                    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+                    if not files:
+                        raise InputFormatError(path, f"folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                    self.entries.extend(files)
+                elif not path.exists():
+                    from ..errors import InputNotFoundError
+
+                    raise InputNotFoundError(path, "unlabelled image or folder not found")
+                else:
+                    self.entries.append(path)
+            else:
+                arr = np.asarray(entry)
+                if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+                    raise ConfigError(f"unlabelled image {len(self.entries)} must be (H, W, 3) uint8, got {arr.shape} {arr.dtype}")
+                self.entries.append(arr)
+        if not self.entries:
+            raise ConfigError("no unlabelled images given")
+        self.mpp = float(mpp)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from .predict import read_image
+
+        entry = self.entries[i]
+        if isinstance(entry, Path):
+            image, image_id = read_image(entry), f"unlabelled:{entry.name}"
+        else:
+            image, image_id = entry, f"unlabelled:{i}"
+        h, w = image.shape[:2]
+        return {"image": np.ascontiguousarray(image.transpose(2, 0, 1)), "instances": np.zeros((h, w), np.int32),
+                "classes": np.full((h, w), IGNORE, np.uint8), "image_id": image_id, "mpp": self.mpp,
+                "labelled": False}
+
+
+class StrippedLabels(Dataset):
+    """The images of ``base`` (any base dataset) as unlabelled items: the annotation is dropped."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = dict(self.base[i])
+        shape = tuple(np.asarray(item["instances"]).shape)
+        item["instances"] = np.zeros(shape, np.int32)
+        item["classes"] = np.full(shape, IGNORE, np.uint8)
+        item["image_id"] = f"unlabelled:{item['image_id']}"
+        item["labelled"] = False
+        return item
 
 
 def _starts(length: int, tile: int) -> list[int]:
@@ -76,6 +184,8 @@ class TileDataset(Dataset):
         Pixel size of the tiles (µm/px).
     seed
         Seed of the random crops.
+    rejected_as_background
+        Turn nuclei rejected in review into background (see the module docstring).
     """
 
     def __init__(
@@ -87,6 +197,7 @@ class TileDataset(Dataset):
         mpp: float = 0.25,
         mpp_tolerance: float = 0.1,
         seed: int = 0,
+        rejected_as_background: bool = True,
     ) -> None:
         if mode not in TILE_MODES:
             raise ConfigError(f"tile mode must be one of {TILE_MODES}, got {mode!r}")
@@ -99,6 +210,7 @@ class TileDataset(Dataset):
         self.mpp_tolerance = float(mpp_tolerance)
         self.seed = int(seed)
         self.epoch = 0
+        self.rejected = rejected_instances(base) if rejected_as_background else {}
         self._last: tuple[int, dict[str, Any]] | None = None
         n = len(base)  # type: ignore[arg-type]
         if n == 0:
@@ -131,6 +243,7 @@ class TileDataset(Dataset):
             cls = np.asarray(item["classes"], dtype=np.uint8)
             image_id = str(item["image_id"])
             mpp = float(item.get("mpp", self.mpp))
+            labelled = bool(item.get("labelled", True))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"dataset item {i} is not a release item ({exc!r})") from None
         if image.ndim != 3 or image.shape[0] != 3 or image.shape[1:] != inst.shape or cls.shape != inst.shape:
@@ -138,12 +251,17 @@ class TileDataset(Dataset):
                 image_id,
                 f"image must be (3, H, W) with (H, W) instances/classes, got {image.shape}, {inst.shape}, {cls.shape}",
             )
+        rejected = self.rejected.get(image_id)
+        if rejected:
+            gone = np.isin(inst, np.fromiter(rejected, np.int64))
+            inst = np.where(gone, 0, inst).astype(np.int32)
+            cls = np.where(gone, 0, cls).astype(np.uint8)
         if mpp > 0 and abs(mpp / self.mpp - 1.0) > self.mpp_tolerance:
             f = mpp / self.mpp
             image = np.clip(ndimage.zoom(image.astype(np.float32), (1, f, f), order=1), 0, 255).round().astype(np.uint8)
             inst = ndimage.zoom(inst, f, order=0)
             cls = ndimage.zoom(cls, f, order=0)
-        out = {"image": image, "instances": inst, "classes": cls, "image_id": image_id}
+        out = {"image": image, "instances": inst, "classes": cls, "image_id": image_id, "labelled": labelled}
         self._last = (i, out)
         return out
 
@@ -159,7 +277,9 @@ class TileDataset(Dataset):
         image = np.full((3, t, t), 255, np.uint8)
         inst = np.zeros((t, t), np.int32)
         cls = np.full((t, t), IGNORE, np.uint8)
+        inside = np.zeros((t, t), bool)
         ch, cw = min(t, h - y), min(t, w - x)
+        inside[:ch, :cw] = True
         image[:, :ch, :cw] = item["image"][:, y : y + ch, x : x + cw]
         inst[:ch, :cw] = item["instances"][y : y + ch, x : x + cw]
         cls[:ch, :cw] = item["classes"][y : y + ch, x : x + cw]
@@ -172,6 +292,8 @@ class TileDataset(Dataset):
             "hv": torch.from_numpy(tg["hv"]),
             "tp": torch.from_numpy(tg["tp"].astype(np.int64)),
             "valid": torch.from_numpy(tg["valid"]),
+            "inside": torch.from_numpy(inside),
+            "labelled": torch.tensor(bool(item["labelled"])),
             "tile_id": tile_id,
             "key": f"{tile_id}#{digest}",
         }
@@ -290,7 +412,7 @@ def augment_batch(
     n = img.shape[0]
     ks = torch.randint(0, 4, (n,), generator=generator).tolist()
     flips = torch.randint(0, 2, (n,), generator=generator).tolist()
-    imgs, nps, tps, valids, hvs = [], [], [], [], []
+    imgs, nps, tps, valids, hvs, insides = [], [], [], [], [], []
     t_out: list[list[torch.Tensor]] = [[], [], []]
     for j in range(n):
         k, f = ks[j], bool(flips[j])
@@ -298,6 +420,8 @@ def augment_batch(
         nps.append(dihedral(batch["np"][j], k, f))
         tps.append(dihedral(batch["tp"][j], k, f))
         valids.append(dihedral(batch["valid"][j], k, f))
+        if "inside" in batch:
+            insides.append(dihedral(batch["inside"][j], k, f))
         hvs.append(dihedral_hv(batch["hv"][j], k, f))
         if teacher is not None:
             t_out[0].append(dihedral(teacher[0][j], k, f))
@@ -307,4 +431,6 @@ def augment_batch(
     if stain:
         x = stain_jitter(x, generator=generator, sigma=stain_sigma, bias=stain_sigma * 0.4)
     out.update(image=x, np=torch.stack(nps), tp=torch.stack(tps), valid=torch.stack(valids), hv=torch.stack(hvs))
+    if insides:
+        out["inside"] = torch.stack(insides)
     return out, ([torch.stack(t) for t in t_out] if teacher is not None else None)

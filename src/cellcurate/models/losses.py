@@ -7,7 +7,10 @@ Model outputs are dicts ``{"np": (B, 2, H, W) logits, "hv": (B, 2, H, W) in [-1,
 (B, H, W) int64 with 255 = ignore, ``hv`` (B, 2, H, W) float, ``valid`` (B, H, W) bool.
 
 - nuclear map: BCE + Tversky (α weighs false positives, β false negatives) + Dice;
-- types: cross-entropy + Dice;
+- types: cross-entropy + Dice over every valid pixel, plus a class-balanced cross-entropy over the
+  foreground classes on nucleus pixels only (:func:`foreground_type_loss`): without it the type map
+  is dominated by background pixels and the frequent classes, and every nucleus ends up with one or
+  two classes (issue 9);
 - distance maps: MSE + MSE of their gradients (on nuclei only, as in HoVer-Net);
 - distillation: temperature-scaled KL on type logits (× T²), MSE on the teacher's distance maps and
   soft nuclear map, and BCE + Tversky against the teacher's soft nuclear map;
@@ -39,11 +42,14 @@ __all__ = [
     "consistency_loss",
     "dice_loss",
     "distillation_loss",
+    "foreground_type_loss",
     "gradient_mse_loss",
     "kd_kl_loss",
     "masked_ce_loss",
     "masked_mse",
     "supervised_loss",
+    "teacher_confidence",
+    "teacher_pseudo_types",
     "tversky_loss",
 ]
 
@@ -62,6 +68,7 @@ class LossConfig:
     np_dice: float = 1.0
     tp_ce: float = 1.0
     tp_dice: float = 1.0
+    tp_fg_ce: float = 1.0  # class-balanced CE over the foreground classes on nucleus pixels
     hv_mse: float = 1.0
     hv_msge: float = 1.0
     # distillation (student only)
@@ -70,6 +77,7 @@ class LossConfig:
     kd_hv: float = 1.0
     kd_np: float = 1.0
     kd_np_bt: float = 0.5
+    kd_tp_fg: float = 1.0  # class-balanced CE on the teacher's pseudo-labels (unlabelled pixels only)
     consistency: float = 0.5
 
     def __post_init__(self) -> None:
@@ -179,6 +187,39 @@ def masked_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), target.long(), ignore_index=IGNORE)
 
 
+def foreground_type_loss(logits: torch.Tensor, target: torch.Tensor, *, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Class-balanced cross-entropy over the foreground type channels, on labelled nucleus pixels.
+
+    The instance class is a vote among the foreground channels (background never votes), so this
+    term trains exactly the decision the vote makes: channels 1..K-1 only, pixels whose target is a
+    class (not background, not 255). Each class present in the batch weighs the same in total
+    (weights ∝ 1 / its pixel count), so a frequent class cannot win by default.
+
+    Parameters
+    ----------
+    logits
+        (B, K, H, W) type logits (channel 0 = background).
+    target
+        (B, H, W) int64 type targets: 0 background, 1..K-1 classes, 255 ignore.
+    weight
+        (B, H, W) optional per-pixel weights in [0, 1] (e.g. a teacher's confidence).
+
+    Returns 0 (with a graph) when the batch has no labelled nucleus pixel.
+    """
+    k = logits.shape[1]
+    fg = (target >= 1) & (target < k)
+    if not bool(fg.any()):
+        return _zero(logits)
+    t = (target[fg] - 1).long()
+    logp = F.log_softmax(logits.float()[:, 1:].permute(0, 2, 3, 1)[fg], dim=1)
+    nll = -logp.gather(1, t[:, None])[:, 0]
+    counts = torch.bincount(t, minlength=k - 1).float()
+    w = (1.0 / counts.clamp_min(1.0))[t]
+    if weight is not None:
+        w = w * weight[fg].float()
+    return (w * nll).sum() / w.sum().clamp_min(1e-12)
+
+
 _SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8.0
 
 
@@ -227,6 +268,7 @@ def supervised_loss(out: Outputs, batch: dict[str, torch.Tensor], cfg: LossConfi
         "np_dice": dice_loss(out["np"], np_t, smooth=cfg.smooth),
         "tp_ce": masked_ce_loss(out["tp"], batch["tp"]),
         "tp_dice": dice_loss(out["tp"], batch["tp"], smooth=cfg.smooth),
+        "tp_fg_ce": foreground_type_loss(out["tp"], batch["tp"]),
         "hv_mse": masked_mse(out["hv"].float(), batch["hv"].float(), valid),
         "hv_msge": gradient_mse_loss(out["hv"], batch["hv"], nuclear, valid),
     }
@@ -243,21 +285,74 @@ def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid
     return masked_mean(kl, valid) * t * t
 
 
+def teacher_confidence(teacher: Outputs) -> torch.Tensor:
+    """(B, H, W) confidence of a teacher's prediction in [0, 1]: the product of its nuclear-map and
+    type-map maximum probabilities (1 = certain of both, low where it hesitates)."""
+    p_np = F.softmax(teacher["np"].float(), dim=1).amax(dim=1)
+    p_tp = F.softmax(teacher["tp"].float(), dim=1).amax(dim=1)
+    return p_np * p_tp
+
+
+def teacher_pseudo_types(teacher: Outputs) -> torch.Tensor:
+    """(B, H, W) int64 hard type labels from a teacher: its foreground class argmax where its
+    nuclear probability is >= 0.5, else 0 (background)."""
+    nucleus = F.softmax(teacher["np"].float(), dim=1)[:, 1] >= 0.5
+    fg_class = teacher["tp"].float()[:, 1:].argmax(dim=1) + 1
+    return torch.where(nucleus, fg_class, torch.zeros_like(fg_class))
+
+
+def _wmean(x: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    m = mask.to(torch.float32) if weight is None else mask.to(torch.float32) * weight.float()
+    return (x * m).sum() / m.sum().clamp_min(1e-6 if weight is not None else 1.0)
+
+
 def distillation_loss(
-    student: Outputs, teacher: Outputs, valid: torch.Tensor, cfg: LossConfig
+    student: Outputs,
+    teacher: Outputs,
+    valid: torch.Tensor,
+    cfg: LossConfig,
+    *,
+    weight: torch.Tensor | None = None,
+    pseudo: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Distillation terms against a teacher's outputs (same layout as the student's)."""
+    """Distillation terms against a teacher's outputs (same layout as the student's).
+
+    Parameters
+    ----------
+    valid
+        (B, H, W) bool: pixels where the teacher's soft targets count.
+    weight
+        (B, H, W) per-pixel weights in [0, 1] (1 on labelled pixels, the teacher's confidence on
+        unlabelled ones); None = 1 everywhere.
+    pseudo
+        (B, H, W) bool: pixels without ground truth where the teacher's hard types also train the
+        class-balanced foreground type loss (``kd_tp_fg``), weighted by ``weight``.
+    """
+    t = cfg.temperature
     s_np = F.softmax(student["np"].float(), dim=1)
     t_np = F.softmax(teacher["np"].float(), dim=1)
+    log_s = F.log_softmax(student["tp"].float() / t, dim=1)
+    log_t = F.log_softmax(teacher["tp"].float() / t, dim=1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(dim=1)
+    soft = t_np[:, 1]
+    logp = F.log_softmax(student["np"].float(), dim=1)
+    bce = -(soft * logp[:, 1] + (1 - soft) * logp[:, 0])
+    m = valid.float() if weight is None else valid.float() * weight.float()
+    tp_ = (s_np[:, 1] * soft * m).sum()
+    fp_ = (s_np[:, 1] * (1 - soft) * m).sum()
+    fn_ = ((1 - s_np[:, 1]) * soft * m).sum()
+    den = tp_ + cfg.tversky_alpha * fp_ + cfg.tversky_beta * fn_ + cfg.smooth
+    tversky = _zero(den) if float(den.detach()) == 0.0 else 1 - (tp_ + cfg.smooth) / den
     parts = {
-        "kd_tp": kd_kl_loss(student["tp"], teacher["tp"], valid, temperature=cfg.temperature),
-        "kd_hv": masked_mse(student["hv"].float(), teacher["hv"].float(), valid),
-        "kd_np": masked_mse(s_np[:, 1:], t_np[:, 1:], valid),
-        "kd_np_bt": bce_loss(student["np"], t_np[:, 1], valid)
-        + tversky_loss(
-            student["np"], t_np[:, 1], valid, alpha=cfg.tversky_alpha, beta=cfg.tversky_beta, smooth=cfg.smooth
-        ),
+        "kd_tp": _wmean(kl, valid, weight) * t * t,
+        "kd_hv": _wmean(((student["hv"].float() - teacher["hv"].float()) ** 2).mean(dim=1), valid, weight),
+        "kd_np": _wmean((s_np[:, 1] - soft) ** 2, valid, weight),
+        "kd_np_bt": _wmean(bce, valid, weight) + tversky,
     }
+    if pseudo is not None and cfg.kd_tp_fg > 0:
+        target = torch.where(pseudo & valid, teacher_pseudo_types(teacher), torch.full_like(valid, IGNORE, dtype=torch.int64))
+        w = weight if weight is not None else torch.ones_like(valid, dtype=torch.float32)
+        parts["kd_tp_fg"] = foreground_type_loss(student["tp"], target, weight=w)
     total = sum(getattr(cfg, k) * v for k, v in parts.items())
     return total, {k: float(v.detach()) for k, v in parts.items()}  # type: ignore[return-value]
 

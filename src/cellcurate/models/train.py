@@ -17,6 +17,21 @@ CE + Dice, MSE + gradient MSE) + distillation (T²·KL on types, MSE on the teac
 soft nuclear map, BCE + Tversky on the soft nuclear map) + consistency (a second view under another
 flip/rotation and stain jitter must agree).
 
+Validation (issue 9): given a ``val`` dataset (the release's ``val`` split), every epoch ends
+with an evaluation on it (:func:`~cellcurate.models.evaluate.evaluate_models`, the same path as
+``curate evaluate``); the epoch with the best ``TrainConfig.val_metric`` is copied to
+``out_dir/best/`` (a checkpoint folder), training stops after ``patience`` epochs without a new
+best (0 = never), and ``out_dir/curves.png`` plots the training losses and validation metrics.
+The returned model is then the best one.
+
+Unlabelled data (issue 19, the CellGenNet setting): :func:`distill` also takes ``unlabelled``
+images (e.g. :class:`~cellcurate.models.data.UnlabelledImages`). On their tiles no ground-truth
+term applies; the teacher's soft targets are the only supervision, each pixel weighted by the
+teacher's confidence (:func:`~cellcurate.models.losses.teacher_confidence`), plus a
+class-balanced foreground type loss on its confident pseudo-labels. With ``teacher_on_ignore``
+the ignore regions of labelled tiles are treated the same way. ``teacher=None`` trains a student
+from the ground truth alone (the baseline distillation is compared against).
+
 Both write a checkpoint folder (``model.pt``, ``config.json``, ``optimizer.pt``) after every
 epoch; ``resume=True`` continues from the last completed epoch. Every epoch re-seeds its shuffling,
 augmentation and dropout from ``(seed, epoch)``, so a resumed run is the run that was not stopped.
@@ -44,11 +59,16 @@ from ..errors import ConfigError, ModelError, StateError
 from .checkpoint import CONFIG_NAME, MODEL_NAME, load_model, load_optimizer_state, read_config, save_checkpoint
 from .data import TileCache, TileDataset, augment_batch, collate_tiles, stain_jitter
 from .encoders import EncoderSpec
-from .losses import LossConfig, consistency_loss, distillation_loss, supervised_loss
+from .losses import LossConfig, consistency_loss, distillation_loss, supervised_loss, teacher_confidence
 from .student import Student, StudentConfig
 from .teacher import Teacher, TeacherConfig, build_teacher, count_parameters
 
-__all__ = ["DEVICES", "TrainConfig", "TrainResult", "distill", "resolve_device", "train_teacher"]
+__all__ = ["DEVICES", "TrainConfig", "TrainResult", "distill", "plot_curves", "resolve_device", "train_teacher"]
+
+#: Sub-folder of a checkpoint folder holding the best epoch on the validation split.
+BEST_DIR = "best"
+#: Training curves written beside the checkpoint.
+CURVES_NAME = "curves.png"
 
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -71,6 +91,9 @@ class TrainConfig:
     cache_dir: str | None = None  # None: in-memory caches
     progress: bool = True
     loss: LossConfig = field(default_factory=LossConfig)
+    val_metric: str = "mPQ"  # a summary metric of cellcurate.models.metrics (higher is better)
+    patience: int = 0  # epochs without a new best before stopping; 0 = never stop early
+    teacher_on_ignore: bool = False  # distill: the teacher's soft targets also cover ignore regions
 
     def __post_init__(self) -> None:
         if isinstance(self.loss, dict):
@@ -82,6 +105,12 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        from .metrics import SUMMARY_METRICS
+
+        if self.val_metric not in SUMMARY_METRICS:
+            raise ConfigError(f"val_metric must be one of {sorted(SUMMARY_METRICS)}, got {self.val_metric!r}")
+        if int(self.patience) < 0:
+            raise ConfigError(f"patience must be >= 0, got {self.patience}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -97,6 +126,7 @@ class TrainResult:
     out_dir: Path
     history: list[dict[str, float]]
     parameters: int
+    best: dict[str, Any] | None = None  # {"epoch", "metric", "value", "path"} with validation
 
 
 def resolve_device(device: str) -> torch.device:
@@ -184,8 +214,16 @@ def _fit(
     scaler: torch.amp.GradScaler | None,
     history: list[dict[str, float]],
     desc: str,
-) -> None:
+    validate: Callable[[nn.Module], dict[str, float]] | None = None,
+) -> dict[str, Any] | None:
+    """Train epochs ``start_epoch..cfg.epochs`` (see the module docstring); returns the best epoch
+    on the validation data ({"epoch", "metric", "value", "path"}) when ``validate`` is given."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best = _best_so_far(history, cfg.val_metric) if validate is not None else None
+    if best is not None:
+        best["path"] = str(out_dir / BEST_DIR)
+    if validate is not None and _stopped(history, best, cfg):
+        return best
     if start_epoch > 0:
         state = load_optimizer_state(out_dir)
         if state is not None:
@@ -225,11 +263,114 @@ def _fit(
             bar.set_postfix(loss=f"{totals['loss'] / n:.4f}")
         record = {k: v / max(n, 1) for k, v in totals.items()}
         record.update(epoch=epoch + 1, seconds=time.perf_counter() - t0, lr=_lr_at(cfg, epoch))
-        history.append(record)
         model.eval()
-        save_checkpoint(
-            out_dir, model, config=ckpt_config, optimizer=opt, epoch=epoch + 1, metrics={"history": history}
-        )
+        improved = False
+        if validate is not None:
+            scores = validate(model)
+            record.update({f"val_{k}": v for k, v in scores.items()})
+            value = _score(record, cfg.val_metric)
+            improved = best is None or value > best["value"]
+            if improved:
+                best = {"epoch": epoch + 1, "metric": cfg.val_metric, "value": value, "path": str(out_dir / BEST_DIR)}
+        history.append(record)
+        metrics: dict[str, Any] = {"history": history}
+        if best is not None:
+            metrics["best"] = best
+        if improved:
+            save_checkpoint(out_dir / BEST_DIR, model, config=ckpt_config, epoch=epoch + 1, metrics=metrics)
+        save_checkpoint(out_dir, model, config=ckpt_config, optimizer=opt, epoch=epoch + 1, metrics=metrics)
+        plot_curves(history, out_dir / CURVES_NAME, val_metric=cfg.val_metric if validate is not None else None)
+        if validate is not None and _stopped(history, best, cfg):
+            break
+    return best
+
+
+def _score(record: dict[str, Any], metric: str) -> float:
+    v = record.get(f"val_{metric}")
+    return -math.inf if v is None or not math.isfinite(float(v)) else float(v)
+
+
+def _best_so_far(history: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    best = None
+    for r in history:
+        if f"val_{metric}" in r and (best is None or _score(r, metric) > best["value"]):
+            best = {"epoch": int(r["epoch"]), "metric": metric, "value": _score(r, metric)}
+    return best
+
+
+def _stopped(history: list[dict[str, Any]], best: dict[str, Any] | None, cfg: TrainConfig) -> bool:
+    """Early stopping: ``patience`` epochs have passed since the best one."""
+    if cfg.patience <= 0 or best is None or not history:
+        return False
+    return int(history[-1]["epoch"]) - int(best["epoch"]) >= cfg.patience
+
+
+def plot_curves(history: list[dict[str, Any]], path: str | os.PathLike[str], *, val_metric: str | None = None) -> Path:
+    """Training loss terms (left) and validation metrics (right) per epoch as a PNG (atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .predict import atomic_path
+
+    epochs = [int(r["epoch"]) for r in history]
+    skip = {"epoch", "seconds", "lr"}
+    loss_keys = [k for k in history[0] if k not in skip and not k.startswith("val_")] if history else []
+    val_keys = [k for k in ("val_PQ", "val_mPQ", "val_F1_classification", "val_R2_counts") if history and k in history[0]]
+    if val_metric and f"val_{val_metric}" not in val_keys and history and f"val_{val_metric}" in history[0]:
+        val_keys.append(f"val_{val_metric}")
+    fig, axes = plt.subplots(1, 2 if val_keys else 1, figsize=(11 if val_keys else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for k in loss_keys:
+        ax.plot(epochs, [r.get(k, math.nan) for r in history], marker="o", ms=3, lw=2.0 if k == "loss" else 1.0, label=k)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss (mean over tiles)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=2)
+    if val_keys:
+        ax = axes[0][1]
+        for k in val_keys:
+            vals = [r.get(k) for r in history]
+            ax.plot(epochs, [math.nan if v is None else v for v in vals], marker="o", ms=3, label=k[4:])
+        if val_metric:
+            b = _best_so_far(history, val_metric)
+            if b is not None:
+                ax.axvline(b["epoch"], color="grey", ls="--", lw=0.8, label=f"best {val_metric} (epoch {b['epoch']})")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _validator(val: Dataset | None, cfg: TrainConfig, device: torch.device) -> Callable[[nn.Module], dict[str, float]] | None:
+    """Summary metrics of a model on ``val`` through the evaluation path (``curate evaluate``)."""
+    if val is None:
+        return None
+    if len(val) == 0:  # type: ignore[arg-type]
+        raise ConfigError("the validation dataset holds no images")
+    from .evaluate import evaluate_models
+    from .metrics import SUMMARY_METRICS
+
+    def validate(model: nn.Module) -> dict[str, float]:
+        res = evaluate_models({"model": model}, val, tile=cfg.tile_size, overlap=cfg.tile_size // 4,
+                              batch_size=cfg.batch_size, device=str(device), progress=False)["models"]["model"]
+        return {k: float(res[k]) for k in SUMMARY_METRICS}
+
+    return validate
+
+
+def _finish(result_model: nn.Module, out: Path, best: dict[str, Any] | None,
+            encoder_weights: str | os.PathLike[str] | None = None) -> nn.Module:
+    """The best checkpoint's model when there was validation, else the last one."""
+    if best is None or not (out / BEST_DIR / MODEL_NAME).is_file():
+        return result_model.eval()
+    return load_model(out / BEST_DIR, encoder_weights=encoder_weights).eval()
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -247,6 +388,7 @@ def train_teacher(
     config: TrainConfig | None = None,
     resume: bool = False,
     model: Teacher | None = None,
+    val: Dataset | None = None,
 ) -> TrainResult:
     """Train a teacher's decoder on the grid tiles of ``base`` and checkpoint it in ``out_dir``.
 
@@ -266,6 +408,9 @@ def train_teacher(
         Continue from the checkpoint in ``out_dir`` (same encoder weights).
     model
         A ready teacher to train instead of building one from ``encoder``/``weights``.
+    val
+        Validation dataset (e.g. the release's ``val`` split): best-epoch selection on
+        ``config.val_metric``, early stopping after ``config.patience`` epochs.
     """
     cfg = config or TrainConfig()
     out = Path(out_dir)
@@ -298,9 +443,11 @@ def train_teacher(
         return supervised_loss(out_, batch, cfg.loss)
 
     ckpt_config = {**cfg.to_dict(), "tiles": len(tiles), "stage": "teacher"}
-    _fit(model, model.decoder_parameters(), tiles, step, cfg=cfg, out_dir=out, start_epoch=start,
-         ckpt_config=ckpt_config, device=device, scaler=scaler, history=history, desc="teacher epoch")
-    return TrainResult(model.eval(), out, history, count_parameters(model))
+    best = _fit(model, model.decoder_parameters(), tiles, step, cfg=cfg, out_dir=out, start_epoch=start,
+                ckpt_config=ckpt_config, device=device, scaler=scaler, history=history, desc="teacher epoch",
+                validate=_validator(val, cfg, device))
+    final = _finish(model, out, best, weights)
+    return TrainResult(final, out, history, count_parameters(final), best)
 
 
 def _teacher_id(teacher: nn.Module, source: str | None) -> str:
@@ -336,7 +483,7 @@ def _needs_teacher_flows(teacher: nn.Module, student: Student) -> bool:
 
 
 def distill(
-    teacher_ckpt: str | os.PathLike[str] | nn.Module,
+    teacher_ckpt: str | os.PathLike[str] | nn.Module | None,
     base: Dataset,
     *,
     out_dir: str | os.PathLike[str],
@@ -344,15 +491,18 @@ def distill(
     config: TrainConfig | None = None,
     resume: bool = False,
     encoder_weights: str | os.PathLike[str] | None = None,
+    val: Dataset | None = None,
+    unlabelled: Dataset | None = None,
 ) -> TrainResult:
     """Distil a student from a teacher checkpoint (or a teacher module) on the tiles of ``base``.
 
     Parameters
     ----------
     teacher_ckpt
-        Teacher checkpoint folder (or ``model.pt``), or a ready model with the model contract.
+        Teacher checkpoint folder (or ``model.pt``), or a ready model with the model contract;
+        None trains the student from the ground truth alone (no distillation term).
     base
-        Base dataset.
+        Base dataset (labelled).
     out_dir
         Student checkpoint folder; must not hold a checkpoint unless ``resume``.
     student_config
@@ -361,19 +511,31 @@ def distill(
         Training options (``config.loss`` holds the distillation weights and temperature).
     encoder_weights
         Override the teacher's recorded encoder weights path.
+    val
+        Validation dataset (see :func:`train_teacher`).
+    unlabelled
+        Images without annotation (items with ``labelled`` False, e.g.
+        :class:`~cellcurate.models.data.UnlabelledImages`): the teacher's confidence-weighted soft
+        targets are their only supervision. Needs a teacher.
     """
     cfg = config or TrainConfig()
+    if teacher_ckpt is None and (unlabelled is not None or cfg.teacher_on_ignore):
+        raise ConfigError("unlabelled images and teacher_on_ignore need a teacher to supervise them")
     out = Path(out_dir)
     start = _check_out_dir(out, resume)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    if isinstance(teacher_ckpt, nn.Module):
+    teacher: nn.Module | None
+    if teacher_ckpt is None:
+        teacher, source = None, None
+    elif isinstance(teacher_ckpt, nn.Module):
         teacher, source = teacher_ckpt, None
     else:
         teacher = load_model(teacher_ckpt, encoder_weights=encoder_weights)
         source = str(teacher_ckpt)
-    teacher.to(device).eval()
-    tmeta = getattr(teacher, "meta", {})
+    if teacher is not None:
+        teacher.to(device).eval()
+    tmeta = getattr(teacher, "meta", {}) if teacher is not None else {}
     history: list[dict[str, float]] = []
     if start > 0:
         student = load_model(out)
@@ -391,39 +553,50 @@ def distill(
         student.meta["classes"] = tmeta.get("classes", student.meta["classes"])
         student.meta["colors"] = tmeta.get("colors", student.meta["colors"])
     student.to(device)
-    tiles = _student_tiles(base, student, cfg)
+    tiles: Dataset = _student_tiles(base, student, cfg)
+    n_labelled = len(tiles)  # type: ignore[arg-type]
+    if unlabelled is not None:
+        extra = _student_tiles(unlabelled, student, cfg)
+        tiles = _ConcatTiles([tiles, extra])  # type: ignore[list-item]
     autocast, scaler = _autocast(device, cfg.amp)
-    to_flows = _needs_teacher_flows(teacher, student)
-    cache = TileCache("teacher-" + _teacher_id(teacher, source) + ("-flows" if to_flows else ""),
-                      directory=cfg.cache_dir)
+    cache = None
+    if teacher is not None:
+        to_flows = _needs_teacher_flows(teacher, student)
+        cache = TileCache("teacher-" + _teacher_id(teacher, source) + ("-flows" if to_flows else ""),
+                          directory=cfg.cache_dir)
 
-    def predict(x: torch.Tensor) -> list[torch.Tensor]:
-        o = teacher(x)
-        if to_flows:
-            from .flows import teacher_flows
+        def predict(x: torch.Tensor) -> list[torch.Tensor]:
+            o = teacher(x)  # type: ignore[misc]
+            if to_flows:
+                from .flows import teacher_flows
 
-            return [o["np"], teacher_flows(o["np"], o["hv"]), o["tp"]]
-        return [o["np"], o["hv"], o["tp"]]
+                return [o["np"], teacher_flows(o["np"], o["hv"]), o["tp"]]
+            return [o["np"], o["hv"], o["tp"]]
 
-    _fill_cache(cache, tiles, predict, batch_size=cfg.batch_size, device=device, autocast=autocast,
-                progress=cfg.progress, desc="teacher predictions")
+        _fill_cache(cache, tiles, predict, batch_size=cfg.batch_size, device=device, autocast=autocast,  # type: ignore[arg-type]
+                    progress=cfg.progress, desc="teacher predictions")
     lc = cfg.loss
 
     def step(batch: dict[str, Any], gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        t_out = cache.get_batch(batch["key"])
+        t_out = cache.get_batch(batch["key"]) if cache is not None else None
         if cfg.augment:
             batch, t_out = augment_batch(batch, generator=gen, teacher=t_out, stain=True, stain_sigma=cfg.stain_sigma)
         else:
             batch = {**batch, "image": batch["image"].float() / 255.0}
         batch = _to_device(batch, device)
-        t_dict = {k: v.to(device) for k, v in zip(("np", "hv", "tp"), t_out)}  # type: ignore[arg-type]
         x, valid = batch["image"], batch["valid"]
         with autocast():
             s_out = student(x)
         sup, parts = supervised_loss(s_out, batch, lc)
-        kd, kd_parts = distillation_loss(s_out, t_dict, valid, lc)
-        total = sup + kd
-        parts = {**parts, **kd_parts}
+        total = sup
+        if t_out is not None:
+            t_dict = {k: v.to(device) for k, v in zip(("np", "hv", "tp"), t_out)}  # type: ignore[arg-type]
+            kd_mask, weight, pseudo = _teacher_mask(batch, t_dict, teacher_on_ignore=cfg.teacher_on_ignore)
+            kd, kd_parts = distillation_loss(s_out, t_dict, kd_mask, lc, weight=weight, pseudo=pseudo)
+            total = total + kd
+            parts = {**parts, **kd_parts}
+        else:
+            kd_mask = valid
         if lc.consistency > 0:
             k = int(torch.randint(1, 8, (1,), generator=gen))  # a non-identity element of the group
             jitter_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
@@ -433,7 +606,7 @@ def distill(
                 return stain_jitter(z, generator=jgen, sigma=cfg.stain_sigma, bias=cfg.stain_sigma * 0.4)
 
             with autocast():
-                cons = consistency_loss(student, x, valid, k=k % 4, flip=k >= 4, reference=s_out,
+                cons = consistency_loss(student, x, kd_mask, k=k % 4, flip=k >= 4, reference=s_out,
                                         perturb=perturb if cfg.augment else None)
             total = total + lc.consistency * cons
             parts["consistency"] = float(cons.detach())
@@ -441,13 +614,47 @@ def distill(
 
     ckpt_config = {
         **cfg.to_dict(),
-        "tiles": len(tiles),
-        "stage": "distill",
+        "tiles": len(tiles),  # type: ignore[arg-type]
+        "labelled_tiles": n_labelled,
+        "unlabelled_tiles": len(tiles) - n_labelled,  # type: ignore[arg-type]
+        "stage": "distill" if teacher is not None else "student",
         "teacher": source,
-        "teacher_parameters": count_parameters(teacher),
+        "teacher_parameters": count_parameters(teacher) if teacher is not None else None,
         "teacher_architecture": tmeta.get("architecture"),
     }
-    _fit(student, list(student.parameters()), tiles, step, cfg=cfg, out_dir=out, start_epoch=start,
-         ckpt_config=ckpt_config, device=device, scaler=scaler, history=history, desc="student epoch")
-    return TrainResult(student.eval(), out, history, count_parameters(student))
+    best = _fit(student, list(student.parameters()), tiles, step, cfg=cfg, out_dir=out, start_epoch=start,  # type: ignore[arg-type]
+                ckpt_config=ckpt_config, device=device, scaler=scaler, history=history, desc="student epoch",
+                validate=_validator(val, cfg, device))
+    final = _finish(student, out, best)
+    return TrainResult(final, out, history, count_parameters(final), best)
+
+
+class _ConcatTiles(torch.utils.data.ConcatDataset):
+    """Labelled and unlabelled tiles as one dataset (``set_epoch`` reaches both)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for d in self.datasets:
+            d.set_epoch(epoch)  # type: ignore[attr-defined]
+
+
+def _teacher_mask(
+    batch: dict[str, Any], teacher: dict[str, torch.Tensor], *, teacher_on_ignore: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the teacher's soft targets count, with which weight, and where its pseudo-labels train types.
+
+    Labelled pixels (``valid``): weight 1 (the teacher refines the ground truth). Pixels without
+    ground truth inside the image — every pixel of an unlabelled tile, and with
+    ``teacher_on_ignore`` the ignore regions of labelled tiles — carry the teacher's confidence as
+    weight and its hard types as foreground pseudo-labels. Padding never counts.
+    """
+    valid = batch["valid"]
+    inside = batch.get("inside", torch.ones_like(valid))
+    labelled = batch.get("labelled", torch.ones(valid.shape[0], dtype=torch.bool, device=valid.device))
+    unl = (~labelled.to(valid.device).bool())[:, None, None] & inside
+    if teacher_on_ignore:
+        unl = unl | (inside & ~valid)
+    mask = valid | unl
+    conf = teacher_confidence(teacher).detach()
+    weight = torch.where(unl, conf, torch.ones_like(conf))
+    return mask, weight, unl
 

@@ -1,0 +1,28 @@
+"""`curate demo --preset tiny` end to end: the model stage pre-trains the teacher's encoder, validates,
+prints both models' PQ, mPQ, class F1 and count R² with the issue-9 targets, and exports the student."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from cellcurate.cli.demo import command
+
+
+@pytest.mark.slow
+def test_tiny_demo_prints_model_metrics_and_targets(tmp_path):
+    res = CliRunner().invoke(command, ["--out", str(tmp_path / "d"), "--preset", "tiny"])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "teacher encoder pre-trained on" in out
+    assert "| teacher |" in out and "| student |" in out
+    assert "targets (issue 9 item 3):" in out and "parameter ratio" in out
+    assert "student exported to" in out
+    models = tmp_path / "d" / "models"
+    for name in ("teacher", "student"):
+        assert (models / name / "curves.png").is_file()
+        doc = json.loads((models / name / "config.json").read_text())
+        assert all("val_mPQ" in h for h in doc["metrics"]["history"])
+        assert (models / name / "best" / "model.pt").is_file()
