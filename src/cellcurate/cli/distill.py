@@ -6,6 +6,7 @@ Heavy imports (torch, timm) happen inside the command so ``curate --help`` stays
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -97,7 +98,7 @@ def command(teacher: Path, release: Path, out: Path, weights: Path | None, split
     # normalisation: the teacher's
     scfg = StudentConfig(channels=channels, dropout=dropout, tile_size=tile_size, head=head, encoder=encoder)
     base = load_release(release, split=split)
-    extra = []
+    extra: list[Any] = []
     if unlabelled:
         from cellcurate.models.data import UnlabelledImages
 

@@ -72,7 +72,8 @@ def pretrain_encoder(
     tiles = TileDataset(base, tile_size=tile_size, mode="grid", mpp=teacher.config.data_mpp, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    channels = enc.channels[-1] if hasattr(enc, "channels") else None
+    enc_channels: Any = getattr(enc, "channels", None)
+    channels = enc_channels[-1] if enc_channels is not None else None
     if channels is None:
         raise ConfigError("the teacher's encoder does not report its feature channels")
     head = nn.Conv2d(int(channels), n_types, 1).to(device)
