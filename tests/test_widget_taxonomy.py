@@ -3,7 +3,6 @@ probability bars, five class buttons and the digit keys 1-4 and 9 (5 is not a cl
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import pytest
@@ -14,26 +13,16 @@ pytest.importorskip("pytestqt")
 pytestmark = pytest.mark.gui
 
 
-@pytest.fixture()
-def viewer(make_napari_viewer, monkeypatch):
-    v = make_napari_viewer()
-    for name in ("napari._vispy.utils.gl", "napari._vispy.layers.image", "napari._vispy.layers.base",
-                 "napari._vispy.layers.labels", "napari._vispy.canvas"):
-        mod = importlib.import_module(name)
-        if hasattr(mod, "get_max_texture_sizes"):
-            monkeypatch.setattr(mod, "get_max_texture_sizes", lambda: (4096, 2048))
-        if hasattr(mod, "get_gl_extensions"):
-            monkeypatch.setattr(mod, "get_gl_extensions", lambda: "texture_float")
-    return v
+from test_napari_widget import viewer  # noqa: E402,F401 - the shared (offscreen) viewer fixture
 
 
-def _press(qtbot, viewer, key):
+def _press(qtbot, v, key):
     """A real key event on the canvas, as an annotator types it."""
-    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, key)
+    qtbot.keyClick(v.window._qt_viewer.canvas.native, key)
 
 
 @pytest.mark.slow
-def test_widget_keys_bars_and_buttons_follow_a_five_class_taxonomy(viewer, qtbot, tmp_path):
+def test_widget_keys_bars_and_buttons_follow_a_five_class_taxonomy(viewer, qtbot, tmp_path):  # noqa: F811
     from test_taxonomy_as_data import TAXONOMY
 
     from cellcurate.cli.demo import real_sample_path

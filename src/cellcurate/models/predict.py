@@ -135,6 +135,28 @@ def _ramp(n: int, overlap: int) -> np.ndarray:
     return np.clip(np.minimum(i + 0.5, n - i - 0.5) / ramp, 1.0 / ramp, 1.0)
 
 
+def forward_tiles(model: Any, batch: np.ndarray, device: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run (B, h, w, 3) uint8 tiles through ``model`` (in the caller's inference mode).
+
+    Returns the nuclear probability (B, h, w), the ``hv`` maps (B, 2, h, w) and the type
+    probabilities (B, K, h, w), float32 numpy. Running out of memory is a one-line
+    :class:`ModelError` with the size it needed (:func:`oom_error`).
+    """
+    import torch
+
+    h, w = int(batch.shape[1]), int(batch.shape[2])
+    try:
+        x_t = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        out = model(x_t)
+    except (MemoryError, RuntimeError) as exc:
+        raise oom_error(exc, f"a batch of {len(batch)} tiles of {h}x{w} px") from None
+    _check_outputs(out, x_t.shape)
+    p_np = torch.softmax(out["np"].float(), dim=1)[:, 1].cpu().numpy()
+    p_hv = out["hv"].float().cpu().numpy()
+    p_tp = torch.softmax(out["tp"].float(), dim=1).cpu().numpy()
+    return p_np, p_hv, p_tp
+
+
 def infer_tiled(
     model: Any,
     image: np.ndarray,
@@ -208,15 +230,7 @@ def infer_tiled(
             for start in range(0, len(boxes), batch_size):
                 chunk = boxes[start : start + batch_size]
                 batch = np.stack([padded[y : y + th, x : x + tw] for y, x in chunk])
-                try:
-                    x_t = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-                    out = model(x_t)
-                except (MemoryError, RuntimeError) as exc:
-                    raise oom_error(exc, f"a batch of {len(chunk)} tiles of {th}x{tw} px") from None
-                _check_outputs(out, x_t.shape)
-                p_np = torch.softmax(out["np"].float(), dim=1)[:, 1].cpu().numpy()
-                p_hv = out["hv"].float().cpu().numpy()
-                p_tp = torch.softmax(out["tp"].float(), dim=1).cpu().numpy()
+                p_np, p_hv, p_tp = forward_tiles(model, batch, device)
                 if acc_tp is None:
                     try:
                         acc_tp = np.zeros((p_tp.shape[1], ph, pw), np.float32)

@@ -55,7 +55,7 @@ from .postprocess import PostprocessConfig, mask_to_polygon, postprocess
 from .predict import (
     _axis_starts,
     _ceil32,
-    _check_outputs,
+    forward_tiles,
     _ramp,
     class_names_and_colors,
     model_meta,
@@ -437,15 +437,7 @@ def _forward_loop(model: Any, read_q: queue.Queue[Any], post_q: queue.Queue[Any]
                 return n_tiles
             batch, pending[:] = pending[: opts.batch_size], pending[opts.batch_size :]
             arr = np.stack([b[3] for b in batch])
-            try:
-                x_t = torch.from_numpy(arr).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-                out = model(x_t)
-            except (MemoryError, RuntimeError) as exc:
-                raise oom_error(exc, f"a batch of {len(batch)} tiles of {th}x{tw} px") from None
-            _check_outputs(out, x_t.shape)
-            p_np = torch.softmax(out["np"].float(), dim=1)[:, 1].cpu().numpy()
-            p_hv = out["hv"].float().cpu().numpy()
-            p_tp = torch.softmax(out["tp"].float(), dim=1).cpu().numpy()
+            p_np, p_hv, p_tp = forward_tiles(model, arr, device)
             n_tiles += len(batch)
             for i, (st, y, x, _img) in enumerate(batch):
                 if st["acc"] is None:
