@@ -146,7 +146,6 @@ def stage_review(ctx: dict[str, Any]) -> None:
         if n == 0:
             return
         queue = pd.read_csv(csv_path)  # ranked by issue score, highest first
-        k = min(n, int(round(fraction * n)))
         tax = store.taxonomy
         truth_of = _true_classes(ctx, store)
         decisions, labels = [""] * n, [""] * n
@@ -170,8 +169,8 @@ def stage_review(ctx: dict[str, Any]) -> None:
         before = _subset_accuracy(store, truth_of, reviewed)
         seqs = import_csv(store, csv_path, reviewer="demo-annotator")
         counts = pd.Series([d for d in decisions if d]).value_counts().to_dict()
-        click.echo(f"imported {len(seqs)} decisions by demo-annotator on the top {k} of {n} flags "
-                   f"({fraction:.0%} by issue score: " + ", ".join(f"{a} {v}" for a, v in sorted(counts.items()))
+        click.echo(f"imported {len(seqs)} decisions by demo-annotator on the top {k} of the {len(candidates)} "
+                   f"flags with synthetic truth ({fraction:.0%} by issue score: " + ", ".join(f"{a} {v}" for a, v in sorted(counts.items()))
                    + f"); {n - k} left for review by hand")
         if k:
             after = _subset_accuracy(store, truth_of, reviewed)

@@ -54,16 +54,10 @@ ReviewAction = Literal["accept", "keep", "set_class", "not_nucleus", "skip", "un
 REVIEW_ACTIONS: tuple[str, ...] = ("accept", "keep", "set_class", "not_nucleus", "skip", "undo", "adjudicate")
 DecisionSource = Literal["napari", "csv", "cli", "api"]
 
-#: Values of the class map shown in napari besides the class ids (those of the default 7-class
-#: taxonomy; :func:`display_values` gives the ones of any taxonomy, always above its largest id).
-UNRESOLVED_VALUE = 8
-REJECTED_VALUE = 9
-IGNORE_VALUE = 10
-
-
 def display_values(taxonomy: Any) -> tuple[int, int, int]:
-    """(unresolved, rejected, ignore) values of the displayed class map for ``taxonomy``: 8, 9, 10
-    while its class ids are at most 7, else the three values after its largest id."""
+    """(unresolved, rejected, ignore) values of the class map shown in napari besides the class
+    ids: 8, 9, 10 while the taxonomy's class ids are at most 7, else the three values after its
+    largest id."""
     base = max(7, *taxonomy.ids)
     if base + 3 > 255:
         raise ConfigError(f"class ids up to {base} leave no room for the review display values (<= 252)")

@@ -200,27 +200,19 @@ def pq_counts(true: np.ndarray, pred: np.ndarray, *, threshold: float = 0.5) -> 
 def aji(true: np.ndarray, pred: np.ndarray) -> float:
     """Aggregated Jaccard Index of one image (see the module docstring); NaN when both are empty,
     0 when only one is."""
-    true_ids, pred_ids, inter, ta, pa = pairwise_overlap(true, pred)
-    if len(true_ids) == 0 and len(pred_ids) == 0:
-        return math.nan
-    if len(true_ids) == 0 or len(pred_ids) == 0:
-        return 0.0
-    union = ta[:, None] + pa[None, :] - inter
-    iou = inter / union
-    best = iou.argmax(axis=1)
-    rows = np.arange(len(true_ids))
-    hit = inter[rows, best] > 0
-    c = int(inter[rows[hit], best[hit]].sum())
-    u = int(union[rows[hit], best[hit]].sum()) + int(ta[~hit].sum())
-    used = np.zeros(len(pred_ids), bool)
-    used[best[hit]] = True
-    u += int(pa[~used].sum())
-    return c / u
+    return _aggregated_jaccard(true, pred, one_to_one=False)
 
 
 def aji_plus(true: np.ndarray, pred: np.ndarray) -> float:
     """AJI+ of one image (HoVer-Net's ``get_fast_aji_plus``; see the module docstring); NaN when
     both maps are empty, 0 when only one is."""
+    return _aggregated_jaccard(true, pred, one_to_one=True)
+
+
+def _aggregated_jaccard(true: np.ndarray, pred: np.ndarray, *, one_to_one: bool) -> float:
+    """AJI (each truth paired with its best-IoU prediction, which may serve several truths) or
+    AJI+ (``one_to_one``: pairs by maximum total IoU). Either way: intersections of the pairs over
+    their unions plus the areas of unpaired truths and of predictions in no pair."""
     true_ids, pred_ids, inter, ta, pa = pairwise_overlap(true, pred)
     if len(true_ids) == 0 and len(pred_ids) == 0:
         return math.nan
@@ -228,8 +220,11 @@ def aji_plus(true: np.ndarray, pred: np.ndarray) -> float:
         return 0.0
     union = ta[:, None] + pa[None, :] - inter
     iou = inter / union
-    rows, cols = linear_sum_assignment(-iou)
-    keep = iou[rows, cols] > 0
+    if one_to_one:
+        rows, cols = linear_sum_assignment(-iou)
+    else:
+        rows, cols = np.arange(len(true_ids)), iou.argmax(axis=1)
+    keep = inter[rows, cols] > 0
     rows, cols = rows[keep], cols[keep]
     c = int(inter[rows, cols].sum())
     u = int(union[rows, cols].sum())
