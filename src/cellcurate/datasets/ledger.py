@@ -61,8 +61,12 @@ import pandas as pd
 
 from ..errors import StoreError
 
-EventKind = Literal["ingest", "proposal", "flag", "decision", "round"]
-EVENT_KINDS: tuple[str, ...] = ("ingest", "proposal", "flag", "decision", "round")
+EventKind = Literal["ingest", "proposal", "flag", "decision", "round", "instance_flag", "geometry"]
+#: ``instance_flag`` (instance-level label issues: a missed, spurious or badly drawn nucleus, with
+#: the proposed geometry) and ``geometry`` (a reviewer's decision on one: add, delete, replace the
+#: outline, keep, undo) are separate kinds so that the class-label fold, queue and rounds never
+#: see them; see docs/INSTANCES.md.
+EVENT_KINDS: tuple[str, ...] = ("ingest", "proposal", "flag", "decision", "round", "instance_flag", "geometry")
 DecisionAction = Literal["accept", "keep", "set_class", "not_nucleus", "skip", "undo", "adjudicate"]
 DECISION_ACTIONS: tuple[str, ...] = ("accept", "keep", "set_class", "not_nucleus", "skip", "undo", "adjudicate")
 LabelStatus = Literal["source", "unresolved", "auto", "reviewed", "conflict", "rejected"]
