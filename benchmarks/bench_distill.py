@@ -2,155 +2,367 @@
 and with the full CellGenNet recipe; and with only a fraction of the tiles labelled, the teacher's
 soft targets on the rest (issue 9 item 4, issue 19 item 1).
 
-Run from the repository root on a release (``curate demo`` writes one under
-``demo_out/releases/v1``)::
+Run from the repository root on a release (``curate demo --out D`` writes one under
+``D/releases/v1``)::
 
-    .venv/bin/python benchmarks/bench_distill.py --release demo_out/releases/v1            # small CPU config
-    .venv/bin/python benchmarks/bench_distill.py --release R --labelled 48 --test 16 --epochs 12 --seeds 0 1 2
+    .venv/bin/python benchmarks/bench_distill.py --release D/releases/v1 --out bench_distill_out
+    .venv/bin/python benchmarks/bench_distill.py --release R --out O --teacher-encoder micro-vit \\
+        --labelled 8 --pretrain 4 --val 2 --test 2 --tile 64 --epochs 1 --seeds 0   # plumbing only
 
-Settings (tiny student, ``--seeds`` seeds each; mean ± sd over seeds):
+Data (PanNuke-format tiles of ``--split`` first, then the rest, in release order), disjoint pools:
 
-- ``gt``: ground truth only (BCE + Dice on the nuclear map, CE + Dice + class-balanced foreground CE
-  on types, MSE + gradient MSE on distance maps); no Tversky, no consistency, no dropout;
-- ``kd``: ``gt`` + distillation (T²·KL on types, MSE on distance and soft nuclear maps);
-- ``cellgennet``: the full recipe: BCE + Tversky, KD, consistency under flips/rotations/stain
+- ``--labelled`` tiles: the students' training tiles; the first ``--fraction`` of them (25 %) are
+  the labelled tiles of the low-label settings, the others their unlabelled tiles;
+- ``--val`` tiles: the teachers' best-epoch selection (and the students' with ``--student-val``);
+- ``--pretrain`` tiles: the teacher encoder's pre-training
+  (:func:`cellcurate.models.pretrain.pretrain_encoder`), the stand-in for the tissue a foundation
+  model has seen before any of our labels. With ``--pretrain 0`` each teacher's encoder is
+  pre-trained on that teacher's own labelled tiles instead (the demo's way).
+- the first ``--test`` images of ``--test-split``: every figure.
+
+Teachers (built as ``curate demo`` builds its own: the ``demo`` encoder is the demo's ViT-S/16
+9-block encoder, random init, pre-trained then frozen, + the tiny decoder, encoder fed the whole
+resized tile), trained once and reused across seeds and settings, their predictions cached on disk
+(``OUT/cache``): one on all labelled tiles, and one on the labelled fraction only, which teaches the
+unlabelled setting (it must not have seen the labels of the tiles it pseudo-labels). Their own
+figures are printed first.
+
+Settings (tiny student, ``--seeds`` seeds each, same optimiser steps; mean ± sd over seeds):
+
+- ``(a) gt``: ground truth only (BCE + Dice on the nuclear map, CE + Dice + class-balanced
+  foreground CE on types, MSE + gradient MSE on distance maps); no Tversky, no consistency, no dropout;
+- ``(b) kd``: ``(a)`` + distillation (T²·KL on types, MSE on distance and soft nuclear maps);
+- ``(c) cellgennet``: the full recipe: BCE + Tversky, KD, consistency under flips/rotations/stain
   jitter, layer-wise dropout;
-- ``gt@F``: ground truth on a fraction F (``--fraction``, 25 %) of the tiles only, for as many
-  optimiser steps as the next setting (so it is not handicapped by a shorter run);
-- ``cellgennet@F+unlabelled``: the full recipe on the same labelled fraction plus the other tiles
-  *without their labels*, supervised only by the teacher's confidence-weighted soft targets.
+- ``(d) gt@F``: ground truth on the labelled fraction F only, for as many optimiser steps as the
+  others (epochs × 1/F, so it is not handicapped by a shorter run);
+- ``(e) cellgennet@F+unlabelled``: the full recipe on the same labelled fraction plus the other tiles
+  *without their labels* (``distill(..., unlabelled=...)``, what ``curate distill --unlabelled``
+  does), supervised there only by the fraction-teacher's confidence-weighted soft targets.
 
-The teachers (tiny-vit encoder pre-trained on the labelled tiles with
-:func:`cellcurate.models.pretrain.pretrain_encoder`, then frozen, + decoder) are trained once per
-labelled set: one on all labelled tiles, one on the fraction only (it must not see the labels of
-the tiles it later pseudo-labels). "Same budget" = same epochs over the labelled tiles, i.e. same
-optimiser steps for ``gt``/``kd``/``cellgennet``. Metrics: :mod:`cellcurate.models.metrics` on the
-first ``--test`` images of the test split. Prints a Markdown table; ``--json FILE`` saves all runs.
+Metrics: :func:`cellcurate.models.evaluate.evaluate_models` (the ``curate evaluate`` path). Prints the
+configuration, one row per run, the mean ± sd table and each setting's ratio to ``(a)`` in the same
+run; writes ``OUT/table.md``, ``OUT/table.csv`` (means, sds, ratios), ``OUT/runs.csv`` (per seed)
+and ``OUT/runs.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import csv
 import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-METRICS = ("PQ", "mPQ", "F1_classification", "R2_counts")
+#: Summary metrics reported, with their column titles.
+METRICS: dict[str, str] = {"PQ": "PQ", "mPQ": "mPQ", "F1_classification": "class F1", "R2_counts": "count R²"}
+BASELINE = "(a) gt"
 
 
-def _fmt(vals: list[float]) -> str:
-    vals = [v for v in vals if v is not None and math.isfinite(v)]
-    if not vals:
+def _finite(vals: list[float]) -> list[float]:
+    return [v for v in vals if v is not None and math.isfinite(v)]
+
+
+def mean_sd(vals: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the finite values (sd 0 for one value, NaN for none)."""
+    v = _finite(vals)
+    if not v:
+        return math.nan, math.nan
+    return statistics.mean(v), (statistics.stdev(v) if len(v) > 1 else 0.0)
+
+
+def fmt_mean_sd(vals: list[float]) -> str:
+    m, s = mean_sd(vals)
+    if not math.isfinite(m):
         return "–"
-    if len(vals) == 1:
-        return f"{vals[0]:.3f}"
-    return f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+    return f"{m:.3f}" if len(_finite(vals)) == 1 else f"{m:.3f} ± {s:.3f}"
+
+
+def ratio(value: float, base: float) -> float:
+    """``value / base``; NaN where the baseline is not positive (a ratio of R² ≤ 0 means nothing)."""
+    if not (math.isfinite(value) and math.isfinite(base)) or base <= 0:
+        return math.nan
+    return value / base
+
+
+def fmt_ratio(value: float, base: float) -> str:
+    r = ratio(value, base)
+    if math.isfinite(r):
+        return f"{r:.2f}×"
+    if math.isfinite(value) and math.isfinite(base):
+        return f"Δ {value - base:+.3f}"
+    return "–"
+
+
+def summary_rows(rows: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
+    """One record per setting: n, mean/sd per metric and the ratio of the mean to the baseline's."""
+    base = {k: mean_sd([r[k] for r in rows.get(BASELINE, [])])[0] for k in METRICS}
+    out = []
+    for name, runs in rows.items():
+        rec: dict[str, Any] = {"setting": name, "n": len(runs)}
+        for k in METRICS:
+            m, s = mean_sd([r[k] for r in runs])
+            rec[f"{k}_mean"], rec[f"{k}_sd"], rec[f"{k}_ratio_to_a"] = m, s, ratio(m, base[k])
+        out.append(rec)
+    return out
+
+
+def markdown_tables(rows: dict[str, list[dict[str, float]]]) -> str:
+    """The mean ± sd table and the ratio-to-(a) table (Markdown)."""
+    base = {k: mean_sd([r[k] for r in rows.get(BASELINE, [])])[0] for k in METRICS}
+    lines = ["| setting | runs | " + " | ".join(METRICS.values()) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in METRICS) + " |"]
+    for name, runs in rows.items():
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(fmt_mean_sd([r[k] for r in runs]) for k in METRICS) + " |")
+    lines += ["", f"Ratio of each setting's mean to {BASELINE}'s (Δ = difference where {BASELINE}'s mean is ≤ 0):", "",
+              "| setting | " + " | ".join(METRICS.values()) + " |",
+              "| --- | " + " | ".join("---:" for _ in METRICS) + " |"]
+    for name, runs in rows.items():
+        if name.startswith("teacher") or name == BASELINE:
+            continue
+        lines.append(f"| {name} | " + " | ".join(fmt_ratio(mean_sd([r[k] for r in runs])[0], base[k]) for k in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def _pools(images: Any, n_lab: int, n_val: int, n_pre: int) -> tuple[list[int], list[int], list[int]]:
+    """Disjoint index pools (labelled, val, pretrain), PanNuke-format tiles first."""
+    order = sorted(range(len(images)), key=lambda i: (images["source"].iloc[i] != "pannuke", i))
+    need = n_lab + n_val + n_pre
+    if need > len(order):
+        from cellcurate.errors import ConfigError
+
+        raise ConfigError(f"the split holds {len(order)} images; --labelled + --val + --pretrain asks for {need}")
+    return order[:n_lab], order[n_lab:n_lab + n_val], order[n_lab + n_val:need]
+
+
+def write_runs(out: Path, runs: list[dict[str, Any]]) -> None:
+    """``out/runs.csv``: one row per run so far (rewritten after every run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    fields = sorted({k for r in runs for k in r}, key=lambda k: (k not in ("setting", "seed"), k))
+    with open(out / "runs.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(runs)
+
+
+def per_seed_table(runs: list[dict[str, Any]]) -> str:
+    """Every run (teachers and students) as a Markdown table."""
+    lines = ["| setting | seed | " + " | ".join(METRICS.values()) + " | s |",
+             "| --- | ---: | " + " | ".join("---:" for _ in METRICS) + " | ---: |"]
+    for r in runs:
+        lines.append(f"| {r['setting']} | {r['seed']} | " + " | ".join(f"{r[k]:.3f}" for k in METRICS)
+                     + f" | {r['seconds']:.0f} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--release", required=True, type=Path)
-    ap.add_argument("--split", default="train", help="labelled split (PanNuke-format tiles are taken first)")
+    ap.add_argument("--out", required=True, type=Path, help="folder for table.md/csv, runs.csv/json, checkpoints, cache")
+    ap.add_argument("--split", default="train", help="split the labelled, val and pretrain pools come from")
     ap.add_argument("--test-split", default="test")
-    ap.add_argument("--labelled", type=int, default=16, help="labelled tiles")
-    ap.add_argument("--test", type=int, default=8, help="test images")
-    ap.add_argument("--epochs", type=int, default=4, help="student epochs over the labelled tiles")
-    ap.add_argument("--teacher-epochs", type=int, default=4)
-    ap.add_argument("--pretrain-epochs", type=int, default=3)
+    ap.add_argument("--labelled", type=int, default=48, help="labelled tiles (the students' training tiles)")
+    ap.add_argument("--val", type=int, default=8, help="validation tiles (teachers' best-epoch selection)")
+    ap.add_argument("--pretrain", type=int, default=24,
+                    help="tiles for the teacher encoder's pre-training (0: each teacher's own labelled tiles)")
+    ap.add_argument("--test", type=int, default=40, help="test images")
+    ap.add_argument("--tile", type=int, default=256, help="training tile (crop) size, a multiple of 32")
+    ap.add_argument("--epochs", type=int, default=8, help="student epochs over the labelled tiles")
+    ap.add_argument("--teacher-epochs", type=int, default=12)
+    ap.add_argument("--pretrain-epochs", type=int, default=6)
+    ap.add_argument("--teacher-encoder", default="demo", help="'demo' (the demo's ViT-S/16 9-block), or an encoder name")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--fraction", type=float, default=0.25)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path)
+    ap.add_argument("--lr", type=float, default=3e-3, help="student learning rate")
+    ap.add_argument("--teacher-lr", type=float, default=2e-3)
+    ap.add_argument("--batch-size", type=int, default=4, help="student batch size")
+    ap.add_argument("--teacher-batch-size", type=int, default=8,
+                    help="teacher batch size on all labelled tiles (the fraction-teacher's is this × the fraction, "
+                         "so both teachers take the same optimiser steps and validations)")
+    ap.add_argument("--student-val", action="store_true", help="students too pick their best epoch on --val tiles")
+    ap.add_argument("--only", nargs="+", metavar="LETTER", help="run only these settings (a-e)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; 1 is several times faster than 2 on a loaded 2-core machine")
     args = ap.parse_args(argv)
 
     import torch
     from torch.utils.data import Subset
 
+    from cellcurate.cli.demo import DEMO_ENCODER
+    from cellcurate.cli.train import TINY_DECODER
     from cellcurate.datasets.release import load_release
+    from cellcurate.errors import ConfigError
     from cellcurate.models.data import StrippedLabels
+    from cellcurate.models.encoders import EncoderSpec
     from cellcurate.models.evaluate import evaluate_models
+    from cellcurate.models.checkpoint import read_config
     from cellcurate.models.losses import LossConfig
     from cellcurate.models.pretrain import pretrain_encoder
     from cellcurate.models.student import TINY_STUDENT_CHANNELS, StudentConfig
-    from cellcurate.models.teacher import TeacherConfig, build_teacher
+    from cellcurate.models.teacher import TeacherConfig, build_teacher, count_parameters
     from cellcurate.models.train import TrainConfig, distill, train_teacher
 
+    if not 0 < args.fraction < 1:
+        raise ConfigError(f"--fraction must be in (0, 1), got {args.fraction}")
+    if args.tile % 32:
+        raise ConfigError(f"--tile must be a multiple of 32, got {args.tile}")
     torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
     train = load_release(args.release, split=args.split)
     test = load_release(args.release, split=args.test_split)
-    order = sorted(range(len(train)), key=lambda i: (train.images["source"].iloc[i] != "pannuke", i))
-    lab = order[: args.labelled]
+    lab, val_idx, pre_idx = _pools(train.images, args.labelled, args.val, args.pretrain)
     n_frac = max(1, round(args.fraction * len(lab)))
     frac, rest = lab[:n_frac], lab[n_frac:]
+    if not rest:
+        raise ConfigError(f"--fraction {args.fraction} of {len(lab)} labelled tiles leaves no unlabelled tile")
     test_ds = Subset(test, list(range(min(args.test, len(test)))))
-    tiny_decoder = (64, 32, 32, 16, 16)
-    work = Path(tempfile.mkdtemp(prefix="bench_distill_"))
-    t_start = time.perf_counter()
+    val_ds = Subset(train, val_idx) if val_idx else None
+    out: Path = args.out
+    work = out / "work"
+    if work.exists():
+        shutil.rmtree(work)  # checkpoints of an earlier run; the cache is reused only within one run
+    work.mkdir(parents=True)
+    cache_dir = str(work / "cache")
+    spec: Any = EncoderSpec(**DEMO_ENCODER) if args.teacher_encoder == "demo" else args.teacher_encoder
+    steps_factor = math.ceil(len(lab) / len(frac))
+    all_settings = {
+        "a": BASELINE, "b": "(b) kd", "c": "(c) cellgennet",
+        "d": f"(d) gt@{args.fraction:.0%}", "e": f"(e) cellgennet@{args.fraction:.0%}+unlabelled",
+    }
+    chosen = sorted(set(args.only or all_settings))
+    if not set(chosen) <= set(all_settings):
+        raise ConfigError(f"--only takes letters among {sorted(all_settings)}, got {args.only}")
 
-    def teacher_on(idx: list[int], name: str) -> Any:
-        torch.manual_seed(0)
-        t = build_teacher("tiny-vit", random_init=True, config=TeacherConfig(decoder_channels=tiny_decoder, encoder_input="resize"))
-        pretrain_encoder(t, Subset(train, idx), epochs=args.pretrain_epochs, lr=1e-3)
-        cfg = TrainConfig(epochs=args.teacher_epochs, lr=args.lr, seed=0, progress=False)
-        return train_teacher(Subset(train, idx), out_dir=work / name, model=t, config=cfg).model
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    log("== configuration")
+    log(f"release {args.release}; split {args.split!r}: {len(lab)} labelled tiles ({len(frac)} in the "
+        f"{args.fraction:.0%} settings, {len(rest)} unlabelled there), {len(val_idx)} val, {len(pre_idx)} encoder "
+        f"pre-training{' (0: each teacher pre-trains on its own labelled tiles)' if not pre_idx else ''}; "
+        f"{len(test_ds)} test images of {args.test_split!r}")
+    log(f"tile {args.tile} px; teacher: {args.teacher_encoder} encoder, pre-trained {args.pretrain_epochs} epochs, "
+        f"decoder {TINY_DECODER} trained {args.teacher_epochs} epochs (batch {args.teacher_batch_size}; "
+        f"{max(1, round(args.teacher_batch_size * len(frac) / len(lab)))} for the fraction-teacher) at lr "
+        f"{args.teacher_lr} (best epoch on val mPQ); student: tiny U-Net {TINY_STUDENT_CHANNELS}, {args.epochs} epochs "
+        f"(batch {args.batch_size}) at lr {args.lr} ({args.epochs * steps_factor} epochs for (d)), "
+        f"{'best epoch on val mPQ' if args.student_val else 'last epoch'}; seeds {args.seeds}; settings {chosen}")
+    log(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
+        f"{os.cpu_count()} CPUs, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
     def evaluate(model: Any) -> dict[str, float]:
-        r = evaluate_models({"m": model}, test_ds, progress=False)["models"]["m"]
+        r = evaluate_models({"m": model}, test_ds, tile=args.tile, overlap=args.tile // 4, progress=False)["models"]["m"]
         return {k: float(r[k]) for k in METRICS}
+
+    def new_teacher() -> Any:
+        torch.manual_seed(0)
+        return build_teacher(spec, random_init=True,
+                             config=TeacherConfig(decoder_channels=TINY_DECODER, tile_size=args.tile, encoder_input="resize"))
+
+    def pretrained(idx: list[int]) -> Any:
+        t = new_teacher()
+        t0 = time.perf_counter()
+        hist = pretrain_encoder(t, Subset(train, idx), epochs=args.pretrain_epochs, lr=1e-3, tile_size=args.tile,
+                                batch_size=args.teacher_batch_size, seed=0)
+        log(f"encoder pre-trained on {len(idx)} tiles, {args.pretrain_epochs} epochs: loss {hist[0]['loss']:.3f} -> "
+            f"{hist[-1]['loss']:.3f} ({time.perf_counter() - t0:.0f} s)")
+        return t
+
+    rows: dict[str, list[dict[str, float]]] = {}
+    runs: list[dict[str, Any]] = []
+    teachers: dict[str, Any] = {}
+    log("\n== teachers (trained once, seed 0)")
+    t0 = time.perf_counter()
+    shared = pretrained(pre_idx) if pre_idx else None
+    needs = {"all": bool({"b", "c"} & set(chosen)), "frac": "e" in chosen}
+    for key, idx, title in (("all", lab, "teacher (all labelled)"), ("frac", frac, f"teacher ({args.fraction:.0%} labelled)")):
+        if not needs[key]:
+            continue
+        t1 = time.perf_counter()
+        model = copy.deepcopy(shared) if shared is not None else pretrained(idx)
+        bs = args.teacher_batch_size if key == "all" else max(1, round(args.teacher_batch_size * len(frac) / len(lab)))
+        cfg = TrainConfig(epochs=args.teacher_epochs, lr=args.teacher_lr, seed=0, batch_size=bs,
+                          tile_size=args.tile, progress=False, cache_dir=cache_dir, val_metric="mPQ")
+        res = train_teacher(Subset(train, idx), out_dir=work / f"teacher_{key}", model=model, config=cfg, val=val_ds)
+        teachers[key] = res.model
+        scores = evaluate(res.model)
+        rows[title] = [scores]
+        best = f"best epoch {res.best['epoch']}/{args.teacher_epochs}" if res.best else "last epoch"
+        runs.append({"setting": title, "seed": 0, "seconds": time.perf_counter() - t1, "parameters": res.parameters, **scores})
+        log(f"{title:<38} {res.parameters:>11,} params, {len(idx)} tiles, {best}: "
+            + "  ".join(f"{METRICS[k]} {scores[k]:.3f}" for k in METRICS) + f"  ({time.perf_counter() - t1:.0f} s)")
+    t_teachers = time.perf_counter() - t0
+    teacher_params = count_parameters(next(iter(teachers.values()))) if teachers else 0
 
     gt_loss = LossConfig(np_tversky=0.0, kd_tp=0, kd_hv=0, kd_np=0, kd_np_bt=0, consistency=0.0)
     kd_loss = LossConfig(np_tversky=0.0, kd_np_bt=0.0, consistency=0.0)
     full_loss = LossConfig()
-    rows: dict[str, list[dict[str, float]]] = {}
+    # letter: (teacher, labelled indices, unlabelled indices, loss, layer-wise dropout, epochs)
+    plan = {
+        "a": (None, lab, None, gt_loss, 0.0, args.epochs),
+        "b": ("all", lab, None, kd_loss, 0.0, args.epochs),
+        "c": ("all", lab, None, full_loss, 0.2, args.epochs),
+        "d": (None, frac, None, gt_loss, 0.0, args.epochs * steps_factor),
+        "e": ("frac", frac, rest, full_loss, 0.2, args.epochs),
+    }
+    log("\n== students (one row per run)")
     t0 = time.perf_counter()
-    teacher_all = teacher_on(lab, "teacher_all")
-    teacher_frac = teacher_on(frac, "teacher_frac")
-    t_teachers = time.perf_counter() - t0
-    rows["teacher (all labelled)"] = [evaluate(teacher_all)]
-    rows[f"teacher ({args.fraction:.0%} labelled)"] = [evaluate(teacher_frac)]
-    ratio = math.ceil(len(lab) / len(frac))
-    settings = [
-        ("gt", None, lab, None, gt_loss, 0.0, args.epochs),
-        ("kd", teacher_all, lab, None, kd_loss, 0.0, args.epochs),
-        ("cellgennet", teacher_all, lab, None, full_loss, 0.2, args.epochs),
-        (f"gt@{args.fraction:.0%}", None, frac, None, gt_loss, 0.0, args.epochs * ratio),
-        (f"cellgennet@{args.fraction:.0%}+unlabelled", teacher_frac, frac, rest, full_loss, 0.2, args.epochs),
-    ]
-    runs: list[dict[str, Any]] = []
-    for name, teacher, idx, unl, loss, dropout, epochs in settings:
-        for seed in args.seeds:
-            cfg = TrainConfig(epochs=epochs, lr=args.lr, seed=seed, loss=loss, progress=False)
+    student_params = None
+    for seed in args.seeds:  # seed-major: a run stopped early still compares every setting on the same seeds
+        for letter in chosen:
+            tkey, idx, unl, loss, dropout, epochs = plan[letter]
+            name = all_settings[letter]
+            cfg = TrainConfig(epochs=epochs, lr=args.lr, seed=seed, loss=loss, batch_size=args.batch_size,
+                              tile_size=args.tile, progress=False, cache_dir=cache_dir, val_metric="mPQ")
             t1 = time.perf_counter()
-            res = distill(teacher, Subset(train, idx), out_dir=work / f"{name}-{seed}".replace("%", "pc").replace("@", "_"),
+            res = distill(teachers[tkey] if tkey else None, Subset(train, idx), out_dir=work / f"{letter}-seed{seed}",
                           student_config=StudentConfig(channels=TINY_STUDENT_CHANNELS, dropout=dropout), config=cfg,
-                          unlabelled=StrippedLabels(Subset(train, unl)) if unl else None)
+                          unlabelled=StrippedLabels(Subset(train, unl)) if unl else None,
+                          val=val_ds if args.student_val else None)
+            student_params = res.parameters
             scores = evaluate(res.model)
             rows.setdefault(name, []).append(scores)
-            runs.append({"setting": name, "seed": seed, "epochs": epochs, "seconds": time.perf_counter() - t1,
-                         "steps": sum(math.ceil(len(idx + (unl or [])) / cfg.batch_size) for _ in range(epochs)), **scores})
-            print(f"{name:<28} seed {seed}: " + "  ".join(f"{k} {scores[k]:.3f}" for k in METRICS)
-                  + f"  ({time.perf_counter() - t1:.0f} s)", file=sys.stderr, flush=True)
+            steps = epochs * math.ceil(int(read_config(res.out_dir)["training"]["tiles"]) / args.batch_size)
+            runs.append({"setting": name, "seed": seed, "epochs": epochs, "steps": steps, "tiles": len(idx),
+                         "unlabelled": len(unl or []), "seconds": time.perf_counter() - t1,
+                         "parameters": res.parameters, **scores})
+            write_runs(out, runs)
+            log(f"{name:<38} seed {seed}: " + "  ".join(f"{METRICS[k]} {scores[k]:.3f}" for k in METRICS)
+                + f"  ({epochs} epochs, {steps} steps, {time.perf_counter() - t1:.0f} s)")
+    t_students = time.perf_counter() - t0
+    total = time.perf_counter() - t_start
 
-    print(f"\n{len(lab)} labelled tiles ({len(frac)} in the {args.fraction:.0%} setting, {len(rest)} unlabelled), "
-          f"{len(test_ds)} test images, {args.epochs} student epochs, seeds {args.seeds}; "
-          f"teachers {t_teachers:.0f} s, total {time.perf_counter() - t_start:.0f} s; "
-          f"{platform.processor() or platform.machine()}, {args.threads} threads, load {os.getloadavg()[0]:.1f}\n")
-    print("| setting | " + " | ".join(METRICS) + " |")
-    print("| --- | " + " | ".join("---:" for _ in METRICS) + " |")
-    for name, vals in rows.items():
-        print(f"| {name} | " + " | ".join(_fmt([v[k] for v in vals]) for k in METRICS) + " |")
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
-                                         "teachers": {k: v[0] for k, v in rows.items() if k.startswith("teacher")}},
-                                        indent=2) + "\n")
+    tables = markdown_tables(rows)
+    footer = (f"{len(lab)} labelled tiles ({len(frac)} + {len(rest)} unlabelled in the {args.fraction:.0%} settings), "
+              f"{len(test_ds)} test images, tile {args.tile}, {args.epochs} student epochs, seeds {args.seeds}; "
+              f"teacher {teacher_params:,} / student {student_params or 0:,} parameters; "
+              f"teachers {t_teachers:.0f} s, students {t_students:.0f} s, total {total:.0f} s; load average "
+              + " ".join(f"{v:.2f}" for v in os.getloadavg()))
+    log("\n== mean ± sd over seeds (teachers: one run)\n")
+    log(tables)
+    log("\n" + footer)
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = "python benchmarks/bench_distill.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    (out / "table.md").write_text(f"# Distillation benchmark\n\n`{cmd}`\n\n{tables}\n\n{footer}\n\n## Every run\n\n"
+                                  f"{per_seed_table(runs)}\n", encoding="utf-8")
+    summary = summary_rows(rows)
+    with open(out / "table.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(summary[0]))
+        w.writeheader()
+        w.writerows(summary)
+    write_runs(out, runs)
+    (out / "runs.json").write_text(json.dumps({"command": cmd, "args": {k: str(v) for k, v in vars(args).items()},
+                                               "runs": runs, "summary": summary, "seconds": total}, indent=2) + "\n",
+                                   encoding="utf-8")
+    log(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'runs.csv'}, {out / 'runs.json'}")
     return 0
 
 
