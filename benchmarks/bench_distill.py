@@ -5,7 +5,8 @@ soft targets on the rest (issue 9 item 4, issue 19 item 1).
 Run from the repository root on a release (``curate demo --out D`` writes one under
 ``D/releases/v1``)::
 
-    .venv/bin/python benchmarks/bench_distill.py --release D/releases/v1 --out bench_distill_out
+    .venv/bin/python benchmarks/bench_distill.py --release D/releases/v1 --out bench_distill_out   # ~55 min, 2 busy cores
+    .venv/bin/python benchmarks/bench_distill.py --release D/releases/v1 --out O2 --teachers bench_distill_out/teachers
     .venv/bin/python benchmarks/bench_distill.py --release R --out O --teacher-encoder micro-vit \\
         --labelled 8 --pretrain 4 --val 2 --test 2 --tile 64 --epochs 1 --seeds 0   # plumbing only
 
@@ -39,6 +40,13 @@ Settings (tiny student, ``--seeds`` seeds each, same optimiser steps; mean ± sd
 - ``(e) cellgennet@F+unlabelled``: the full recipe on the same labelled fraction plus the other tiles
   *without their labels* (``distill(..., unlabelled=...)``, what ``curate distill --unlabelled``
   does), supervised there only by the fraction-teacher's confidence-weighted soft targets.
+
+Speed on a shared 2-core CPU: every run uses ``--threads`` torch threads (default 1: on a loaded
+machine 2 threads were 3-6× slower per step than 1, spinning for a core another process holds), and
+``--jobs`` student runs go at a time, each in its own process. ``--teachers DIR`` reuses the teachers
+an earlier run wrote to ``OUT/teachers`` (each with ``bench_teacher.json``: the pools, encoder,
+epochs, learning rate, batch and tile it was trained with, its training time and test figures) and is
+refused when those settings differ from this run's.
 
 Metrics: :func:`cellcurate.models.evaluate.evaluate_models` (the ``curate evaluate`` path). Prints the
 configuration, one row per run, the mean ± sd table and each setting's ratio to ``(a)`` in the same
@@ -143,6 +151,44 @@ def _pools(images: Any, n_lab: int, n_val: int, n_pre: int) -> tuple[list[int], 
     return order[:n_lab], order[n_lab:n_lab + n_val], order[n_lab + n_val:need]
 
 
+def evaluate(model: Any, test_ds: Any, tile: int) -> dict[str, float]:
+    """The summary metrics of ``model`` on ``test_ds`` (the ``curate evaluate`` path)."""
+    from cellcurate.models.evaluate import evaluate_models
+
+    r = evaluate_models({"m": model}, test_ds, tile=tile, overlap=tile // 4, progress=False)["models"]["m"]
+    return {k: float(r[k]) for k in METRICS}
+
+
+def run_student(job: dict[str, Any]) -> dict[str, Any]:
+    """Train and evaluate one student (one setting, one seed); runs in the main process or a worker."""
+    import torch
+    from torch.utils.data import Subset
+
+    from cellcurate.datasets.release import load_release
+    from cellcurate.models.checkpoint import read_config
+    from cellcurate.models.data import StrippedLabels
+    from cellcurate.models.losses import LossConfig
+    from cellcurate.models.student import TINY_STUDENT_CHANNELS, StudentConfig
+    from cellcurate.models.train import TrainConfig, distill
+
+    torch.set_num_threads(int(job["threads"]))
+    t1 = time.perf_counter()
+    train = load_release(job["release"], split=job["split"])
+    test = load_release(job["release"], split=job["test_split"])
+    cfg = TrainConfig(epochs=job["epochs"], lr=job["lr"], seed=job["seed"], loss=LossConfig(**job["loss"]),
+                      batch_size=job["batch_size"], tile_size=job["tile"], progress=False, cache_dir=job["cache_dir"],
+                      val_metric="mPQ")
+    res = distill(job["teacher"], Subset(train, job["idx"]), out_dir=job["out_dir"],
+                  student_config=StudentConfig(channels=TINY_STUDENT_CHANNELS, dropout=job["dropout"]), config=cfg,
+                  unlabelled=StrippedLabels(Subset(train, job["unl"])) if job["unl"] else None,
+                  val=Subset(train, job["val"]) if job["val"] else None)
+    scores = evaluate(res.model, Subset(test, list(range(job["test"]))), job["tile"])
+    steps = job["epochs"] * math.ceil(int(read_config(res.out_dir)["training"]["tiles"]) / job["batch_size"])
+    return {"setting": job["name"], "seed": job["seed"], "epochs": job["epochs"], "steps": steps,
+            "tiles": len(job["idx"]), "unlabelled": len(job["unl"]), "seconds": time.perf_counter() - t1,
+            "parameters": res.parameters, **scores}
+
+
 def write_runs(out: Path, runs: list[dict[str, Any]]) -> None:
     """``out/runs.csv``: one row per run so far (rewritten after every run)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -151,6 +197,44 @@ def write_runs(out: Path, runs: list[dict[str, Any]]) -> None:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         w.writerows(runs)
+
+
+#: Written beside each teacher checkpoint: the settings it was trained with, its time and test figures.
+TEACHER_SPEC = "bench_teacher.json"
+
+
+def teacher_batch(args: argparse.Namespace, key: str, n_frac: int, n_lab: int) -> int:
+    """The all-labelled teacher's batch; the fraction-teacher's is scaled so both take the same steps."""
+    return int(args.teacher_batch_size) if key == "all" else max(1, round(args.teacher_batch_size * n_frac / n_lab))
+
+
+def teacher_spec(args: argparse.Namespace, idx: list[int], val_idx: list[int], pre_idx: list[int],
+                 batch_size: int) -> dict[str, Any]:
+    """Everything a teacher of this benchmark depends on (compared before one is reused)."""
+    return {"release": str(Path(args.release).resolve()), "split": args.split, "tiles": list(idx),
+            "val": list(val_idx), "pretrain": list(pre_idx) or list(idx), "encoder": args.teacher_encoder,
+            "pretrain_epochs": args.pretrain_epochs, "epochs": args.teacher_epochs, "lr": args.teacher_lr,
+            "batch_size": batch_size, "tile": args.tile}
+
+
+def write_teacher_spec(folder: Path, spec: dict[str, Any], **extra: Any) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / TEACHER_SPEC).write_text(json.dumps({"spec": spec, **extra}, indent=1) + "\n", encoding="utf-8")
+
+
+def read_teacher_spec(folder: Path) -> dict[str, Any]:
+    from cellcurate.errors import ConfigError
+
+    path = folder / TEACHER_SPEC
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; --teachers needs the teachers/ folder of an earlier run") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict):
+        raise ConfigError(f"{path}: holds no teacher settings")
+    return doc
 
 
 def per_seed_table(runs: list[dict[str, Any]]) -> str:
@@ -169,15 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="folder for table.md/csv, runs.csv/json, checkpoints, cache")
     ap.add_argument("--split", default="train", help="split the labelled, val and pretrain pools come from")
     ap.add_argument("--test-split", default="test")
-    ap.add_argument("--labelled", type=int, default=48, help="labelled tiles (the students' training tiles)")
-    ap.add_argument("--val", type=int, default=8, help="validation tiles (teachers' best-epoch selection)")
-    ap.add_argument("--pretrain", type=int, default=24,
+    ap.add_argument("--labelled", type=int, default=32, help="labelled tiles (the students' training tiles)")
+    ap.add_argument("--val", type=int, default=4, help="validation tiles (teachers' best-epoch selection)")
+    ap.add_argument("--pretrain", type=int, default=44,
                     help="tiles for the teacher encoder's pre-training (0: each teacher's own labelled tiles)")
-    ap.add_argument("--test", type=int, default=40, help="test images")
+    ap.add_argument("--test", type=int, default=16, help="test images")
     ap.add_argument("--tile", type=int, default=256, help="training tile (crop) size, a multiple of 32")
-    ap.add_argument("--epochs", type=int, default=8, help="student epochs over the labelled tiles")
-    ap.add_argument("--teacher-epochs", type=int, default=12)
-    ap.add_argument("--pretrain-epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=6, help="student epochs over the labelled tiles")
+    ap.add_argument("--teacher-epochs", type=int, default=10)
+    ap.add_argument("--pretrain-epochs", type=int, default=4)
     ap.add_argument("--teacher-encoder", default="demo", help="'demo' (the demo's ViT-S/16 9-block), or an encoder name")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--fraction", type=float, default=0.25)
@@ -188,7 +272,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="teacher batch size on all labelled tiles (the fraction-teacher's is this × the fraction, "
                          "so both teachers take the same optimiser steps and validations)")
     ap.add_argument("--student-val", action="store_true", help="students too pick their best epoch on --val tiles")
+    ap.add_argument("--teachers", type=Path, metavar="DIR",
+                    help="reuse the teachers an earlier run wrote to DIR (its OUT/teachers) instead of training them; "
+                         "refused unless they were trained with this run's settings")
     ap.add_argument("--only", nargs="+", metavar="LETTER", help="run only these settings (a-e)")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="student runs at a time, each in its own process with --threads threads")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads; 1 is several times faster than 2 on a loaded 2-core machine")
     args = ap.parse_args(argv)
@@ -200,15 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     from cellcurate.cli.train import TINY_DECODER
     from cellcurate.datasets.release import load_release
     from cellcurate.errors import ConfigError
-    from cellcurate.models.data import StrippedLabels
     from cellcurate.models.encoders import EncoderSpec
-    from cellcurate.models.evaluate import evaluate_models
-    from cellcurate.models.checkpoint import read_config
+    from cellcurate.models.checkpoint import load_model
     from cellcurate.models.losses import LossConfig
     from cellcurate.models.pretrain import pretrain_encoder
-    from cellcurate.models.student import TINY_STUDENT_CHANNELS, StudentConfig
+    from cellcurate.models.student import TINY_STUDENT_CHANNELS
     from cellcurate.models.teacher import TeacherConfig, build_teacher, count_parameters
-    from cellcurate.models.train import TrainConfig, distill, train_teacher
+    from cellcurate.models.train import TrainConfig, train_teacher
 
     if not 0 < args.fraction < 1:
         raise ConfigError(f"--fraction must be in (0, 1), got {args.fraction}")
@@ -258,14 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     log(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
         f"{os.cpu_count()} CPUs, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
-    def evaluate(model: Any) -> dict[str, float]:
-        r = evaluate_models({"m": model}, test_ds, tile=args.tile, overlap=args.tile // 4, progress=False)["models"]["m"]
-        return {k: float(r[k]) for k in METRICS}
 
     def new_teacher() -> Any:
         torch.manual_seed(0)
         return build_teacher(spec, random_init=True,
                              config=TeacherConfig(decoder_channels=TINY_DECODER, tile_size=args.tile, encoder_input="resize"))
+
+    pretrain_seconds = [0.0]
 
     def pretrained(idx: list[int]) -> Any:
         t = new_teacher()
@@ -274,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                                 batch_size=args.teacher_batch_size, seed=0)
         log(f"encoder pre-trained on {len(idx)} tiles, {args.pretrain_epochs} epochs: loss {hist[0]['loss']:.3f} -> "
             f"{hist[-1]['loss']:.3f} ({time.perf_counter() - t0:.0f} s)")
+        pretrain_seconds[0] = time.perf_counter() - t0
         return t
 
     rows: dict[str, list[dict[str, float]]] = {}
@@ -281,23 +368,59 @@ def main(argv: list[str] | None = None) -> int:
     teachers: dict[str, Any] = {}
     log("\n== teachers (trained once, seed 0)")
     t0 = time.perf_counter()
-    shared = pretrained(pre_idx) if pre_idx else None
     needs = {"all": bool({"b", "c"} & set(chosen)), "frac": "e" in chosen}
-    for key, idx, title in (("all", lab, "teacher (all labelled)"), ("frac", frac, f"teacher ({args.fraction:.0%} labelled)")):
+    pools = {"all": lab, "frac": frac}
+    titles = {"all": "teacher (all labelled)", "frac": f"teacher ({args.fraction:.0%} labelled)"}
+    test_id = {"test_split": args.test_split, "test": len(test_ds), "tile": args.tile}
+    specs = {key: teacher_spec(args, pools[key], val_idx, pre_idx, teacher_batch(args, key, len(frac), len(lab)))
+             for key in pools}
+    reuse = {key: (args.teachers / key if args.teachers else None) for key in pools}
+    for key in [k for k in pools if needs[k] and reuse[k] is not None]:
+        recorded = read_teacher_spec(reuse[key])  # type: ignore[arg-type]
+        if recorded["spec"] != specs[key]:
+            diff = sorted(k for k in set(recorded["spec"]) | set(specs[key])
+                          if recorded["spec"].get(k) != specs[key].get(k))
+            raise ConfigError(f"{reuse[key] / TEACHER_SPEC}: teacher trained with other settings ({', '.join(diff)}); "
+                              "drop --teachers to train it again")
+    shared = None
+    for key in pools:
         if not needs[key]:
             continue
         t1 = time.perf_counter()
-        model = copy.deepcopy(shared) if shared is not None else pretrained(idx)
-        bs = args.teacher_batch_size if key == "all" else max(1, round(args.teacher_batch_size * len(frac) / len(lab)))
-        cfg = TrainConfig(epochs=args.teacher_epochs, lr=args.teacher_lr, seed=0, batch_size=bs,
-                          tile_size=args.tile, progress=False, cache_dir=cache_dir, val_metric="mPQ")
-        res = train_teacher(Subset(train, idx), out_dir=work / f"teacher_{key}", model=model, config=cfg, val=val_ds)
-        teachers[key] = res.model
-        scores = evaluate(res.model)
-        rows[title] = [scores]
-        best = f"best epoch {res.best['epoch']}/{args.teacher_epochs}" if res.best else "last epoch"
-        runs.append({"setting": title, "seed": 0, "seconds": time.perf_counter() - t1, "parameters": res.parameters, **scores})
-        log(f"{title:<38} {res.parameters:>11,} params, {len(idx)} tiles, {best}: "
+        folder = out / "teachers" / key
+        if reuse[key] is not None:
+            src = reuse[key]
+            model = load_model(src / "best" if (src / "best" / "model.pt").is_file() else src).eval()
+            recorded = read_teacher_spec(src)
+            how = (f"reused from {src} (trained there in {recorded['seconds']:.0f} s after {recorded['pretrain_seconds']:.0f} s "
+                   f"of encoder pre-training, {recorded['best']})")
+            seconds, best = float(recorded["seconds"]), recorded["best"]
+            scores = recorded.get("scores") if recorded.get("test_id") == test_id else None
+            if src.resolve() != folder.resolve():  # OUT keeps the teachers its table came from
+                if folder.exists():
+                    shutil.rmtree(folder)
+                shutil.copytree(src, folder)
+        else:
+            if shared is None and pre_idx:
+                shared = pretrained(pre_idx)
+            model = copy.deepcopy(shared) if shared is not None else pretrained(pools[key])
+            cfg = TrainConfig(epochs=args.teacher_epochs, lr=args.teacher_lr, seed=0, batch_size=specs[key]["batch_size"],
+                              tile_size=args.tile, progress=False, cache_dir=cache_dir, val_metric="mPQ")
+            if folder.exists():
+                shutil.rmtree(folder)
+            res = train_teacher(Subset(train, pools[key]), out_dir=folder, model=model, config=cfg, val=val_ds)
+            model, seconds = res.model, time.perf_counter() - t1
+            best = f"best epoch {res.best['epoch']}/{args.teacher_epochs}" if res.best else "last epoch"
+            how, scores = best, None
+        teachers[key] = model
+        if scores is None:
+            scores = evaluate(model, test_ds, args.tile)
+        write_teacher_spec(folder, specs[key], seconds=seconds, best=best, scores=scores, test_id=test_id,
+                           pretrain_seconds=recorded["pretrain_seconds"] if reuse[key] is not None else pretrain_seconds[0])
+        rows[titles[key]] = [scores]
+        n_params = count_parameters(model)
+        runs.append({"setting": titles[key], "seed": 0, "seconds": seconds, "parameters": n_params, **scores})
+        log(f"{titles[key]:<38} {n_params:>11,} params, {len(pools[key])} tiles, {how}: "
             + "  ".join(f"{METRICS[k]} {scores[k]:.3f}" for k in METRICS) + f"  ({time.perf_counter() - t1:.0f} s)")
     t_teachers = time.perf_counter() - t0
     teacher_params = count_parameters(next(iter(teachers.values()))) if teachers else 0
@@ -313,30 +436,46 @@ def main(argv: list[str] | None = None) -> int:
         "d": (None, frac, None, gt_loss, 0.0, args.epochs * steps_factor),
         "e": ("frac", frac, rest, full_loss, 0.2, args.epochs),
     }
-    log("\n== students (one row per run)")
-    t0 = time.perf_counter()
-    student_params = None
+    teacher_paths = {}
+    for key in teachers:
+        folder = out / "teachers" / key
+        teacher_paths[key] = str(folder / "best" if (folder / "best" / "model.pt").is_file() else folder)
+    jobs = []
     for seed in args.seeds:  # seed-major: a run stopped early still compares every setting on the same seeds
         for letter in chosen:
             tkey, idx, unl, loss, dropout, epochs = plan[letter]
-            name = all_settings[letter]
-            cfg = TrainConfig(epochs=epochs, lr=args.lr, seed=seed, loss=loss, batch_size=args.batch_size,
-                              tile_size=args.tile, progress=False, cache_dir=cache_dir, val_metric="mPQ")
-            t1 = time.perf_counter()
-            res = distill(teachers[tkey] if tkey else None, Subset(train, idx), out_dir=work / f"{letter}-seed{seed}",
-                          student_config=StudentConfig(channels=TINY_STUDENT_CHANNELS, dropout=dropout), config=cfg,
-                          unlabelled=StrippedLabels(Subset(train, unl)) if unl else None,
-                          val=val_ds if args.student_val else None)
-            student_params = res.parameters
-            scores = evaluate(res.model)
-            rows.setdefault(name, []).append(scores)
-            steps = epochs * math.ceil(int(read_config(res.out_dir)["training"]["tiles"]) / args.batch_size)
-            runs.append({"setting": name, "seed": seed, "epochs": epochs, "steps": steps, "tiles": len(idx),
-                         "unlabelled": len(unl or []), "seconds": time.perf_counter() - t1,
-                         "parameters": res.parameters, **scores})
-            write_runs(out, runs)
-            log(f"{name:<38} seed {seed}: " + "  ".join(f"{METRICS[k]} {scores[k]:.3f}" for k in METRICS)
-                + f"  ({epochs} epochs, {steps} steps, {time.perf_counter() - t1:.0f} s)")
+            jobs.append({"release": str(args.release), "split": args.split, "test_split": args.test_split,
+                         "test": len(test_ds), "tile": args.tile, "name": all_settings[letter], "letter": letter,
+                         "seed": seed, "idx": idx, "unl": unl or [], "loss": loss.to_dict(), "dropout": dropout,
+                         "epochs": epochs, "lr": args.lr, "batch_size": args.batch_size, "cache_dir": cache_dir,
+                         "out_dir": str(work / f"{letter}-seed{seed}"), "threads": args.threads,
+                         "teacher": teacher_paths[tkey] if tkey else None,
+                         "val": val_idx if args.student_val else None})
+    log(f"\n== students (one row per run; {len(jobs)} runs, {args.jobs} at a time)")
+    t0 = time.perf_counter()
+    done: list[dict[str, Any]] = []
+
+    def record(r: dict[str, Any]) -> None:
+        done.append(r)
+        runs.append(r)
+        write_runs(out, runs)
+        log(f"{r['setting']:<38} seed {r['seed']}: " + "  ".join(f"{METRICS[k]} {r[k]:.3f}" for k in METRICS)
+            + f"  ({r['epochs']} epochs, {r['steps']} steps, {r['seconds']:.0f} s)")
+
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            for fut in as_completed([pool.submit(run_student, j) for j in jobs]):
+                record(fut.result())
+    else:
+        for j in jobs:
+            record(run_student(j))
+    order = {name: i for i, name in enumerate(all_settings.values())}
+    for r in sorted(done, key=lambda r: (order[r["setting"]], r["seed"])):
+        rows.setdefault(r["setting"], []).append({k: r[k] for k in METRICS})
+    student_params = done[0]["parameters"] if done else None
     t_students = time.perf_counter() - t0
     total = time.perf_counter() - t_start
 
