@@ -116,12 +116,44 @@ def ledger_events(ledger: Any, *, until_seq: int | None = None) -> pd.DataFrame:
 
 
 def fold_current_labels(store: Any, *, until_seq: int | None = None) -> pd.DataFrame:
-    """The store's nuclei joined with the ledger fold (as ``Store.current_labels``), with exact ids."""
+    """The store's nuclei joined with the ledger fold (as ``Store.current_labels``), with exact
+    ids, after geometry review (deleted nuclei gone, replaced outlines' bbox and area, added
+    nuclei in with ``origin_file`` "review"; :mod:`cellcurate.curation.geometry`)."""
     from ..datasets.ledger import fold_labels
+    from .geometry import store_geometry
 
     ev = ledger_events(store.ledger, until_seq=until_seq)
-    labels = fold_labels(ev[ev["kind"].isin(["ingest", "proposal", "decision", "round"])])
-    return store.nuclei().join(labels.drop(columns=["source_label", "candidates"]), on="nucleus_id")
+    label_events = ev[ev["kind"].isin(["ingest", "proposal", "decision", "round"])]
+    nuc = store.nuclei()
+    geometry = store_geometry(store, until_seq=until_seq)
+    if not geometry.empty:
+        nuc, _images, added = _apply_geometry(store, nuc, store.images(), geometry)
+        label_events = pd.concat([label_events, added], ignore_index=True).sort_values("seq", kind="stable")
+    out = nuc.join(fold_labels(label_events).drop(columns=["source_label", "candidates"]), on="nucleus_id")
+    if not geometry.empty:
+        _added_status(out, geometry)
+    return out
+
+
+def _added_status(nuc: pd.DataFrame, geometry: Any) -> None:
+    """An added nucleus's class was decided in review, not by a source: status "reviewed"
+    (or "unresolved" without a class) until a later decision."""
+    add = geometry.changes[geometry.changes["change"] == "added"]
+    at_add = nuc["nucleus_id"].isin(add["nucleus_id"]) & nuc["seq"].isin(add["seq"])
+    nuc.loc[at_add, "status"] = np.where(nuc.loc[at_add, "label"] > 0, "reviewed", "unresolved")
+
+
+def current_instances(store: Any, image_id: str, *, geometry: Any = None) -> np.ndarray:
+    """(H, W) int32: the instance map of an image after geometry review (``geometry``: a
+    :class:`~cellcurate.curation.geometry.GeometryFold`, read from the ledger when None)."""
+    from .geometry import store_geometry
+
+    ins = store.read_instances(image_id)
+    geometry = store_geometry(store) if geometry is None else geometry
+    if geometry.empty or image_id not in geometry.images:
+        return ins
+    nuc = store.nuclei()
+    return geometry.paint(image_id, ins, nuc[nuc["image_id"] == image_id])[0]
 
 
 def unreviewed_flags(store: Any) -> pd.DataFrame:
@@ -214,10 +246,8 @@ def snapshot(store: Any) -> Snapshot:
     unreviewed = unreviewed_flags(store)
     outputs = last_round_outputs(events)
     nuc = nuc.join(labels.drop(columns=["source_label", "candidates"]), on="nucleus_id")
-    if not geometry.empty:  # an added nucleus's class was decided in review, not by its source
-        add = geometry.changes[geometry.changes["change"] == "added"]
-        at_add = nuc["nucleus_id"].isin(add["nucleus_id"]) & nuc["seq"].isin(add["seq"])
-        nuc.loc[at_add, "status"] = np.where(nuc.loc[at_add, "label"] > 0, "reviewed", "unresolved")
+    if not geometry.empty:
+        _added_status(nuc, geometry)
     nuc = nuc.join(outputs, on="nucleus_id")
     tax = store.taxonomy
     kind = nuc["kind"].astype(str).to_numpy()
