@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from cellcurate.curation.geometry import polygon_mask, store_geometry
