@@ -117,7 +117,7 @@ def instance_flags(events: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for i in keep:
         r, p = ev.iloc[int(i)], payloads[int(i)]
-        prop = p.get("proposed") if isinstance(p.get("proposed"), dict) else {}
+        prop: dict[str, Any] = p["proposed"] if isinstance(p.get("proposed"), dict) else {}
         rows.append({
             "seq": int(r["seq"]), "flag_id": str(p.get("flag_id", "")), "image_id": str(p.get("image_id", "")),
             "issue": str(r["action"]), "score": float(r["score"]) if not pd.isna(r["score"]) else 0.0,
@@ -170,7 +170,7 @@ def polygon_mask(polygon: Sequence[Sequence[float]] | Any, shape: tuple[int, int
     :func:`cellcurate.curation.qupath.geometry_mask`, over the whole image)."""
     from .qupath import geometry_mask
 
-    geom = polygon if hasattr(polygon, "geom_type") else polygon_geometry(polygon)
+    geom: Any = polygon if hasattr(polygon, "geom_type") else polygon_geometry(polygon)
     h, w = int(shape[0]), int(shape[1])
     out = np.zeros((h, w), bool)
     minx, miny, maxx, maxy = geom.bounds

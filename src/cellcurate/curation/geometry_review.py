@@ -288,7 +288,7 @@ def undo_last(store: Any, reviewer: str, *, ledger: Ledger | None = None,
         raise StateError(f"{reviewer} has no geometry decision to undo")
     group = mine["payload"].iloc[-1].get("group")
     target = mine[[p.get("group") == group for p in mine["payload"]]] if group else mine.iloc[-1:]
-    events = []
+    events: list[dict[str, Any]] = []
     for r in target.itertuples(index=False):
         p = r.payload
         events.append({"kind": "geometry", "nucleus_id": None if pd.isna(r.nucleus_id) else int(r.nucleus_id),

@@ -80,13 +80,17 @@ class GeometryWidget(QWidget):
                                             ("Keep [k]", "keep"), ("Skip [s]", "skip"), ("Undo [u]", "undo")]):
             b = QPushButton(text)
             b.setFocusPolicy(Qt.FocusPolicy.NoFocus)
-            b.clicked.connect(lambda _=False, a=action: (self.handle_key(_key_of_action(a)), self._focus_canvas()))
+            b.clicked.connect(lambda _=False, a=action: self._clicked(a))
             buttons.addWidget(b, i // 2, i % 2)
             self.buttons[action] = b
         lay.addLayout(buttons)
         self.message = _wrapping("")
         lay.addWidget(self.message)
         lay.addStretch(1)
+
+    def _clicked(self, action: str) -> None:
+        self.handle_key(_key_of_action(action))
+        self._focus_canvas()
 
     def _make_layers(self) -> None:
         v, w = self.viewer, self.session.window
@@ -96,9 +100,10 @@ class GeometryWidget(QWidget):
         self.image_layer = v.add_image(np.zeros((w, w, 3), np.uint8), name="geometry image", rgb=True)
         self.annotated_layer = v.add_labels(np.zeros((w, w), np.uint8), name="annotated", opacity=1.0,
                                             colormap=ANNOTATED_COLORS)
+        colors: dict[int | None, str] = {None: "transparent", 0: "transparent"}
+        colors.update({k: PROPOSED_COLOR for k in range(1, 256)})
         self.proposed_layer = v.add_labels(np.zeros((w, w), np.uint8), name="proposed", opacity=1.0,
-                                           colormap={None: "transparent", 0: "transparent",
-                                                     **{k: PROPOSED_COLOR for k in range(1, 256)}})
+                                           colormap=colors)
         self.proposed_layer.contour = 1
         for layer in (self.annotated_layer, self.proposed_layer):
             layer.editable = False
