@@ -145,3 +145,28 @@ def test_bad_review_files_append_nothing(store, tmp_path, edit, message):
         import_geojson(store, [path], reviewer="qp", geometry=True)
     assert message in str(exc.value) and str(exc.value).startswith(str(path)) and "\n" not in str(exc.value)
     assert store.ledger.count() == n
+
+
+def test_a_class_edit_in_qupath_on_an_added_nucleus_reaches_the_release(store, tmp_path):
+    import pyarrow.parquet as pq
+
+    from cellcurate.curation.geometry_review import decide_flag
+    from cellcurate.curation.release import export_release, verify_release
+    from cellcurate.datasets.checks import verify_store
+
+    d = decide_flag(store, instance_queue(store).iloc[0].to_dict(), "add", reviewer="ana")  # class 2 (predicted)
+    nid = str(d.nucleus_ids[0])
+    res = export_qupath(store, tmp_path / "qp", progress=False, image_ids=[store.test_ids["image"]])
+    feats = features(res.files[0])
+    new = store.taxonomy.class_name(5)
+    for f in feats:
+        if f["properties"]["metadata"]["nucleus_id"] == nid:
+            f["properties"]["classification"]["name"] = new
+    write(res.files[0], feats)
+    back = import_geojson(store, res.files, reviewer="qp")
+    assert back.decisions["nucleus_id"].tolist() == [int(nid)] and back.decisions["label"].tolist() == [5]
+    assert verify_store(store, progress=False).ok
+    rel = export_release(store, "v1", out=tmp_path / "rel", progress=False, allow_unreviewed=True)
+    assert verify_release(rel.path) == []
+    t = pq.read_table(rel.path / "nuclei.parquet").to_pandas().set_index("nucleus_id")
+    assert t.at[int(nid), "class_value"] == 5 and t.at[int(nid), "decided_by"] == "qupath:qp"
