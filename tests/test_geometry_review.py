@@ -111,6 +111,8 @@ def test_delete_replace_keep_and_undo_fold(store):
     assert instance_queue(store, reviewer="ana")["decided"].tolist() == [False, False, True]
     with pytest.raises(StateError, match=f"nucleus {a} is not in image"):
         decide_flag(store, q.loc["spurious_annotation"].to_dict(), "delete", reviewer="bob")
+    kept = decide_flag(store, q.loc["spurious_annotation"].to_dict(), "keep", reviewer="bob")  # keep touches nothing
+    assert kept.actions == ["keep"] and store_geometry(store).counts()["deleted"] == 1
 
 
 @pytest.mark.parametrize("decision, kw, message", [

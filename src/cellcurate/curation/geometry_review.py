@@ -187,7 +187,8 @@ def geometry_events(
     if cls is not None and cls not in store.taxonomy.ids:
         cls = None  # the predicted class of another taxonomy: unresolved
 
-    present = _present(store, image) if nids else set()
+    touches = action in ("delete", "replace", "merge", "split")  # add and keep leave the annotated nuclei alone
+    present = _present(store, image) if nids and touches else set(nids)
     for n in nids:
         if n not in present:
             raise StateError(f"{what}: nucleus {n} is not in image {image} (deleted, or never there)")
