@@ -15,12 +15,17 @@ import click
 @click.option("--limit", type=int, default=20, show_default=True, help="Changed nuclei listed on screen.")
 def command(release_a: Path, release_b: Path, csv_path: Path | None, limit: int) -> None:
     """List label changes from RELEASE_A to RELEASE_B (joined on nucleus_id): counts per
-    (from class, to class), then nuclei added and removed."""
+    (from class, to class), then nuclei added and removed, and geometry changes: nuclei added
+    (those added in geometry review counted apart), deleted, and reshaped (same id, bbox, area
+    or centroid changed: a replaced outline)."""
     from ..curation.release import diff_releases
 
     d = diff_releases(release_a, release_b)
     click.echo(f"{d.version_a} -> {d.version_b}: {len(d.changes):,} label changes among {d.n_common:,} "
                f"common nuclei; {d.added.size:,} added, {d.removed.size:,} removed")
+    g = d.geometry_counts()
+    click.echo(f"geometry: {g['added']:,} added ({d.reviewed_added.size:,} in review), {g['deleted']:,} deleted, "
+               f"{g['reshaped']:,} reshaped")
     if len(d.pairs):
         w = max(10, *(len(str(x)) for x in d.pairs["from_class"]), *(len(str(x)) for x in d.pairs["to_class"]))
         click.echo(f"  {'from':<{w}}  {'to':<{w}}  {'count':>8}")

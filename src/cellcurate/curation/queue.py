@@ -3,6 +3,7 @@
 A nucleus is in the queue when a relabeling run that was not superseded flagged it (``flag``
 events, see :mod:`cellcurate.datasets.ledger`). When several flags exist for one nucleus the
 *latest* counts: the highest round, ties broken by the higher score (then the later event).
+A nucleus deleted in geometry review (:mod:`cellcurate.curation.geometry`) is not in it.
 
 Rule for "reviewed" (documented in docs/REVIEW.md):
 
@@ -144,6 +145,11 @@ def build_queue(
         flags = flags[flags["action"].isin(reason_list)]
 
     nuc = store.nuclei(include_ignore=False)
+    if ledger.count("geometry"):  # a nucleus deleted in geometry review leaves the class queue
+        from .geometry import store_geometry
+
+        ch = store_geometry(store).changes
+        nuc = nuc[~nuc["nucleus_id"].isin(ch.loc[ch["change"] == "deleted", "nucleus_id"])]
     cols = ["nucleus_id", "image_id", "source", "source_label", "instance_id", "centroid_y", "centroid_x",
             "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1"]
     q = flags.rename(columns={"action": "reason", "seq": "flag_seq", "label": "proposed"})

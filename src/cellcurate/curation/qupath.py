@@ -286,7 +286,7 @@ def export_qupath(source: Any, out: str | Path, *, compress: bool = False, objec
         for row in tqdm(images.itertuples(index=False), total=len(images), desc="QuPath GeoJSON", unit="img",
                         disable=None if progress else True):
             nuc = groups.get_group(row.image_id) if row.image_id in groups.groups else snap.nuclei.iloc[:0]
-            ins = source.read_instances(row.image_id)
+            ins = snap.paint(row.image_id, source.read_instances(row.image_id))
             feats = image_features(ins, nuc, source.taxonomy, mpp=float(row.mpp), object_type=object_type,
                                    ledger_seq=snap.ledger_seq)
             name = f"{safe_name(row.image_id)}.geojson" + (".gz" if compress else "")
@@ -499,7 +499,8 @@ def read_geojson(path: str | Path, *, max_bytes: int = MAX_JSON_BYTES, max_depth
     ``nucleus_id`` (from metadata, or None), ``image_id`` (from metadata, or None),
     ``export_label``, ``export_class_value``, ``export_seq`` (what :func:`export_qupath` wrote:
     the label, the class-map value and the ledger position of the export; None in other files),
-    ``measurements`` (dict).
+    ``flag_id`` and ``role`` (``"proposed"`` on the proposals of an instance-flag review file,
+    :mod:`cellcurate.curation.geometry_qupath`; None otherwise), ``measurements`` (dict).
 
     The file is untrusted: it is read with limits (``max_bytes`` decompressed, ``max_depth``
     levels of JSON nesting, ``max_features``). Raises :class:`InputFormatError` (one line, naming
@@ -543,11 +544,13 @@ def read_geojson(path: str | Path, *, max_bytes: int = MAX_JSON_BYTES, max_depth
             "image_id": meta.get("image_id"),
             "export_label": _meta_int(meta, "label"), "export_class_value": _meta_int(meta, "class_value"),
             "export_seq": _meta_int(meta, "ledger_seq"),
+            "flag_id": None if _missing(meta.get("flag_id")) else str(meta.get("flag_id")),
+            "role": None if _missing(meta.get("role")) else str(meta.get("role")),
             "measurements": props.get("measurements") if isinstance(props.get("measurements"), dict) else {},
         })
     cols = ["index", "id", "object_type", "class_name", "color", "geometry", "geometry_type", "n_polygons",
             "n_holes", "area", "valid", "invalid_reason", "nucleus_id", "image_id", "export_label",
-            "export_class_value", "export_seq", "measurements"]
+            "export_class_value", "export_seq", "flag_id", "role", "measurements"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -570,6 +573,9 @@ class QupathImport:
     applied: bool = False
     not_applied: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
         columns=["file", "feature", "id", "nucleus_id", "reason"]))
+    #: the ``geometry`` events appended (``geometry=True``): outline edits, deletions, proposals
+    geometry: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        columns=["kind", "nucleus_id", "round", "actor", "action", "label", "ref", "payload"]))
 
 
 def load_class_map(path: str | Path) -> dict[str, str]:
@@ -635,14 +641,15 @@ def _image_for_file(path: Path, frame: pd.DataFrame, given: str | None, known: d
 #: Why a feature was not applied (column ``reason`` of :attr:`QupathImport.not_applied` starts with one).
 NOT_APPLIED_REASONS: tuple[str, ...] = (
     "unmatched", "newer decision", "deleted", "outline moved", "classification removed", "ignore region",
+    "proposal",
 )
 
 
 def import_geojson(store: Any, geojson_paths: list[str | Path] | str | Path, *,
                    images: list[str] | str | None = None, reviewer: str = "qupath",
                    class_map: dict[str, Any] | str | Path | None = None, min_iou: float = 0.5,
-                   dry_run: bool = False, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_JSON_DEPTH,
-                   max_features: int = MAX_FEATURES) -> QupathImport:
+                   dry_run: bool = False, geometry: bool = False, max_bytes: int = MAX_JSON_BYTES,
+                   max_depth: int = MAX_JSON_DEPTH, max_features: int = MAX_FEATURES) -> QupathImport:
     """Bring QuPath edits back into ``store`` as review decisions.
 
     Parameters
@@ -662,6 +669,13 @@ def import_geojson(store: Any, geojson_paths: list[str | Path] | str | Path, *,
         Overlap needed to match a feature without a nucleus id to an instance.
     dry_run
         Validate and compute the decisions without appending them.
+    geometry
+        Also apply geometry edits as ``geometry`` events (:mod:`cellcurate.curation.geometry`):
+        an outline moved in QuPath replaces the nucleus's outline by the drawn polygon, a nucleus
+        missing from an exported file is deleted, and the proposals of an instance-flag review
+        file (:func:`cellcurate.curation.geometry_qupath.export_review_geojson`) are decided by
+        their classification (``Accept``, ``Accept: <class>``, ``Keep``; an edited proposal is
+        accepted with the drawn outline). Without it these are listed as not applied.
     max_bytes, max_depth, max_features
         Limits on each (untrusted) file, see :func:`read_geojson`.
 
@@ -680,7 +694,9 @@ def import_geojson(store: Any, geojson_paths: list[str | Path] | str | Path, *,
     raise one-line :class:`InputFormatError` naming the file and the feature, and the ledger is
     untouched.
     """
-    from .release import fold_current_labels, safe_name
+    from .geometry import store_geometry
+    from .geometry_qupath import GeometryEdits, proposal_decision
+    from .release import current_instances, fold_current_labels, safe_name
 
     if store.readonly and not dry_run:
         raise StoreError("the store is open read-only", path=store.path)
@@ -713,6 +729,11 @@ def import_geojson(store: Any, geojson_paths: list[str | Path] | str | Path, *,
         targets: list[Any] = []
         for r in frame.itertuples(index=False):
             what = feature_label(int(r.index), r.id)
+            if r.role == "proposed" and r.valid:  # a proposal of an instance-flag review file: decided by its class
+                if geometry:
+                    proposal_decision(r.class_name, store.taxonomy, path=path, what=what)
+                targets.append(None)
+                continue
             if not r.valid:
                 raise InputFormatError(path, f"{what}: invalid polygon ({r.invalid_reason}); fix it in QuPath "
                                        "(e.g. Objects > Simplify shape) and export again")
@@ -730,6 +751,8 @@ def import_geojson(store: Any, geojson_paths: list[str | Path] | str | Path, *,
         parsed.append((path, image_id, frame, targets))
 
     cur = fold_current_labels(store)
+    fold = store_geometry(store)
+    edits = GeometryEdits(store, actor) if geometry else None
     nuc_by_image = cur.groupby("image_id", sort=False)
     seqs = [int(s) for _p, _i, fr, _t in parsed for s in fr["export_seq"] if not _missing(s)]
     newest = _latest_label_events(store, since_seq=min(seqs)) if seqs else {}
@@ -756,6 +779,12 @@ def import_geojson(store: Any, geojson_paths: list[str | Path] | str | Path, *,
         exported_ids: set[int] = set()
         for r, t in zip(frame.itertuples(index=False), targets):
             what = feature_label(int(r.index), r.id)
+            if r.role == "proposed":
+                if edits is not None:
+                    edits.proposal(path, image_id, r)
+                else:
+                    skip(r, None, "proposal: an instance-flag proposal is decided only with --geometry")
+                continue
             exported = not any(_missing(v) for v in (r.export_seq, r.export_class_value, r.export_label))
             k = None
             if not _missing(r.nucleus_id):
@@ -765,7 +794,7 @@ def import_geojson(store: Any, geojson_paths: list[str | Path] | str | Path, *,
                     k = None
             by_id = k is not None
             if instances is None and (k is None or exported):
-                instances = store.read_instances(image_id)
+                instances = current_instances(store, image_id, geometry=fold)
             if k is None:
                 assert instances is not None
                 k = _match_by_overlap(r.geometry, instances, by_inst, nuc, min_iou)
@@ -789,8 +818,10 @@ def import_geojson(store: Any, geojson_paths: list[str | Path] | str | Path, *,
                 moved = _outline_change(r.geometry, instances, row)
                 if moved:
                     stats["moved"] += 1
-                    skip(r, nid, f"outline moved ({moved}); geometry edits are not applied"
-                         + (", only the class" if t is not None else ""))
+                    why = edits.outline(path, image_id, nid, r) if edits is not None else (
+                        "geometry edits are applied only with --geometry")
+                    if why:
+                        skip(r, nid, f"outline moved ({moved}); {why}" + (", only the class" if t is not None else ""))
             shown = shown_target(int(r.export_class_value), str(row["kind"]),
                                  "rejected" if int(r.export_label) == -1 else "") if exported else None
             if t is None:
@@ -826,16 +857,26 @@ def import_geojson(store: Any, geojson_paths: list[str | Path] | str | Path, *,
         if frame["export_seq"].notna().any():  # an export of ours: every nucleus of the image was in it
             for nid in sorted(set(by_nid) - exported_ids):
                 stats["deleted"] += 1
-                skip(None, nid, "deleted: the nucleus is not in the file; deletions are not applied")
+                if edits is not None:
+                    edits.delete(path, image_id, nid)
+                else:
+                    skip(None, nid, "deleted: the nucleus is not in the file; deletions are applied only "
+                         "with --geometry")
+        if edits is not None:
+            for nid, reason in edits.finish_file(path, image_id):
+                skip(None, nid, reason)
         per_file.append(stats)
     decisions = pd.DataFrame(events, columns=["kind", "nucleus_id", "actor", "action", "label", "prev_label",
                                               "round", "ref", "payload"])
+    geo_events = edits.events if edits is not None else []
     applied = False
-    if events and not dry_run:
-        store.ledger.append(events)
+    if (events or geo_events) and not dry_run:
+        store.ledger.append(events + geo_events)  # one transaction: class and geometry edits together
         applied = True
     not_applied = pd.DataFrame(skipped, columns=["file", "feature", "id", "nucleus_id", "reason"])
-    return QupathImport(decisions, pd.DataFrame(per_file), class_counts, applied, not_applied)
+    geo = pd.DataFrame(geo_events, columns=["kind", "nucleus_id", "round", "actor", "action", "label", "ref",
+                                            "payload"])
+    return QupathImport(decisions, pd.DataFrame(per_file), class_counts, applied, not_applied, geo)
 
 
 def _latest_label_events(store: Any, *, since_seq: int) -> dict[int, tuple[int, str]]:

@@ -116,12 +116,44 @@ def ledger_events(ledger: Any, *, until_seq: int | None = None) -> pd.DataFrame:
 
 
 def fold_current_labels(store: Any, *, until_seq: int | None = None) -> pd.DataFrame:
-    """The store's nuclei joined with the ledger fold (as ``Store.current_labels``), with exact ids."""
+    """The store's nuclei joined with the ledger fold (as ``Store.current_labels``), with exact
+    ids, after geometry review (deleted nuclei gone, replaced outlines' bbox and area, added
+    nuclei in with ``origin_file`` "review"; :mod:`cellcurate.curation.geometry`)."""
     from ..datasets.ledger import fold_labels
+    from .geometry import store_geometry
 
     ev = ledger_events(store.ledger, until_seq=until_seq)
-    labels = fold_labels(ev[ev["kind"].isin(["ingest", "proposal", "decision", "round"])])
-    return store.nuclei().join(labels.drop(columns=["source_label", "candidates"]), on="nucleus_id")
+    label_events = ev[ev["kind"].isin(["ingest", "proposal", "decision", "round"])]
+    nuc = store.nuclei()
+    geometry = store_geometry(store, until_seq=until_seq)
+    if not geometry.empty:
+        nuc, _images, added = _apply_geometry(store, nuc, store.images(), geometry)
+        label_events = pd.concat([label_events, added], ignore_index=True).sort_values("seq", kind="stable")
+    out = nuc.join(fold_labels(label_events).drop(columns=["source_label", "candidates"]), on="nucleus_id")
+    if not geometry.empty:
+        _added_status(out, geometry)
+    return out
+
+
+def _added_status(nuc: pd.DataFrame, geometry: Any) -> None:
+    """An added nucleus's class was decided in review, not by a source: status "reviewed"
+    (or "unresolved" without a class) until a later decision."""
+    add = geometry.changes[geometry.changes["change"] == "added"]
+    at_add = nuc["nucleus_id"].isin(add["nucleus_id"]) & nuc["seq"].isin(add["seq"])
+    nuc.loc[at_add, "status"] = np.where(nuc.loc[at_add, "label"] > 0, "reviewed", "unresolved")
+
+
+def current_instances(store: Any, image_id: str, *, geometry: Any = None) -> np.ndarray:
+    """(H, W) int32: the instance map of an image after geometry review (``geometry``: a
+    :class:`~cellcurate.curation.geometry.GeometryFold`, read from the ledger when None)."""
+    from .geometry import store_geometry
+
+    ins = store.read_instances(image_id)
+    geometry = store_geometry(store) if geometry is None else geometry
+    if geometry.empty or image_id not in geometry.images:
+        return ins
+    nuc = store.nuclei()
+    return geometry.paint(image_id, ins, nuc[nuc["image_id"] == image_id])[0]
 
 
 def unreviewed_flags(store: Any) -> pd.DataFrame:
@@ -173,6 +205,23 @@ class Snapshot:
     ledger_seq: int
     ledger_chain: str
     unreviewed: pd.DataFrame
+    #: the geometry fold at ``ledger_seq`` (None when the ledger has no geometry event)
+    geometry: Any = None
+    #: the ingested nuclei of the images geometry review changed (what :meth:`paint` starts from)
+    ingest_nuclei: pd.DataFrame | None = None
+
+    @property
+    def touched(self) -> set[str]:
+        """Image ids whose instance map geometry review changed."""
+        return set() if self.geometry is None else set(self.geometry.images)
+
+    def paint(self, image_id: str, instances: np.ndarray) -> np.ndarray:
+        """The current instance map of an image (the stored one, with geometry decisions applied)."""
+        if self.geometry is None or image_id not in self.touched:
+            return instances
+        assert self.ingest_nuclei is not None
+        nuc = self.ingest_nuclei[self.ingest_nuclei["image_id"] == image_id]
+        return self.geometry.paint(image_id, instances, nuc)[0]
 
 
 def snapshot(store: Any) -> Snapshot:
@@ -180,13 +229,25 @@ def snapshot(store: Any) -> Snapshot:
     docs/RELEASE_FORMAT.md for the columns)."""
     from ..datasets.ledger import fold_labels
 
+    from .geometry import store_geometry
+
     seq, chain = store.ledger.head()
     events = ledger_events(store.ledger, until_seq=seq)
-    labels = fold_labels(events[events["kind"].isin(["ingest", "proposal", "decision", "round"])])
+    geometry = store_geometry(store, until_seq=seq)
+    label_events = events[events["kind"].isin(["ingest", "proposal", "decision", "round"])]
+    nuc = store.nuclei().copy()
+    images = store.images().copy()
+    ingest_nuclei = None
+    if not geometry.empty:
+        ingest_nuclei = nuc[nuc["image_id"].isin(geometry.images)]
+        nuc, images, added = _apply_geometry(store, nuc, images, geometry)
+        label_events = pd.concat([label_events, added], ignore_index=True).sort_values("seq", kind="stable")
+    labels = fold_labels(label_events)
     unreviewed = unreviewed_flags(store)
     outputs = last_round_outputs(events)
-    nuc = store.nuclei().copy()
     nuc = nuc.join(labels.drop(columns=["source_label", "candidates"]), on="nucleus_id")
+    if not geometry.empty:
+        _added_status(nuc, geometry)
     nuc = nuc.join(outputs, on="nucleus_id")
     tax = store.taxonomy
     kind = nuc["kind"].astype(str).to_numpy()
@@ -236,7 +297,59 @@ def snapshot(store: Any) -> Snapshot:
     out["decided_round"] = out["decided_round"].astype("Int64")
     out["decided_seq"] = out["decided_seq"].astype("Int64")
     out["probs_round"] = out["probs_round"].astype("Int64")
-    return Snapshot(store.images().copy(), out, seq, chain, unreviewed)
+    return Snapshot(images, out, seq, chain, unreviewed, None if geometry.empty else geometry, ingest_nuclei)
+
+
+def _apply_geometry(store: Any, nuclei: pd.DataFrame, images: pd.DataFrame, geometry: Any
+                    ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The store's nuclei and images tables after geometry review, and the ingest-like label
+    events of the added nuclei (their class as the review gave it, at the seq of their add).
+
+    Deleted nuclei (and nuclei painted over entirely) leave the table, replaced ones get the
+    bbox, centroid and area of their new outline, added ones come in with ``origin_file``
+    "review" and ``origin_region`` the flag id (docs/RELEASE_FORMAT.md)."""
+    from ..datasets.store import NUCLEUS_COLUMNS
+    from .geometry import ORIGIN_REVIEW
+
+    source_of = dict(zip(images["image_id"].astype(str), images["source"].astype(str)))
+    flag_of = dict(zip(geometry.changes["nucleus_id"].astype("int64"), geometry.changes["flag_id"]))
+    keep = ~nuclei["image_id"].isin(geometry.images)
+    parts = [nuclei[keep]]
+    added_rows: list[dict[str, Any]] = []
+    n_nuclei: dict[str, int] = {}
+    for image_id in geometry.images:
+        if image_id not in source_of:
+            continue  # the image left the store (re-ingested without it)
+        before = nuclei[nuclei["image_id"] == image_id]
+        _ins, now = geometry.paint(image_id, store.read_instances(image_id), before)
+        stats = now.set_index("nucleus_id")
+        cols = ["instance_id", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "centroid_y", "centroid_x", "area"]
+        kept = before[before["nucleus_id"].isin(stats.index)].copy()
+        for c in cols:
+            kept[c] = stats.loc[kept["nucleus_id"], c].to_numpy()
+        new = now[now["origin"] == ORIGIN_REVIEW]
+        rows = pd.DataFrame({
+            "nucleus_id": new["nucleus_id"].to_numpy(np.int64), "image_id": image_id,
+            "source": source_of[image_id], "kind": "nucleus", **{c: new[c].to_numpy() for c in cols},
+            "source_label": "", "unified_label": new["label"].to_numpy(), "candidates": "",
+            "origin_file": ORIGIN_REVIEW, "origin_index": -1, "origin_channel": -1, "origin_instance": -1,
+            "origin_region": [str(flag_of.get(int(n)) or "") for n in new["nucleus_id"]], "origin_annotation": "",
+        }, columns=list(NUCLEUS_COLUMNS))
+        parts += [kept, rows.astype(NUCLEUS_COLUMNS)]
+        n_nuclei[image_id] = int((kept["kind"] == "nucleus").sum()) + len(rows)
+        added_rows += [{"seq": int(r.seq), "kind": "ingest", "nucleus_id": int(r.nucleus_id), "actor": str(r.actor),
+                        "action": "ingest", "label": int(r.label), "round": pd.NA, "ref": pd.NA,
+                        "payload": '{"source_label":"","candidates":[],"kind":"nucleus"}'}
+                       for r in new.itertuples(index=False)]
+    out = pd.concat(parts, ignore_index=True).astype(NUCLEUS_COLUMNS)
+    images = images.copy()
+    touched = images["image_id"].isin(list(n_nuclei))
+    images.loc[touched, "n_nuclei"] = images.loc[touched, "image_id"].map(n_nuclei).astype("int32")
+    added = pd.DataFrame(added_rows, columns=["seq", "kind", "nucleus_id", "actor", "action", "label", "round",
+                                              "ref", "payload"])
+    for c in ("nucleus_id", "label", "round", "ref"):
+        added[c] = added[c].astype("Int64")
+    return out, images, added
 
 
 # -- export -----------------------------------------------------------------------------------------
@@ -321,7 +434,8 @@ def export_release(
     cleaned, _ = clean_export_leftovers(root)  # folders of killed exports (a live export's is locked)
     tmp, lock_fd = locked_tempdir(root, f".tmp-{version}-")
     try:
-        images_out = _write_arrays(store, tmp, images, nuclei, progress=progress)
+        images_out = _write_arrays(store, tmp, images, nuclei, progress=progress,
+                                   paint=snap.paint if snap.touched else None)
         if ome_zarr is not None:
             from .omezarr import write_release_ome_zarr
 
@@ -358,6 +472,8 @@ def export_release(
             "review": {"allow_unreviewed": bool(allow_unreviewed), "unreviewed_flags": int(n_unreviewed)},
             "counts": counts,
             "ignore_counts": ignore_counts,
+            **({"geometry": {**snap.geometry.counts(), "images": len(snap.touched)}}
+               if snap.geometry is not None else {}),
             "licence": release_licence(sorted(set(images["source"].astype(str)))),
             "attribution": release_attribution(sorted(set(images["source"].astype(str)))),
         }
@@ -391,8 +507,11 @@ def export_release(
 
 
 def _write_arrays(store: Any, tmp: Path, images: pd.DataFrame, nuclei: pd.DataFrame, *,
-                  progress: bool) -> pd.DataFrame:
-    """Write image / instances / classes arrays; return the images table with zarr locations."""
+                  progress: bool, paint: Any = None) -> pd.DataFrame:
+    """Write image / instances / classes arrays; return the images table with zarr locations.
+
+    ``paint(image_id, instances)`` gives an image's current instance map (geometry review);
+    None: the stored maps as they are."""
     import zarr
     from tqdm import tqdm
     from zarr.codecs import BloscCodec
@@ -436,6 +555,9 @@ def _write_arrays(store: Any, tmp: Path, images: pd.DataFrame, nuclei: pd.DataFr
         for s in range(0, n, shard):
             batch = rows[s : s + shard]
             imgs, inss = _read_batch(store, images.iloc[batch])
+            if paint is not None:
+                for k, r in enumerate(batch):
+                    inss[k] = paint(str(images.at[int(r), "image_id"]), inss[k])
             clss = np.stack([class_map(str(images.at[int(r), "image_id"]), inss[k]) for k, r in enumerate(batch)])
             a_img[s : s + len(batch)] = imgs
             a_ins[s : s + len(batch)] = inss
@@ -447,6 +569,8 @@ def _write_arrays(store: Any, tmp: Path, images: pd.DataFrame, nuclei: pd.DataFr
     for k, r in enumerate(np.flatnonzero(~stacked)):
         image_id = str(images.at[int(r), "image_id"])
         img, ins = store.read(image_id)
+        if paint is not None:
+            ins = paint(image_id, ins)
         h, w = ins.shape
         ch = (min(NATIVE_CHUNK, h), min(NATIVE_CHUNK, w))
         name = f"native/{k}"
@@ -692,7 +816,8 @@ class ReleaseDiff:
     ``changes``: one row per nucleus whose class value changed (columns nucleus_id, image_id,
     from_value, to_value, from_class, to_class, from_decided, to_decided);
     ``pairs``: counts per (from_class, to_class); ``added`` / ``removed``: nucleus ids only in
-    B / only in A.
+    B / only in A; ``reviewed_added``: the ids of ``added`` that geometry review added (origin
+    "review"); ``reshaped``: ids in both whose outline changed (bbox, area or centroid differ).
     """
 
     version_a: str
@@ -702,13 +827,23 @@ class ReleaseDiff:
     added: np.ndarray
     removed: np.ndarray
     n_common: int
+    reshaped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    reviewed_added: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def geometry_counts(self) -> dict[str, int]:
+        """{"added": n, "deleted": n, "reshaped": n} (added and deleted: nuclei only in B / only in A)."""
+        return {"added": int(self.added.size), "deleted": int(self.removed.size), "reshaped": int(self.reshaped.size)}
+
+
+_SHAPE_COLUMNS = ("bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "area", "centroid_y", "centroid_x")
 
 
 def _read_release_nuclei(path: Path) -> tuple[dict[str, Any], pd.DataFrame]:
     manifest = read_manifest(path)
     npath = path / "nuclei.parquet"
     try:
-        nuc = pd.read_parquet(npath, columns=["nucleus_id", "image_id", "class_value", "class_name", "decided"])
+        nuc = pd.read_parquet(npath, columns=["nucleus_id", "image_id", "class_value", "class_name", "decided",
+                                              *_SHAPE_COLUMNS, "origin_file"])
     except (OSError, ValueError) as exc:
         raise InputFormatError(npath, f"cannot read the nuclei table ({exc})") from None
     return manifest, nuc
@@ -733,8 +868,14 @@ def diff_releases(a: str | Path, b: str | Path) -> ReleaseDiff:
     pairs = (changes.groupby(["from_class", "to_class"]).size().rename("count").reset_index()
              .sort_values(["count", "from_class", "to_class"], ascending=[False, True, True]).reset_index(drop=True))
     ids_a, ids_b = na["nucleus_id"].to_numpy(), nb["nucleus_id"].to_numpy()
-    return ReleaseDiff(str(ma.get("version")), str(mb.get("version")), changes, pairs,
-                       np.setdiff1d(ids_b, ids_a), np.setdiff1d(ids_a, ids_b), len(j))
+    moved = np.zeros(len(j), bool)
+    for c in _SHAPE_COLUMNS:
+        moved |= (j[f"{c}_a"] != j[f"{c}_b"]).to_numpy()
+    added = np.setdiff1d(ids_b, ids_a)
+    reviewed = nb.loc[nb["nucleus_id"].isin(added) & (nb["origin_file"] == "review"), "nucleus_id"].to_numpy()
+    return ReleaseDiff(str(ma.get("version")), str(mb.get("version")), changes, pairs, added,
+                       np.setdiff1d(ids_a, ids_b), len(j), np.sort(j.loc[moved, "nucleus_id"].to_numpy()),
+                       np.sort(reviewed))
 
 
 def iter_release_files(path: str | Path) -> Iterable[str]:

@@ -7,6 +7,12 @@ set_class / adjudicate), ``reviewer`` (default: the importing user) and ``commen
 empty ``decision`` are ignored. The whole file is validated first: unknown ids, unknown classes,
 bad actions and duplicate nucleus ids are reported one line each (``FILE:LINE: problem``) and
 nothing is applied; a valid file is appended in one ledger transaction.
+
+Instance flags (geometry review, :mod:`cellcurate.curation.geometry_review`) have their own pair:
+:func:`export_instance_csv` (columns :data:`INSTANCE_EXPORT_COLUMNS`: the flag, its proposal as
+JSON, then empty ``decision``, ``label``, ``polygon``, ``reviewer``, ``comment``) and
+:func:`import_instance_csv` (decisions accept | add | delete | replace | keep | skip; ``polygon``
+a drawn outline as JSON; validated the same way, all or nothing).
 """
 
 from __future__ import annotations
@@ -160,3 +166,119 @@ def import_csv(store: Store, path: str | os.PathLike[str], *, reviewer: str) -> 
     if problems:
         raise CsvValidationError(path, problems)
     return record_many(store, out)
+
+
+# -- instance flags (geometry review) ----------------------------------------------------------------
+#: Columns of :func:`export_instance_csv`. ``nucleus_ids`` are "|"-joined; ``proposed_polygons``
+#: and ``polygon`` are JSON (a polygon ``[[x, y], ...]`` or a list of them).
+INSTANCE_EXPORT_COLUMNS: tuple[str, ...] = (
+    "flag_id", "image_id", "issue", "score", "nucleus_ids", "proposed_action", "proposed_polygons",
+    "predicted_class", "decision", "label", "polygon", "reviewer", "comment",
+)
+#: Decisions an instance CSV may hold (``skip`` = leave the flag pending, as an empty cell does).
+INSTANCE_IMPORT_ACTIONS: tuple[str, ...] = ("accept", "add", "delete", "replace", "keep", "skip")
+
+
+def export_instance_csv(store: Store, path: str | os.PathLike[str], *, reviewer: str | None = None,
+                        include_decided: bool = False) -> int:
+    """Write the instance queue (flags not decided by ``reviewer`` unless ``include_decided``) to
+    ``path`` with empty decision columns; return the row count."""
+    import json
+
+    from .geometry_review import instance_queue
+
+    q = instance_queue(store, reviewer=reviewer, include_decided=include_decided)
+    tax = store.taxonomy
+    out = pd.DataFrame({
+        "flag_id": q["flag_id"], "image_id": q["image_id"], "issue": q["issue"], "score": q["score"].round(4),
+        "nucleus_ids": ["|".join(str(int(n)) for n in ids) for ids in q["nucleus_ids"]],
+        "proposed_action": q["proposed_action"],
+        "proposed_polygons": [json.dumps(p, separators=(",", ":")) for p in q["polygons"]],
+        "predicted_class": [tax.class_name(int(v)) if int(v) in tax.ids else "" for v in q["label"]],
+        "decision": "", "label": "", "polygon": "", "reviewer": "", "comment": "",
+    }, columns=list(INSTANCE_EXPORT_COLUMNS))
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            out.to_csv(tmp, index=False)
+    except OSError as exc:
+        raise StoreError(f"cannot write the CSV: {exc.strerror or exc}", path=path) from None
+    return len(out)
+
+
+def _polygons_cell(text: str) -> list[Any] | None:
+    """A ``polygon`` cell: None when empty; a polygon or a list of polygons (JSON)."""
+    import json
+
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"polygon is not JSON ({exc.msg}); expected [[x, y], ...]") from None
+    if isinstance(value, list) and value and isinstance(value[0], list) and value[0] and isinstance(value[0][0], list):
+        return value
+    return [value]
+
+
+def import_instance_csv(store: Store, path: str | os.PathLike[str], *, reviewer: str) -> list[int]:
+    """Validate an instance-decisions CSV and append its geometry events in one transaction.
+
+    Reads ``flag_id``, ``decision`` (:data:`INSTANCE_IMPORT_ACTIONS`; empty rows are ignored),
+    ``label`` (class of an added nucleus), ``polygon`` (a drawn outline replacing the proposal),
+    ``reviewer`` and ``comment``.
+
+    Raises
+    ------
+    CsvValidationError
+        With every problem (``FILE:LINE: message``); nothing applied.
+    """
+    from .geometry_review import geometry_events, store_flags
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(path, "no such CSV file")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputFormatError(path, f"cannot read the CSV ({exc})") from None
+    missing = [c for c in ("flag_id", "decision") if c not in header]
+    if missing:
+        raise InputFormatError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}")
+    flags = {str(f["flag_id"]): f for f in store_flags(store).to_dict("records")}
+    problems: list[str] = []
+    events: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows, start=2):
+        action = (row.get("decision") or "").strip().lower()
+        if not action or action == "skip":
+            continue
+        where = f"{path}:{i}"
+        fid = (row.get("flag_id") or "").strip()
+        if fid not in flags:
+            problems.append(f"{where}: unknown flag id {fid!r} (not a flag of the newest instance run)")
+            continue
+        if fid in seen:
+            problems.append(f"{where}: duplicate flag id {fid} (also on line {seen[fid]})")
+            continue
+        seen[fid] = i
+        if action not in INSTANCE_IMPORT_ACTIONS:
+            problems.append(f"{where}: unknown decision {action!r}; expected one of {', '.join(INSTANCE_IMPORT_ACTIONS)}")
+            continue
+        try:
+            polys = _polygons_cell(row.get("polygon") or "")
+            who = (row.get("reviewer") or "").strip() or reviewer
+            events += geometry_events(store, flags[fid], action, reviewer=who, polygons=polys,
+                                      label=(row.get("label") or "").strip() or None, source="csv",
+                                      comment=(row.get("comment") or "").strip() or None)
+        except (ConfigError, StateError) as exc:
+            problems.append(f"{where}: {exc}")
+    if problems:
+        raise CsvValidationError(path, problems)
+    from .geometry_review import record
+
+    return record(store, events)
