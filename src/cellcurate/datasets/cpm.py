@@ -131,7 +131,7 @@ def plan_units(path: Path) -> list[UnitPlan]:
     return plans
 
 
-def _read15(img: Path, txt: Path, mag: str | None, root: Path, report: IngestReport) -> Iterator[SourceImage]:
+def _read15(img: Path, txt: Path, mag: int | None, root: Path, report: IngestReport) -> Iterator[SourceImage]:
     """One CPM-15 image, as a part of its unit (``curate ingest --jobs``)."""
     if mag is None:
         report.warn(f"{img}: no magnification in README_training.txt; pixel size {DEFAULT_MPP} µm assumed")
