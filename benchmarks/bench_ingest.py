@@ -131,25 +131,48 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--parts", default="pannuke,monusac,xml,access",
+                    help="sections to run (access needs pannuke and monusac)")
     args = ap.parse_args()
-    from cellcurate.datasets.store import Store
-    from cellcurate.datasets.synthetic import write_monusac, write_pannuke
+    parts = set(args.parts.split(","))
+    from cellcurate.datasets.synthetic import write_monusac
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cc-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"workdir {work}; {len(os.sched_getaffinity(0))} usable cores; cold = posix_fadvise(DONTNEED) on the "
           "input files (no root)")
+    last_store = None
+    if "pannuke" in parts:
+        last_store = bench_pannuke(work, args.tiles, args.jobs)
+    msrc = work / "monusac"
+    mstore = work / "store-monusac"
+    if ("monusac" in parts or "xml" in parts) and not msrc.exists():
+        write_monusac(msrc, train_patients=12, test_patients=4, images_per_patient=(2, 3), seed=2,
+                      image_size=(600, 1200))
+    if "monusac" in parts:
+        bench_monusac(msrc, mstore, args.jobs)
+    if "xml" in parts:
+        bench_xml(msrc)
+    if "access" in parts and last_store is not None and mstore.exists():
+        bench_access(last_store, mstore, work / f"pannuke-{args.tiles[-1]}" / "Fold 1")
+    if not args.keep and args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_pannuke(work: Path, tiles: list[int], jobs_list: list[int]) -> Path | None:
+    from cellcurate.datasets.synthetic import write_pannuke
+
     print("\nPanNuke ingest vs one raw read of the same .npy files (the I/O floor)")
     print(f"{'tiles':>6} {'cache':>5} {'jobs':>4} {'raw s':>7} {'ingest s':>9} {'ratio':>6} {'tiles/s':>8} "
           f"{'RSS MiB':>8} {'worker MiB':>10} {'load':>5}   targets: warm ratio <= 3, RSS < 1024 whatever the size")
     last_store = None
-    for n in args.tiles:
+    for n in tiles:
         src = work / f"pannuke-{n}"
         if not src.exists():
             write_pannuke(src, tiles_per_fold=(n, 0, 0), seed=1, unique_tiles=32)
         fold = src / "Fold 1"
         for cache in ("warm", "cold"):
-            for jobs in args.jobs:
+            for jobs in jobs_list:
                 if cache == "cold":
                     evict(fold)
                     raw = raw_read(fold)
@@ -164,20 +187,18 @@ def main() -> None:
                       f"{n / r['wall']:>8.0f} {r['peak_rss_mib']:>8.0f} {r['worker_rss_mib']:>10.0f} {load():>5}",
                       flush=True)
         last_store = store
+    return last_store
 
+
+def bench_monusac(msrc: Path, mstore: Path, jobs_list: list[int]) -> None:
     print("\nMoNuSAC ingest")
-    msrc = work / "monusac"
-    if not msrc.exists():
-        write_monusac(msrc, train_patients=12, test_patients=4, images_per_patient=(2, 3), seed=2,
-                      image_size=(600, 1200))
     from cellcurate.datasets.monusac import discover_monusac, read_monusac_image
 
     t = time.perf_counter()
     n_parse = sum(len(read_monusac_image(it).nuclei) for it in discover_monusac(msrc))
     parse = time.perf_counter() - t
     print(f"  parse+rasterise alone (one process): {parse:.2f} s = {n_parse / parse:,.0f} nuclei/s (load {load()})")
-    mstore = work / "store-monusac"
-    for jobs in args.jobs:
+    for jobs in jobs_list:
         shutil.rmtree(mstore, ignore_errors=True)
         r = run_child(msrc, mstore, "monusac", jobs)
         print(f"  --jobs {jobs}: {r['images']} images, {r['nuclei']:,} nuclei: ingest {r['wall']:.2f} s = "
@@ -185,6 +206,9 @@ def main() -> None:
               f"parse-only); peak RSS {r['peak_rss_mib']:.0f} MiB, worker {r['worker_rss_mib']:.0f} MiB "
               f"(load {load()})", flush=True)
 
+
+
+def bench_xml(msrc: Path) -> None:
     print("\nXML parse, best of 5 (ms): defusedxml vs fast path (pre-scan + lxml); full = our region parser")
     xmls = sorted(msrc.rglob("*.xml"))[:3]
     real = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real" / "monuseg"
@@ -194,6 +218,10 @@ def main() -> None:
         print(f"  {name:<40} {size / 1024:>6.0f} {careful:>8.1f} {fast:>7.1f} {careful / fast:>5.1f} "
               f"{careful_full:>11.1f} {fast_full:>9.1f} {careful_full / fast_full:>5.1f}")
     print(f"  (load {load()})")
+
+
+def bench_access(last_store: Path, mstore: Path, fold: Path) -> None:
+    from cellcurate.datasets.store import Store
 
     print("\nRandom access: one image + instance map (median of 200 reads)")
     rng = np.random.default_rng(0)
@@ -205,7 +233,6 @@ def main() -> None:
             t = time.perf_counter()
             s.read(ids[i])
             ts.append(time.perf_counter() - t)
-    fold = work / f"pannuke-{args.tiles[-1]}" / "Fold 1"
     im = np.load(fold / "images/fold1/images.npy", mmap_mode="r")
     ms = np.load(fold / "masks/fold1/masks.npy", mmap_mode="r")
     tr = []
@@ -228,8 +255,6 @@ def main() -> None:
     sizes = {p.name: sum(f.stat().st_size for f in p.rglob('*') if f.is_file()) for p in [last_store]}
     raw_bytes = sum(f.stat().st_size for f in fold.rglob("*.npy"))
     print(f"\nstore size {sizes[last_store.name] / 2**20:,.0f} MiB for {raw_bytes / 2**20:,.0f} MiB of raw .npy")
-    if not args.keep and args.workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
