@@ -1,21 +1,31 @@
-"""Ingest benchmarks (issue 2), each against a baseline measured in the same run.
+"""Ingest benchmarks (issues 2 and 16), each against a baseline measured in the same run.
 
-* PanNuke ingest of generated folds (default 1,000 and 2,000 tiles): wall time divided by the time
-  to read the same raw .npy files once (the I/O floor; both measured with a warm page cache), and
-  the peak RSS of the ingest process (target < 1 GiB whatever the fold size).
-* MoNuSAC ingest: nuclei per second (baseline: parsing + rasterising alone, no store writes).
-* Random access: median time to read one image + its instance map from the store (target ≤ 5 ms),
+* PanNuke ingest of generated folds (default 1,000 and 2,000 tiles) with ``--jobs 1`` and
+  ``--jobs 2`` (``--jobs``): wall time divided by the time to read the same raw .npy files once
+  (the I/O floor), with a warm page cache and a cold one, and the peak RSS of the ingest process
+  and of its largest worker (target: ratio <= 3 warm, RSS < 1 GiB whatever the fold size).
+  "Cold" drops the input files from the page cache with ``posix_fadvise(POSIX_FADV_DONTNEED)``
+  (no root needed; ``/proc/sys/vm/drop_caches`` is not used), before the raw read and again before
+  the ingest.
+* MoNuSAC ingest: nuclei per second with each ``--jobs``; baseline: parsing + rasterising alone in
+  one process, no store writes.
+* XML parsing: defusedxml (the careful path) against the fast path (byte pre-scan + lxml) on the
+  MoNuSAC-format sample and on the real MoNuSeg Aperio XML fixtures, when present.
+* Random access: median time to read one image + its instance map from the store (target <= 5 ms),
   against reading the same tile from the raw memmaps.
 
-    python benchmarks/bench_ingest.py [--tiles 1000 2000] [--workdir /tmp/cc-bench] [--keep]
+    python benchmarks/bench_ingest.py [--tiles 1000 2000] [--jobs 1 2] [--workdir /tmp/cc-bench] [--keep]
 
-Each ingest runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own.
+Each ingest runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own; each row prints
+the 1-minute load average (the machine is shared: with other work running, the gain of a second
+job is understated).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -26,17 +36,23 @@ from pathlib import Path
 import numpy as np
 
 CHILD = r"""
-import json, sys, time
+import json, resource, sys, time
 from cellcurate.datasets.store import Store
 from cellcurate.datasets.ingest import ingest_pannuke, ingest_monusac
-src, store, kind = sys.argv[1], sys.argv[2], sys.argv[3]
+src, store, kind, jobs = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 t = time.perf_counter()
 with Store.create(store) as s:
-    res = (ingest_pannuke if kind == "pannuke" else ingest_monusac)(s, src, progress=False)
+    res = (ingest_pannuke if kind == "pannuke" else ingest_monusac)(s, src, progress=False, jobs=jobs)
 wall = time.perf_counter() - t
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-print(json.dumps({"wall": wall, "images": res.n_images, "nuclei": res.n_nuclei, "peak_rss_mib": int(hwm) / 1024}))
+worker = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, the largest reaped worker
+print(json.dumps({"wall": wall, "images": res.n_images, "nuclei": res.n_nuclei, "peak_rss_mib": int(hwm) / 1024,
+                  "worker_rss_mib": worker / 1024}))
 """
+
+
+def load() -> str:
+    return f"{os.getloadavg()[0]:.1f}"
 
 
 def raw_read(fold: Path, block: int = 64) -> float:
@@ -62,64 +78,150 @@ def evict(folder: Path) -> None:
             os.close(fd)
 
 
-def run_child(src: Path, store: Path, kind: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(store), kind],
+def run_child(src: Path, store: Path, kind: str, jobs: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(src), str(store), kind, str(jobs)],
                          check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def xml_timings(files: list[Path]) -> list[tuple[str, int, float, float, float, float]]:
+    """(name, bytes, defusedxml ms, fast ms, careful full parse ms, fast full parse ms) per file,
+    best of 5; "full" = our region parser (parse_regions / parse_annotation_xml) on top."""
+    import defusedxml.ElementTree as DET
+
+    import cellcurate.datasets.monusac as M
+    from cellcurate.datasets import monuseg
+    from cellcurate.datasets.records import IngestReport
+
+    def best(fn, k: int = 5) -> float:
+        ts = []
+        for _ in range(k):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return min(ts) * 1e3
+
+    def timings(f: Path) -> tuple[float, float, float, float]:
+        data = f.read_bytes()
+
+        def full() -> None:
+            monuseg.parse_regions(f, IngestReport()) if "MoNuSeg" in str(f) else M.parse_annotation_xml(f)
+
+        careful = best(lambda: DET.fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True))
+        fast = best(lambda: M.parse_xml_bytes(data, f))
+        fast_full = best(full)
+        real = M._fast_parser
+        M._fast_parser = lambda: None  # every document through defusedxml: the path before issue 16
+        try:
+            careful_full = best(full)
+        finally:
+            M._fast_parser = real
+        return careful, fast, careful_full, fast_full
+
+    out = []
+    for f in files:
+        careful, fast, careful_full, fast_full = timings(f)
+        out.append((f.name, f.stat().st_size, careful, fast, careful_full, fast_full))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiles", type=int, nargs="+", default=[1000, 2000])
+    ap.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--parts", default="pannuke,monusac,xml,access",
+                    help="sections to run (access needs pannuke and monusac)")
     args = ap.parse_args()
-    from cellcurate.datasets.store import Store
-    from cellcurate.datasets.synthetic import write_monusac, write_pannuke
+    parts = set(args.parts.split(","))
+    from cellcurate.datasets.synthetic import write_monusac
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cc-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"workdir {work}")
-    print("\nPanNuke ingest vs one raw read of the same .npy files (the I/O floor)")
-    print(f"{'tiles':>6} {'cache':>5} {'raw s':>7} {'ingest s':>9} {'ratio':>6} {'tiles/s':>8} {'peak RSS MiB':>13}"
-          "   targets: ratio <= 3, RSS < 1024 whatever the size")
+    print(f"workdir {work}; {len(os.sched_getaffinity(0))} usable cores; cold = posix_fadvise(DONTNEED) on the "
+          "input files (no root)")
     last_store = None
-    for n in args.tiles:
+    if "pannuke" in parts:
+        last_store = bench_pannuke(work, args.tiles, args.jobs)
+    msrc = work / "monusac"
+    mstore = work / "store-monusac"
+    if ("monusac" in parts or "xml" in parts) and not msrc.exists():
+        write_monusac(msrc, train_patients=12, test_patients=4, images_per_patient=(2, 3), seed=2,
+                      image_size=(600, 1200))
+    if "monusac" in parts:
+        bench_monusac(msrc, mstore, args.jobs)
+    if "xml" in parts:
+        bench_xml(msrc)
+    if "access" in parts and last_store is not None and mstore.exists():
+        bench_access(last_store, mstore, work / f"pannuke-{args.tiles[-1]}" / "Fold 1")
+    if not args.keep and args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def bench_pannuke(work: Path, tiles: list[int], jobs_list: list[int]) -> Path | None:
+    from cellcurate.datasets.synthetic import write_pannuke
+
+    print("\nPanNuke ingest vs one raw read of the same .npy files (the I/O floor)")
+    print(f"{'tiles':>6} {'cache':>5} {'jobs':>4} {'raw s':>7} {'ingest s':>9} {'ratio':>6} {'tiles/s':>8} "
+          f"{'RSS MiB':>8} {'worker MiB':>10} {'load':>5}   targets: warm ratio <= 3, RSS < 1024 whatever the size")
+    last_store = None
+    for n in tiles:
         src = work / f"pannuke-{n}"
         if not src.exists():
             write_pannuke(src, tiles_per_fold=(n, 0, 0), seed=1, unique_tiles=32)
         fold = src / "Fold 1"
-        for cache in ("cold", "warm"):
-            if cache == "cold":
-                evict(fold)
-                raw = raw_read(fold)
-                evict(fold)
-            else:
-                raw_read(fold)
-                raw = min(raw_read(fold) for _ in range(2))
-            store = work / f"store-{n}"
-            shutil.rmtree(store, ignore_errors=True)
-            r = run_child(fold, store, "pannuke")
-            print(f"{n:>6} {cache:>5} {raw:>7.2f} {r['wall']:>9.2f} {r['wall'] / raw:>6.2f} {n / r['wall']:>8.0f} "
-                  f"{r['peak_rss_mib']:>13.0f}")
+        for cache in ("warm", "cold"):
+            for jobs in jobs_list:
+                if cache == "cold":
+                    evict(fold)
+                    raw = raw_read(fold)
+                    evict(fold)
+                else:
+                    raw_read(fold)
+                    raw = min(raw_read(fold) for _ in range(2))
+                store = work / f"store-{n}"
+                shutil.rmtree(store, ignore_errors=True)
+                r = run_child(fold, store, "pannuke", jobs)
+                print(f"{n:>6} {cache:>5} {jobs:>4} {raw:>7.2f} {r['wall']:>9.2f} {r['wall'] / raw:>6.2f} "
+                      f"{n / r['wall']:>8.0f} {r['peak_rss_mib']:>8.0f} {r['worker_rss_mib']:>10.0f} {load():>5}",
+                      flush=True)
         last_store = store
+    return last_store
 
+
+def bench_monusac(msrc: Path, mstore: Path, jobs_list: list[int]) -> None:
     print("\nMoNuSAC ingest")
-    msrc = work / "monusac"
-    if not msrc.exists():
-        write_monusac(msrc, train_patients=12, test_patients=4, images_per_patient=(2, 3), seed=2,
-                      image_size=(600, 1200))
     from cellcurate.datasets.monusac import discover_monusac, read_monusac_image
 
     t = time.perf_counter()
     n_parse = sum(len(read_monusac_image(it).nuclei) for it in discover_monusac(msrc))
     parse = time.perf_counter() - t
-    mstore = work / "store-monusac"
-    shutil.rmtree(mstore, ignore_errors=True)
-    r = run_child(msrc, mstore, "monusac")
-    print(f"  {r['images']} images, {r['nuclei']:,} nuclei: ingest {r['wall']:.2f} s = {r['nuclei'] / r['wall']:,.0f} nuclei/s; "
-          f"parse+rasterise alone {parse:.2f} s = {n_parse / parse:,.0f} nuclei/s (ratio {r['wall'] / parse:.2f}); "
-          f"peak RSS {r['peak_rss_mib']:.0f} MiB")
+    print(f"  parse+rasterise alone (one process): {parse:.2f} s = {n_parse / parse:,.0f} nuclei/s (load {load()})")
+    for jobs in jobs_list:
+        shutil.rmtree(mstore, ignore_errors=True)
+        r = run_child(msrc, mstore, "monusac", jobs)
+        print(f"  --jobs {jobs}: {r['images']} images, {r['nuclei']:,} nuclei: ingest {r['wall']:.2f} s = "
+              f"{r['nuclei'] / r['wall']:,.0f} nuclei/s ({r['nuclei'] / r['wall'] / (n_parse / parse):.2f}x "
+              f"parse-only); peak RSS {r['peak_rss_mib']:.0f} MiB, worker {r['worker_rss_mib']:.0f} MiB "
+              f"(load {load()})", flush=True)
+
+
+
+def bench_xml(msrc: Path) -> None:
+    print("\nXML parse, best of 5 (ms): defusedxml vs fast path (pre-scan + lxml); full = our region parser")
+    xmls = sorted(msrc.rglob("*.xml"))[:3]
+    real = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real" / "monuseg"
+    xmls += sorted(real.rglob("*.xml")) if real.is_dir() else []
+    print(f"  {'file':<40} {'KiB':>6} {'defused':>8} {'fast':>7} {'x':>5} {'full before':>11} {'full now':>9} {'x':>5}")
+    for name, size, careful, fast, careful_full, fast_full in xml_timings(xmls):
+        print(f"  {name:<40} {size / 1024:>6.0f} {careful:>8.1f} {fast:>7.1f} {careful / fast:>5.1f} "
+              f"{careful_full:>11.1f} {fast_full:>9.1f} {careful_full / fast_full:>5.1f}")
+    print(f"  (load {load()})")
+
+
+def bench_access(last_store: Path, mstore: Path, fold: Path) -> None:
+    from cellcurate.datasets.store import Store
 
     print("\nRandom access: one image + instance map (median of 200 reads)")
     rng = np.random.default_rng(0)
@@ -131,7 +233,6 @@ def main() -> None:
             t = time.perf_counter()
             s.read(ids[i])
             ts.append(time.perf_counter() - t)
-    fold = work / f"pannuke-{args.tiles[-1]}" / "Fold 1"
     im = np.load(fold / "images/fold1/images.npy", mmap_mode="r")
     ms = np.load(fold / "masks/fold1/masks.npy", mmap_mode="r")
     tr = []
@@ -154,8 +255,6 @@ def main() -> None:
     sizes = {p.name: sum(f.stat().st_size for f in p.rglob('*') if f.is_file()) for p in [last_store]}
     raw_bytes = sum(f.stat().st_size for f in fold.rglob("*.npy"))
     print(f"\nstore size {sizes[last_store.name] / 2**20:,.0f} MiB for {raw_bytes / 2**20:,.0f} MiB of raw .npy")
-    if not args.keep and args.workdir is None:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

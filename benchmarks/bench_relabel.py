@@ -1,6 +1,10 @@
 """Benchmarks of relabeling: feature extraction, a full round on ~200k nuclei, cleanlab alone.
 
-Run: ``python benchmarks/bench_relabel.py [--nuclei 200000] [--out DIR] [--parts features,round,timm]``.
+Run: ``python benchmarks/bench_relabel.py [--nuclei 200000] [--out DIR] [--parts features,round,timm]``;
+feature tiles/s of a timm encoder on a device and at a precision:
+``python benchmarks/bench_relabel.py --parts timm --device cuda --precision fp16 --encoders h-optimus-0``
+(random weights of the real architecture unless ``--weights FILE``; ``--device cpu --precision bf16``
+runs on CPU).
 Each part runs in its own subprocess so its peak memory (ru_maxrss) is its own. The baselines run in
 the same process on the same data: for the features the first vectorised implementation
 (``tests/relabel_features_reference.py``) and ``skimage.measure.regionprops`` per nucleus; logistic
@@ -245,31 +249,44 @@ def part_features(out: Path) -> dict:
     return res
 
 
-def part_timm(out: Path) -> dict:
+def part_timm(out: Path, *, device: str = "cpu", precision: str | None = None, encoders: str = "",
+              weights: str | None = None, tiles: int = 16) -> dict:
+    """Feature tiles/s of timm encoders: ``tiles`` PanNuke-sized tiles (256², 0.25 µm/px) through
+    ``TimmBackbone.batch_tokens`` (resize to the encoder's pixel size, windows, batched forward at
+    ``precision``, tokens back on the CPU), best of 3 after a warm-up, on ``device``."""
     import torch
 
     from cellcurate.relabel.backbones import TimmBackbone
 
-    res: dict = {}
+    res: dict = {"device": device, "torch_threads": 2 if device == "cpu" else None}
     rng = np.random.default_rng(0)
-    tile = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
-    torch.set_num_threads(2)
-    for enc in ("tiny-vit-test", "vit_small_patch14_dinov2"):
-        if enc == "tiny-vit-test":
-            bb = TimmBackbone(encoder=enc)
-        else:
-            import timm
+    batch = [rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(tiles)]
+    if device == "cpu":
+        torch.set_num_threads(2)
+    for enc in (encoders or "tiny-vit-test,vit_small_patch14_dinov2").split(","):
+        w = weights
+        if w is None and enc != "tiny-vit-test":  # random weights of the real architecture
+            from cellcurate.core.encoders import create_timm_model, resolve_encoder
 
-            w = out / f"{enc}.pt"
-            torch.save(timm.create_model(enc, pretrained=False, num_classes=0,
-                                         dynamic_img_size=True).state_dict(), w)
-            bb = TimmBackbone(encoder=enc, weights=str(w))
-        bb.tile_tokens(tile, 0.25)
-        t = time.perf_counter()
-        reps = 5
-        for _ in range(reps):
-            bb.tile_tokens(tile, 0.25)
-        res[f"{enc}_tiles_per_s"] = round(reps / (time.perf_counter() - t), 2)
+            spec = resolve_encoder(enc)
+            path = out / f"{spec.name}.pt"
+            if not path.exists():
+                torch.save(create_timm_model(spec).state_dict(), path)
+            w = str(path)
+        bb = TimmBackbone(encoder=enc, weights=w, device=device, precision=precision)
+        bb.batch_tokens(batch[: min(2, tiles)], [0.25] * min(2, tiles))  # warm-up (weights, kernels)
+
+        def run(bb: TimmBackbone = bb) -> None:
+            bb.batch_tokens(batch, [0.25] * tiles)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        dt = _best_of(run, 3)
+        res[f"{enc}_{bb.precision}_tiles_per_s"] = round(tiles / dt, 2)
+        res[f"{enc}_batch"] = bb.batch
+    if device.startswith("cuda"):
+        res["cuda_device"] = torch.cuda.get_device_name(0)
+        res["cuda_peak_mib"] = round(torch.cuda.max_memory_allocated() / 2**20)
     res["peak_rss_mb"] = round(peak_mb())
     return res
 
@@ -280,17 +297,28 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench_relabel")
     ap.add_argument("--parts", default="features,round,timm")
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu", help="timm part: cpu, cuda or cuda:N")
+    ap.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                    help="timm part: autocast precision (default: fp16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--encoders", default="", help="timm part: comma-separated encoders "
+                    "(default tiny-vit-test,vit_small_patch14_dinov2; h-optimus-0 for the real one)")
+    ap.add_argument("--weights", default=None, help="timm part: weights file (default: random weights)")
+    ap.add_argument("--tiles", type=int, default=16, help="timm part: tiles per measured batch")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     if a.part:
         fn = {"round": lambda: part_round(a.nuclei, a.out), "features": lambda: part_features(a.out),
-              "timm": lambda: part_timm(a.out)}[a.part]
+              "timm": lambda: part_timm(a.out, device=a.device, precision=a.precision, encoders=a.encoders,
+                                        weights=a.weights, tiles=a.tiles)}[a.part]
         print(json.dumps(fn()))
         return
     results = {"cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
     for part in a.parts.split(","):
+        extra = ["--device", a.device, "--encoders", a.encoders, "--tiles", str(a.tiles)]
+        extra += ["--precision", a.precision] if a.precision else []
+        extra += ["--weights", a.weights] if a.weights else []
         proc = subprocess.run([sys.executable, __file__, "--part", part, "--nuclei", str(a.nuclei), "--out",
-                               str(a.out)], capture_output=True, text=True)
+                               str(a.out), *extra], capture_output=True, text=True)
         if proc.returncode:
             results[part] = {"error": proc.stderr.strip().splitlines()[-1:]}
         else:

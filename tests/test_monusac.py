@@ -542,3 +542,74 @@ def test_many_regions_invariants():
     again, kept_again = rasterize_regions(regions, (820, 840))
     np.testing.assert_array_equal(instances, again)  # deterministic
     assert kept == kept_again
+
+
+# -- the fast XML path: proven harmless by a byte scan, then lxml; anything else to defusedxml ------
+HARMLESS_CASES = [
+    (b'<?xml version="1.0" encoding="UTF-8"?>\n<Annotations/>', True),
+    (b"\xef\xbb\xbf\r\n <Annotations/>", True),  # UTF-8 byte order mark, then spaces
+    (b"<Annotations><!-- a comment --><![CDATA[x < y]]></Annotations>", True),
+    (b"<Annotations><![CDATA[<!DOCTYPE as text]]></Annotations>", False),  # not parsed: to defusedxml
+    (b'<Annotations Name="a &amp; b &#65;"/>', True),  # predefined entities and char refs only
+    (b'<!DOCTYPE a [<!ENTITY x "y">]><a>&x;</a>', False),
+    (b'<a/>\n<!ENTITY x "y">', False),
+    (b"<!doctype a><a/>", False),  # any other <! markup goes to the careful parser
+    (b'<?xml version="1.0" encoding="UTF-7"?><a/>', False),  # '<' need not be a '<' byte there
+    ('<?xml version="1.0" encoding="UTF-16"?><a/>'.encode("utf-16"), False),
+    ("<a/>".encode("utf-16-le"), False),  # no BOM: starts with '<' but holds NUL bytes
+    ("<a/>".encode("utf-32"), False),
+    (b"not xml", False),
+]
+
+
+@pytest.mark.parametrize("data, harmless", HARMLESS_CASES, ids=range(len(HARMLESS_CASES)))
+def test_byte_scan_passes_only_documents_without_markup_declarations(data, harmless):
+    from cellcurate.datasets.monusac import _provably_harmless
+
+    assert _provably_harmless(data) is harmless
+
+
+def _utf16(text: str) -> bytes:
+    return text.replace('<?xml version="1.0"?>', '<?xml version="1.0" encoding="UTF-16"?>').encode("utf-16")
+
+
+@pytest.mark.parametrize("encode", [str.encode, _utf16], ids=["utf-8", "utf-16"])
+@pytest.mark.parametrize("hostile", ["bomb", "external"])
+def test_hostile_xml_is_refused_in_any_encoding(tmp_path, encode, hostile):
+    """A bomb or an external entity written in UTF-16 (invisible to a naive scan for b'<!DOCTYPE')
+    still meets defusedxml and is refused; the secret is never read."""
+    from cellcurate.datasets.monusac import parse_xml_bytes
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP-SECRET")
+    text = BOMB if hostile == "bomb" else (
+        f'<?xml version="1.0"?>\n<!DOCTYPE r [<!ENTITY x SYSTEM "file://{secret}">]>\n'
+        '<Annotations MicronsPerPixel="0.25">&x;</Annotations>\n')
+    with pytest.raises(InputFormatError, match="forbidden entity/DTD") as info:
+        parse_xml_bytes(encode(text), tmp_path / "a.xml")
+    assert "TOP-SECRET" not in str(info.value)
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name", [KK, EV])
+def test_fast_and_careful_xml_paths_give_the_same_regions(monkeypatch, name):
+    import cellcurate.datasets.monusac as M
+
+    fast = M.parse_annotation_xml(FIXTURES / name)
+    monkeypatch.setattr(M, "_fast_parser", lambda: None)  # every document through defusedxml
+    careful = M.parse_annotation_xml(FIXTURES / name)
+    assert fast.mpp == careful.mpp and len(fast.regions) == len(careful.regions) > 0
+    for a, b in zip(fast.regions, careful.regions):
+        assert (a.region_id, a.label, a.annotation_id, a.area_attr, a.length_attr) == \
+               (b.region_id, b.label, b.annotation_id, b.area_attr, b.length_attr)
+        np.testing.assert_array_equal(a.vertices, b.vertices)
+
+
+def test_malformed_xml_on_the_fast_path_names_line_and_column(tmp_path):
+    from cellcurate.datasets.monusac import _provably_harmless, parse_xml_bytes
+
+    data = b'<Annotations MicronsPerPixel="0.25">\n<Annotation>\n</Annotations>\n'
+    assert _provably_harmless(data)
+    with pytest.raises(InputFormatError, match=r"a\.xml: malformed XML at line 3, column \d+") as info:
+        parse_xml_bytes(data, tmp_path / "a.xml")
+    assert "\n" not in str(info.value)

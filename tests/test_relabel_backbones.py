@@ -161,3 +161,62 @@ def test_cuda_fp16_features_close_to_cpu(small_store):
     a, _ = cpu.extract(small_store, small_store.nuclei(include_ignore=False), progress=False)
     b, _ = gpu.extract(small_store, small_store.nuclei(include_ignore=False), progress=False)
     assert np.abs(a - b).max() < 0.05 * max(1.0, float(np.abs(a).max()))
+
+
+# -- precision (issue 16): fp32 | fp16 | bf16 through autocast --------------------------------------
+def test_precision_defaults_and_bad_values():
+    cpu = TimmBackbone(encoder="tiny-vit-test", device="cpu")
+    assert cpu.precision == "fp32" and "precision" not in cpu.config()
+    bf = TimmBackbone(encoder="tiny-vit-test", device="cpu", precision="bf16")
+    assert bf.precision == "bf16" and bf.config()["precision"] == "bf16" and bf.id != cpu.id
+    assert TimmBackbone(encoder="tiny-vit-test", precision="FP32").id == cpu.id
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device; on CPU use bf16 or fp32"):
+        TimmBackbone(encoder="tiny-vit-test", device="cpu", precision="fp16")
+    with pytest.raises(ConfigError, match="unknown --precision 'int8'"):
+        TimmBackbone(encoder="tiny-vit-test", precision="int8")
+    with pytest.raises(ConfigError, match="applies to the timm backbone"):
+        make_backbone("handcrafted", precision="bf16")
+
+
+def test_bf16_on_cpu_runs_the_encoder_in_bf16_and_stays_close_to_fp32():
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 255, (96, 96, 3), dtype=np.uint8) for _ in range(3)]
+    ref = TimmBackbone(encoder="tiny-vit-test", batch=2).batch_tokens(imgs, [0.5] * 3)
+    bb = TimmBackbone(encoder="tiny-vit-test", batch=2, precision="bf16")
+    seen = []
+    linear = next(m for m in bb._load().modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    out = bb.batch_tokens(imgs, [0.5] * 3)
+    assert seen and set(seen) == {torch.bfloat16}  # autocast took effect: the matmuls ran in bf16
+    for (a, pa), (b, pb) in zip(ref, out):
+        assert pa == pb and a.shape == b.shape and b.dtype == np.float32
+        assert not np.array_equal(a, b)  # bf16 keeps 8 mantissa bits: not the fp32 result ...
+        assert np.abs(a - b).max() < 0.05 * max(1.0, float(np.abs(a).max()))  # ... but close to it
+
+
+def test_cli_precision_errors_are_one_line(tiny_store_path, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from cellcurate.cli.main import cli
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store_path, store)
+    for extra, message in ((["--backbone", "timm", "--encoder", "tiny-vit-test", "--precision", "fp16"],
+                            "fp16 needs a CUDA device"),
+                           (["--precision", "bf16"], "applies to the timm backbone"),
+                           (["--precision", "fp8"], "Invalid value for '--precision'")):
+        r = CliRunner().invoke(cli, ["relabel", str(store), "--round", "1", "--dry-run", *extra])
+        assert r.exit_code in (1, 2) and message in r.output and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_precisions_close_to_cpu(small_store, precision):
+    cpu = TimmBackbone(encoder="tiny-vit-test", device="cpu")
+    gpu = TimmBackbone(encoder="tiny-vit-test", device="cuda", precision=precision)
+    assert gpu.precision == precision and gpu.id != cpu.id
+    a, _ = cpu.extract(small_store, small_store.nuclei(include_ignore=False), progress=False)
+    b, _ = gpu.extract(small_store, small_store.nuclei(include_ignore=False), progress=False)
+    assert np.abs(a - b).max() < 0.05 * max(1.0, float(np.abs(a).max()))

@@ -22,11 +22,23 @@ class CellcurateError(Exception):
         super().__init__(*args)
         self.path = None if path is None else str(path)
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # pickle (errors raised in ingest worker processes travel back to the parent): rebuild
+        # without calling the subclass __init__, whose signature differs from ``args``
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
     def __str__(self) -> str:
         msg = super().__str__()
         if self.path and not msg.startswith(self.path):
             return f"{self.path}: {msg}"
         return msg
+
+
+def _rebuild(cls: type[CellcurateError], args: tuple[object, ...], state: dict[str, object]) -> CellcurateError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
 
 
 class InputFormatError(CellcurateError, ValueError):

@@ -101,6 +101,9 @@ _COMMON = [
     click.option("--taxonomy", type=click.Path(dir_okay=False, path_type=Path),
                  help="A taxonomy JSON to use instead of the default (new stores only)."),
     click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON."),
+    click.option("--jobs", type=click.IntRange(min=1), default=None,
+                 help="Worker processes converting the files (default: the usable cores; 1 = in this process). "
+                      "The store is the same for every value."),
 ]
 
 
@@ -114,13 +117,14 @@ def _source_command(spec: Any) -> click.Command:
     """The `curate ingest NAME` command of one registry entry (its reader options included)."""
 
     def run(source: Path, store_path: Path, overwrite: bool, taxonomy: Path | None, as_json: bool,
-            **options: Any) -> None:
+            jobs: int | None, **options: Any) -> None:
         from ..datasets.ingest import ingest_source
 
         if not spec.looks_like(source):
             _wrong_source_hint(source, spec.name)
         with _store_for_ingest(store_path, taxonomy) as store:
-            _print_result(ingest_source(store, spec.name, source, overwrite=overwrite, **options), as_json)
+            _print_result(ingest_source(store, spec.name, source, overwrite=overwrite, jobs=jobs, **options),
+                          as_json)
 
     f: Any = run
     for opt in reversed(spec.options):

@@ -28,9 +28,12 @@ import click
 @click.option("--no-report", is_flag=True, help="Skip report.html and its figures.")
 @click.option("--device", default="cpu", show_default=True,
               help="Where cnn/timm backbones run: cpu, cuda, cuda:N or auto (CUDA: batched, fp16).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="timm encoder arithmetic (autocast): fp16 needs CUDA, bf16 runs on CUDA and CPU "
+                   "[default: fp16 on CUDA, fp32 on CPU]. Each precision has its own feature cache.")
 def command(store_path: Path, round_: int, backbone: str, weights: Path | None, encoder: str | None,
             classifier: str, auto_accept: float, folds: int, seed: int, dry_run: bool, overwrite: bool,
-            truth: Path | None, no_report: bool, device: str) -> None:
+            truth: Path | None, no_report: bool, device: str, precision: str | None) -> None:
     """Run relabeling round N on STORE: proposals, cleanlab flags, ledger events and a report."""
     import pandas as pd
 
@@ -46,7 +49,7 @@ def command(store_path: Path, round_: int, backbone: str, weights: Path | None, 
             raise InputFormatError(truth, f"cannot read the truth table ({exc})") from None
     cfg = RoundConfig(backbone=backbone, encoder=encoder, weights=None if weights is None else str(weights),
                       classifier=classifier, folds=folds, seed=seed, auto_accept=auto_accept, report=not no_report,
-                      device=device)
+                      device=device, precision=precision)
     store = Store.open(store_path, mode="r" if dry_run else "a")
     try:
         result = run_round(store, round_, config=cfg, overwrite=overwrite, dry_run=dry_run, truth=truth_df)

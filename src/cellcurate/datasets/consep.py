@@ -34,11 +34,13 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from functools import partial
+
 import numpy as np
 
 from ..errors import ConfigError, InputFormatError, InputNotFoundError
 from . import _readers as R
-from .records import IngestReport, SourceImage, UnitPlan, files_fingerprint
+from .records import IngestReport, SourceImage, UnitPart, UnitPlan, files_fingerprint
 
 CONSEP_MPP = 0.25
 ORIGINAL_CLASSES = {1: "other", 2: "inflammatory", 3: "healthy epithelial", 4: "dysplastic/malignant epithelial",
@@ -132,14 +134,18 @@ def _release_plan(split: str, folder: Path, scheme: str) -> UnitPlan:
     pairs = _pairs(images, labels, ".mat")
     root = folder.parent
 
-    def read(report: IngestReport) -> Iterator[SourceImage]:
-        for img, lab in pairs:
-            data = R.load_mat(lab, ("inst_map", "inst_type"))
-            yield _convert(img, lab, R.instance_ids(data["inst_map"], lab), data["inst_type"],
-                           data.get("type_map"), scheme, split=split, key=img.stem, root=root, report=report)
-
+    parts = tuple(UnitPart(partial(_read_release_image, img, lab, scheme, split, root), f"{lab}, {img}")
+                  for img, lab in pairs)
     return UnitPlan(unit=f"consep-{split}", n_images=len(pairs), origin=str(folder),
-                    fingerprint=files_fingerprint([p for pair in pairs for p in pair]), read=read)
+                    fingerprint=files_fingerprint([p for pair in pairs for p in pair]), parts=parts)
+
+
+def _read_release_image(img: Path, lab: Path, scheme: str, split: str, root: Path,
+                        report: IngestReport) -> Iterator[SourceImage]:
+    """One image of a release split, as a part of its unit (``curate ingest --jobs``)."""
+    data = R.load_mat(lab, ("inst_map", "inst_type"))
+    yield _convert(img, lab, R.instance_ids(data["inst_map"], lab), data["inst_type"],
+                   data.get("type_map"), scheme, split=split, key=img.stem, root=root, report=report)
 
 
 def _patch_plan(folder: Path, scheme: str) -> UnitPlan:
@@ -153,21 +159,25 @@ def _patch_plan(folder: Path, scheme: str) -> UnitPlan:
             raise InputNotFoundError(mat, f"type file of {img.name} not found")
         mats.append(mat)
 
-    def read(report: IngestReport) -> Iterator[SourceImage]:
-        for (img, npy), mat in zip(pairs, mats):
-            try:
-                raw = np.load(npy, allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                raise InputFormatError(npy, f"not a readable .npy file, truncated? ({R.one_line(exc)})") from None
-            data = R.load_mat(mat, ("inst_type",))
-            m = _PATCH.match(img.stem)
-            key = f"{m.group('slide')}/{m.group('k')}" if m else img.stem
-            split = "test" if img.stem.lower().startswith("test") else "train"
-            yield _convert(img, mat, R.instance_ids(raw, npy), data["inst_type"], None, scheme,
-                           split=split, key=key, root=folder, report=report, label_file=npy)
-
+    parts = tuple(UnitPart(partial(_read_patch, img, npy, mat, scheme, folder), f"{npy}, {mat}, {img}")
+                  for (img, npy), mat in zip(pairs, mats))
     return UnitPlan(unit=f"consep-patches-{folder.name}", n_images=len(pairs), origin=str(folder),
-                    fingerprint=files_fingerprint([p for pair in pairs for p in pair] + mats), read=read)
+                    fingerprint=files_fingerprint([p for pair in pairs for p in pair] + mats), parts=parts)
+
+
+def _read_patch(img: Path, npy: Path, mat: Path, scheme: str, folder: Path,
+                report: IngestReport) -> Iterator[SourceImage]:
+    """One patch of the patch layout, as a part of its unit (``curate ingest --jobs``)."""
+    try:
+        raw = np.load(npy, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputFormatError(npy, f"not a readable .npy file, truncated? ({R.one_line(exc)})") from None
+    data = R.load_mat(mat, ("inst_type",))
+    m = _PATCH.match(img.stem)
+    key = f"{m.group('slide')}/{m.group('k')}" if m else img.stem
+    split = "test" if img.stem.lower().startswith("test") else "train"
+    yield _convert(img, mat, R.instance_ids(raw, npy), data["inst_type"], None, scheme,
+                   split=split, key=key, root=folder, report=report, label_file=npy)
 
 
 # -- conversion -------------------------------------------------------------------------------

@@ -20,11 +20,13 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from functools import partial
+
 import numpy as np
 
 from ..errors import InputFormatError, InputNotFoundError
 from . import _readers as R
-from .records import IngestReport, SourceImage, UnitPlan, files_fingerprint
+from .records import IngestReport, SourceImage, UnitPart, UnitPlan, files_fingerprint
 
 LABEL = "unknown nucleus"
 MPP_BY_MAGNIFICATION = {20: 0.5, 40: 0.25}
@@ -105,16 +107,10 @@ def plan_units(path: Path) -> list[UnitPlan]:
         mags = magnifications(readme) if readme.is_file() else {}
         files = [p for pair in pairs for p in pair] + ([readme] if readme.is_file() else [])
 
-        def read15(report: IngestReport) -> Iterator[SourceImage]:
-            for img, txt in pairs:
-                mag = mags.get(img.stem.lower())
-                if mag is None:
-                    report.warn(f"{img}: no magnification in README_training.txt; pixel size {DEFAULT_MPP} µm assumed")
-                mpp = MPP_BY_MAGNIFICATION.get(mag, DEFAULT_MPP) if mag else DEFAULT_MPP
-                yield _convert(img, txt, read_mask_txt(txt), split="train", root=path, mpp=mpp, report=report)
-
+        parts = tuple(UnitPart(partial(_read15, img, txt, mags.get(img.stem.lower()), path), f"{txt}, {img}")
+                      for img, txt in pairs)
         return [UnitPlan(unit=f"cpm-{path.name}", n_images=len(pairs), origin=str(path),
-                         fingerprint=files_fingerprint(files), read=read15)]
+                         fingerprint=files_fingerprint(files), parts=parts)]
     splits = _cpm17_splits(path)
     if not splits:
         raise InputNotFoundError(path, "holds no CPM data (expected imageXX.png + imageXX_mask.txt, or "
@@ -128,17 +124,27 @@ def plan_units(path: Path) -> list[UnitPlan]:
                 raise InputNotFoundError(mat, f"label file of {img.name} not found")
             pairs17.append((img, mat))
 
-        def read17(report: IngestReport, pairs17: list[tuple[Path, Path]] = pairs17, split: str = split,
-                   root: Path = folder.parent) -> Iterator[SourceImage]:
-            report.warn(f"{root}: CPM-17 does not state pixel sizes; {DEFAULT_MPP} µm assumed")
-            for img, mat in pairs17:
-                raw = R.instance_ids(R.load_mat(mat, ("inst_map",))["inst_map"], mat)
-                yield _convert(img, mat, raw, split=split, root=root, mpp=DEFAULT_MPP, report=report,
-                               key=f"{split}/{img.stem}")
-
+        parts17 = tuple(UnitPart(partial(_read17, img, mat, split, folder.parent, k == 0), f"{mat}, {img}")
+                        for k, (img, mat) in enumerate(pairs17))
         plans.append(UnitPlan(unit=f"cpm-{split}", n_images=len(pairs17), origin=str(folder),
-                              fingerprint=files_fingerprint([p for pair in pairs17 for p in pair]), read=read17))
+                              fingerprint=files_fingerprint([p for pair in pairs17 for p in pair]), parts=parts17))
     return plans
+
+
+def _read15(img: Path, txt: Path, mag: int | None, root: Path, report: IngestReport) -> Iterator[SourceImage]:
+    """One CPM-15 image, as a part of its unit (``curate ingest --jobs``)."""
+    if mag is None:
+        report.warn(f"{img}: no magnification in README_training.txt; pixel size {DEFAULT_MPP} µm assumed")
+    mpp = MPP_BY_MAGNIFICATION.get(mag, DEFAULT_MPP) if mag else DEFAULT_MPP
+    yield _convert(img, txt, read_mask_txt(txt), split="train", root=root, mpp=mpp, report=report)
+
+
+def _read17(img: Path, mat: Path, split: str, root: Path, first: bool, report: IngestReport) -> Iterator[SourceImage]:
+    """One CPM-17 image, as a part of its unit; the first part warns once for the split."""
+    if first:
+        report.warn(f"{root}: CPM-17 does not state pixel sizes; {DEFAULT_MPP} µm assumed")
+    raw = R.instance_ids(R.load_mat(mat, ("inst_map",))["inst_map"], mat)
+    yield _convert(img, mat, raw, split=split, root=root, mpp=DEFAULT_MPP, report=report, key=f"{split}/{img.stem}")
 
 
 def _convert(img: Path, lab: Path, raw: np.ndarray, *, split: str, root: Path, mpp: float,

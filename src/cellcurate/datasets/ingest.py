@@ -15,14 +15,17 @@ leaves the store exactly as it was.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import StateError
-from .records import IngestReport, SourceImage, files_fingerprint
-from .store import PreparedUnit, Store, UnitSummary
+from .records import IngestReport, UnitPlan, files_fingerprint
+from .store import ConvertedImage, PreparedUnit, Store, UnitSummary
+
+if TYPE_CHECKING:
+    from .workers import ConversionPool
 
 ProgressFactory = Callable[..., Any]
 
@@ -66,15 +69,46 @@ def _check_unit(store: Store, unit: str, fingerprint: str, overwrite: bool) -> s
     return status
 
 
-def _write_unit(store: Store, unit: str, source: str, items: Iterable[SourceImage], *, fingerprint: str,
-                origin: str, stacked: tuple[int, int, int] | None, overwrite: bool, report: IngestReport,
-                bar: Any) -> PreparedUnit:
-    with store.unit_writer(unit, source, fingerprint=fingerprint, origin=origin, stacked=stacked,
+def _write_unit(store: Store, plan: UnitPlan, source: str, *, overwrite: bool, report: IngestReport, bar: Any,
+                pool: ConversionPool | None) -> PreparedUnit:
+    """Convert and write one unit: its parts in ``pool``'s workers (in order) or, without a pool, in
+    this process through the same :func:`~.workers.convert_part`; a reader without parts streams
+    its ``read`` here. A deferred fingerprint is computed beside the conversion."""
+    from .workers import convert_part
+
+    fp_future = None
+    if not plan.fingerprint and plan.fingerprint_fn is not None and pool is not None:
+        fp_future = pool.submit(plan.fingerprint_fn)  # a new unit: hash its files while converting
+    elif not plan.fingerprint:
+        plan.resolve_fingerprint()
+    with store.unit_writer(plan.unit, source, fingerprint=plan.fingerprint, origin=plan.origin, stacked=plan.stacked,
                            overwrite=overwrite) as writer:
-        for item in items:
-            writer.add(item)
-            bar.update(1)
-            bar.set_postfix_str(unit, refresh=False)
+
+        def add(images: list[ConvertedImage], part_report: IngestReport) -> None:
+            report.merge(part_report)
+            for conv in images:
+                writer.add_converted(conv)
+                bar.update(1)
+                bar.set_postfix_str(plan.unit, refresh=False)
+
+        if pool is not None and plan.parts:
+            for images, part_report in pool.convert(plan.parts):
+                add(images, part_report)
+        elif plan.parts:
+            cache: dict[str, tuple[int, ...]] = {}
+            for part in plan.parts:
+                add(*convert_part(part, source=source, taxonomy=store.taxonomy, cache=cache))
+        else:
+            assert plan.read is not None
+            for item in plan.read(report):
+                writer.add(item)
+                bar.update(1)
+                bar.set_postfix_str(plan.unit, refresh=False)
+        if fp_future is not None:
+            from .workers import _result
+
+            plan.fingerprint = _result(fp_future, plan.origin)
+        writer.fingerprint = plan.fingerprint
         return writer.prepare(report)
 
 
@@ -95,37 +129,51 @@ def _transaction(store: Store, result: IngestResult) -> Iterator[list[PreparedUn
 
 
 def ingest_source(store: Store, source: str, path: str | Path, *, overwrite: bool = False,
-                  progress: bool | ProgressFactory = True, **options: Any) -> IngestResult:
+                  progress: bool | ProgressFactory = True, jobs: int | None = None, **options: Any) -> IngestResult:
     """Ingest ``path`` with the reader of ``source`` (a name in :mod:`cellcurate.datasets.sources`).
 
     The reader plans its units first (finding and checking every file), so a missing or bad file
     fails before anything is written; ``options`` go to the reader's ``plan_units``.
+
+    ``jobs``: worker processes converting the units' parts (default: the usable cores; 1 converts
+    in this process). The store's content (arrays, tables, nucleus ids, ledger events) is the same
+    for every value (:mod:`cellcurate.datasets.workers`).
     """
     from .sources import get_source
+    from .workers import ConversionPool, resolve_jobs
 
+    n_jobs = resolve_jobs(jobs)
     spec = get_source(source)
     result = IngestResult(spec.name)
     plan = []
     for p in spec.plan_units(path, **options):
-        status = _check_unit(store, p.unit, p.fingerprint, overwrite)
+        if store.ledger.unit(p.unit) is not None:
+            status = _check_unit(store, p.unit, p.resolve_fingerprint(), overwrite)
+        else:
+            status = "new"  # nothing to compare with: a deferred fingerprint is computed while converting
         if status == "unchanged" and not overwrite:
             result.units.append(UnitSummary(p.unit, spec.name, "unchanged", p.n_images, _unit_nuclei(store, p.unit)))
             continue
         plan.append(p)
-    with _transaction(store, result) as prepared:
-        total = sum(p.n_images for p in plan)
-        with _progress(progress, total=total, unit=spec.progress_unit, desc=spec.title) as bar:
-            for p in plan:
-                report = IngestReport(settings=dict(p.settings))
-                prepared.append(_write_unit(
-                    store, p.unit, spec.name, p.read(report), fingerprint=p.fingerprint, origin=p.origin,
-                    stacked=p.stacked, overwrite=overwrite, report=report, bar=bar))
-                result.report.merge(report)
+    work = sum(len(p.parts) + (p.fingerprint_fn is not None and not p.fingerprint) for p in plan)
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if n_jobs > 1 and work > 1:  # before any writer thread starts (workers are forked)
+            pool = stack.enter_context(ConversionPool(n_jobs, source=spec.name, taxonomy=store.taxonomy))
+        with _transaction(store, result) as prepared:
+            total = sum(p.n_images for p in plan)
+            with _progress(progress, total=total, unit=spec.progress_unit, desc=spec.title) as bar:
+                for p in plan:
+                    report = IngestReport(settings=dict(p.settings))
+                    prepared.append(_write_unit(store, p, spec.name, overwrite=overwrite, report=report, bar=bar,
+                                                pool=pool))
+                    result.report.merge(report)
     return result
 
 
 def ingest_pannuke(store: Store, path: str | Path, *, overwrite: bool = False,
-                   progress: bool | ProgressFactory = True, overlap: str = "highest") -> IngestResult:
+                   progress: bool | ProgressFactory = True, overlap: str = "highest",
+                   jobs: int | None = None) -> IngestResult:
     """Ingest a PanNuke release root (all folds found) or one ``Fold k`` folder.
 
     ``overlap``: which mask channel wins a pixel claimed by several (``"highest"``, the official
@@ -133,13 +181,13 @@ def ingest_pannuke(store: Store, path: str | Path, *, overwrite: bool = False,
     recorded in each unit's ``report.json`` (``settings.pannuke_overlap``) and in the fold
     fingerprint, so re-ingesting with the other rule is a change that needs ``overwrite``.
     """
-    return ingest_source(store, "pannuke", path, overwrite=overwrite, progress=progress, overlap=overlap)
+    return ingest_source(store, "pannuke", path, overwrite=overwrite, progress=progress, overlap=overlap, jobs=jobs)
 
 
 def ingest_monusac(store: Store, path: str | Path, *, split: str | None = None, overwrite: bool = False,
-                   progress: bool | ProgressFactory = True) -> IngestResult:
+                   progress: bool | ProgressFactory = True, jobs: int | None = None) -> IngestResult:
     """Ingest MoNuSAC release folders (training and/or testing), or a single patient folder."""
-    return ingest_source(store, "monusac", path, split=split, overwrite=overwrite, progress=progress)
+    return ingest_source(store, "monusac", path, split=split, overwrite=overwrite, progress=progress, jobs=jobs)
 
 
 def _discard(prepared: list[PreparedUnit]) -> None:

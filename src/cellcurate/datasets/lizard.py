@@ -20,14 +20,17 @@ Classes (Lizard ids): 1 Neutrophil, 2 Epithelial, 3 Lymphocyte, 4 Plasma, 5 Eosi
 from __future__ import annotations
 
 import csv
+import functools
 from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputFormatError, InputNotFoundError
 from . import _readers as R
-from .records import IngestReport, SourceImage, UnitPlan, files_fingerprint
+from .records import IngestReport, SourceImage, UnitPart, UnitPlan, files_fingerprint
 
 LIZARD_MPP = 0.5
 CLASSES = {1: "Neutrophil", 2: "Epithelial", 3: "Lymphocyte", 4: "Plasma", 5: "Eosinophil", 6: "Connective"}
@@ -91,13 +94,16 @@ def plan_units(path: Path) -> list[UnitPlan]:
         pairs.append((img, mat))
     files = [p for pair in pairs for p in pair] + ([info_path] if info_path.is_file() else [])
 
-    def read(report: IngestReport) -> Iterator[SourceImage]:
-        for img, mat in pairs:
-            data = R.load_mat(mat, ("inst_map", "id", "class"))
-            yield _lizard_image(img, mat, data, split=splits.get(img.stem, "train"), root=path, report=report)
-
+    parts = tuple(UnitPart(partial(_read_image_part, img, mat, splits.get(img.stem, "train"), path), f"{mat}, {img}")
+                  for img, mat in pairs)
     return [UnitPlan(unit="lizard-images", n_images=len(pairs), origin=str(path),
-                     fingerprint=files_fingerprint(files), read=read)]
+                     fingerprint=files_fingerprint(files), parts=parts)]
+
+
+def _read_image_part(img: Path, mat: Path, split: str, root: Path, report: IngestReport) -> Iterator[SourceImage]:
+    """One Lizard image, as a part of its unit (``curate ingest --jobs``)."""
+    data = R.load_mat(mat, ("inst_map", "id", "class"))
+    yield _lizard_image(img, mat, data, split=split, root=root, report=report)
 
 
 # -- Lizard .mat ------------------------------------------------------------------------------
@@ -183,36 +189,71 @@ def _conic_plan(folder: Path) -> UnitPlan:
     n, h, w = images.shape[:3]
     files = [folder / "images.npy", folder / "labels.npy"] + ([info] if names is not None else [])
 
-    def read(report: IngestReport) -> Iterator[SourceImage]:
-        if names is None:
-            report.warn(f"{folder}: no patch_info.csv; each patch is its own cross-validation group")
-        for i in range(n):
-            lab = np.asarray(labels[i])
-            raw = lab[..., 0].astype(np.int64)
-            instances, ids = R.relabel(raw)
-            cls = lab[..., 1].astype(np.int64)
-            classes = []
-            disagree = 0
-            if ids.size:
-                flat_i, flat_c = instances.ravel(), cls.ravel()
-                fg = flat_i > 0
-                counts = np.zeros((ids.size + 1, 7), np.int64)
-                np.add.at(counts, (flat_i[fg], np.clip(flat_c[fg], 0, 6)), 1)
-                if (flat_c[fg] > 6).any() or (flat_c[fg] < 0).any():
-                    raise InputFormatError(folder / "labels.npy", f"patch {i}: class map holds ids outside 0..6")
-                best = counts[1:, 1:].argmax(axis=1) + 1
-                if (counts[1:, 1:].max(axis=1) == 0).any():
-                    raise InputFormatError(folder / "labels.npy", f"patch {i}: a nucleus has class 0 on all its pixels")
-                classes = best.tolist()
-                disagree = int(counts[1:].sum() - counts[1:][np.arange(ids.size), best].sum())
-            if disagree:
-                report.count("class_map_disagreement_pixels", disagree)
-            key = f"{i:05d}"
-            if names is not None:
-                base, _, k = names[i].rpartition("-")
-                key = f"{base}/{k}" if base else names[i]
-            yield _record(key, "train", np.ascontiguousarray(images[i]), instances, ids,
-                          _names(classes, folder / "labels.npy"), "images.npy", "labels.npy", i, report)
-
+    parts = tuple(UnitPart(_ConicRange(folder, k, min(k + PART_PATCHES, n), (images, labels, names)),
+                           f"{folder / 'images.npy'}, {folder / 'labels.npy'}")
+                  for k in (range(0, n, PART_PATCHES) or [0]))
     return UnitPlan(unit="lizard-conic", n_images=n, origin=str(folder), fingerprint=files_fingerprint(files),
-                    read=read, stacked=(n, h, w))
+                    parts=parts, stacked=(n, h, w))
+
+
+#: Patches per part of the CoNIC unit converted by one ingest worker (one store shard).
+PART_PATCHES = 64
+
+
+@functools.lru_cache(maxsize=2)
+def _open_conic(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    plan = _conic_plan(folder)  # checks again, in the worker; the files were fingerprinted before
+    rng = plan.parts[0].read
+    assert isinstance(rng, _ConicRange) and rng.opened is not None
+    return rng.opened
+
+
+@dataclass
+class _ConicRange:
+    """Patches ``start:stop`` of a CoNIC folder, as a part of its unit. Pickles as the folder and
+    the range; a worker process opens the arrays itself (once, cached)."""
+
+    folder: Path
+    start: int
+    stop: int
+    opened: tuple[np.ndarray, np.ndarray, list[str] | None] | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "opened": None}
+
+    def __call__(self, report: IngestReport) -> Iterator[SourceImage]:
+        images, labels, names = self.opened if self.opened is not None else _open_conic(self.folder)
+        return _conic_patches(self.folder, images, labels, names, self.start, self.stop, report)
+
+
+def _conic_patches(folder: Path, images: np.ndarray, labels: np.ndarray, names: list[str] | None, start: int,
+                   stop: int, report: IngestReport) -> Iterator[SourceImage]:
+    if start == 0 and names is None:
+        report.warn(f"{folder}: no patch_info.csv; each patch is its own cross-validation group")
+    for i in range(start, stop):
+        lab = np.asarray(labels[i])
+        raw = lab[..., 0].astype(np.int64)
+        instances, ids = R.relabel(raw)
+        cls = lab[..., 1].astype(np.int64)
+        classes = []
+        disagree = 0
+        if ids.size:
+            flat_i, flat_c = instances.ravel(), cls.ravel()
+            fg = flat_i > 0
+            counts = np.zeros((ids.size + 1, 7), np.int64)
+            np.add.at(counts, (flat_i[fg], np.clip(flat_c[fg], 0, 6)), 1)
+            if (flat_c[fg] > 6).any() or (flat_c[fg] < 0).any():
+                raise InputFormatError(folder / "labels.npy", f"patch {i}: class map holds ids outside 0..6")
+            best = counts[1:, 1:].argmax(axis=1) + 1
+            if (counts[1:, 1:].max(axis=1) == 0).any():
+                raise InputFormatError(folder / "labels.npy", f"patch {i}: a nucleus has class 0 on all its pixels")
+            classes = best.tolist()
+            disagree = int(counts[1:].sum() - counts[1:][np.arange(ids.size), best].sum())
+        if disagree:
+            report.count("class_map_disagreement_pixels", disagree)
+        key = f"{i:05d}"
+        if names is not None:
+            base, _, k = names[i].rpartition("-")
+            key = f"{base}/{k}" if base else names[i]
+        yield _record(key, "train", np.ascontiguousarray(images[i]), instances, ids,
+                      _names(classes, folder / "labels.npy"), "images.npy", "labels.npy", i, report)

@@ -21,11 +21,13 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+from functools import partial
+
 import numpy as np
 
 from ..errors import InputFormatError, InputNotFoundError
 from . import _readers as R
-from .records import IngestReport, SourceImage, UnitPlan, files_fingerprint
+from .records import IngestReport, SourceImage, UnitPart, UnitPlan, files_fingerprint
 
 LABEL = "unknown nucleus"
 _IMAGE_DIRS = ("tissue images", "tissue_images", "images")
@@ -95,14 +97,15 @@ def plan_units(path: Path) -> list[UnitPlan]:
         raise InputNotFoundError(path, "holds no MoNuSeg data (expected Tissue Images/*.tif + Annotations/*.xml)")
     plans = []
     for split, folder, pairs in releases:
-        def read(report: IngestReport, pairs: list[tuple[Path, Path]] = pairs, split: str = split,
-                 root: Path = folder) -> Iterator[SourceImage]:
-            for img, xml in pairs:
-                yield read_image(img, xml, split=split, root=root, report=report)
-
+        parts = tuple(UnitPart(partial(_read_part, img, xml, split, folder), f"{xml}, {img}") for img, xml in pairs)
         plans.append(UnitPlan(unit=f"monuseg-{split}", n_images=len(pairs), origin=str(folder),
-                              fingerprint=files_fingerprint([p for pair in pairs for p in pair]), read=read))
+                              fingerprint=files_fingerprint([p for pair in pairs for p in pair]), parts=parts))
     return plans
+
+
+def _read_part(img: Path, xml: Path, split: str, root: Path, report: IngestReport) -> Iterator[SourceImage]:
+    """One image as a part of its unit (``curate ingest --jobs``)."""
+    yield read_image(img, xml, split=split, root=root, report=report)
 
 
 def parse_regions(xml: Path, report: IngestReport) -> tuple[float, list]:

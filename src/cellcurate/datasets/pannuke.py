@@ -45,12 +45,14 @@ with the fold (~12 GB for a real fold); with batched reads peak memory stays ~ 5
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -58,7 +60,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ConfigError, InputFormatError, InputNotFoundError
-from .records import OPTIONAL_SOURCE_COLUMNS, SOURCE_NUCLEI_COLUMNS, IngestReport, SourceImage, UnitPlan
+from .records import OPTIONAL_SOURCE_COLUMNS, SOURCE_NUCLEI_COLUMNS, IngestReport, SourceImage, UnitPart, UnitPlan
 
 __all__ = [
     "PANNUKE_CHANNELS",
@@ -531,6 +533,7 @@ def iter_pannuke_fold(
     start: int = 0,
     stop: int | None = None,
     overlap: OverlapRule = DEFAULT_OVERLAP,
+    fold_warnings: bool = True,
 ) -> Iterator[SourceImage]:
     """Stream the tiles ``start:stop`` of one fold as :class:`SourceImage` (rules: module doc).
 
@@ -549,6 +552,10 @@ def iter_pannuke_fold(
     overlap
         Which channel wins a pixel claimed by several: ``"highest"`` (official PanNuke
         evaluation, default) or ``"lowest"`` (module doc).
+    fold_warnings
+        Warn about an empty fold and unknown tissue names of ``start:stop`` (off for the
+        parts of a fold after the first, which :func:`plan_units` cuts; the first warns for the
+        whole fold).
 
     Raises
     ------
@@ -568,11 +575,8 @@ def iter_pannuke_fold(
         raise ValueError(f"start must be in 0..{stop}, got {start}")
     images_rel, masks_rel = pf.rel(pf.images), pf.rel(pf.masks)
     split = f"fold{pf.fold}"
-    if n == 0:
-        report.warn(f"{images_rel}: images.npy holds no tiles")
-    known = set(PANNUKE_TISSUES)
-    for name in sorted(set(arrays.types[start:stop].tolist()) - known):
-        report.warn(f"{pf.rel(pf.types)}: unknown tissue name {name!r} (kept as written)")
+    if fold_warnings:
+        _warn_fold(arrays, report, start, stop)
 
     img_reader = _BatchReader(arrays.images, pf.images, batch_size)
     msk_reader = _BatchReader(arrays.masks, pf.masks, batch_size)
@@ -645,6 +649,14 @@ def iter_pannuke_fold(
         msk_reader.close()
 
 
+def _warn_fold(arrays: FoldArrays, report: IngestReport, start: int, stop: int) -> None:
+    pf = arrays.fold
+    if arrays.n == 0:
+        report.warn(f"{pf.rel(pf.images)}: images.npy holds no tiles")
+    for name in sorted(set(arrays.types[start:stop].tolist()) - set(PANNUKE_TISSUES)):
+        report.warn(f"{pf.rel(pf.types)}: unknown tissue name {name!r} (kept as written)")
+
+
 def iter_pannuke(path: str | os.PathLike[str], *, report: IngestReport | None = None,
                  overlap: OverlapRule = DEFAULT_OVERLAP) -> Iterator[SourceImage]:
     """Stream every fold under ``path`` (a release root or one ``Fold k`` folder), fold by fold.
@@ -672,15 +684,47 @@ def plan_units(path: Path, *, overlap: str | None = None) -> list[UnitPlan]:
     for fold in discover_pannuke(path):
         arrays = open_fold(fold)  # validates headers, shapes and types.npy before any write
         h, w = arrays.images.shape[1:3]
-
-        def read(report: IngestReport, arrays: FoldArrays = arrays) -> Iterator[SourceImage]:
-            return iter_pannuke_fold(arrays, report=report, overlap=rule)  # type: ignore[arg-type]
-
-        plans.append(UnitPlan(unit=f"pannuke-fold{fold.fold}", n_images=arrays.n,
-                              fingerprint=fold_fingerprint(fold, overlap=rule),  # type: ignore[arg-type]
-                              origin=str(fold.folder), read=read, stacked=(arrays.n, h, w),
+        parts = tuple(
+            UnitPart(_TileRange(fold, rule, s, min(s + PART_TILES, arrays.n), arrays), f"{fold.images}, {fold.masks}")
+            for s in (range(0, arrays.n, PART_TILES) or [0]))  # an empty fold: one part, for its warning
+        plans.append(UnitPlan(unit=f"pannuke-fold{fold.fold}", n_images=arrays.n, fingerprint="",
+                              fingerprint_fn=partial(fold_fingerprint, fold, overlap=rule),
+                              origin=str(fold.folder), parts=parts, stacked=(arrays.n, h, w),
                               settings={"pannuke_overlap": rule}))
     return plans
+
+
+#: Tiles per part of a fold converted by one ingest worker (one store shard of 64 tiles).
+PART_TILES = 64
+
+
+@functools.lru_cache(maxsize=4)
+def _open_fold_cached(fold: PannukeFold) -> FoldArrays:
+    return open_fold(fold)
+
+
+@dataclass
+class _TileRange:
+    """The tiles ``start:stop`` of a fold, as a part of its unit (:class:`~.records.UnitPart`).
+
+    Pickles as paths and numbers only: a worker process opens the fold itself (once, cached);
+    in the planning process the already opened fold is used."""
+
+    fold: PannukeFold
+    overlap: str
+    start: int
+    stop: int
+    arrays: FoldArrays | None = None
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "arrays": None}
+
+    def __call__(self, report: IngestReport) -> Iterator[SourceImage]:
+        arrays = self.arrays if self.arrays is not None else _open_fold_cached(self.fold)
+        if self.start == 0:  # the fold's warnings once, for the whole fold, from its first part
+            _warn_fold(arrays, report, 0, arrays.n)
+        return iter_pannuke_fold(arrays, report=report, start=self.start, stop=self.stop,
+                                 overlap=self.overlap, fold_warnings=False)  # type: ignore[arg-type]
 
 
 def _one_line(exc: BaseException) -> str:

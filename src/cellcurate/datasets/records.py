@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -93,6 +94,24 @@ class SourceImage:
             raise ValueError(f"{self.key}: instance map holds ids above {n}")
 
 
+@dataclass(frozen=True)
+class UnitPart:
+    """A piece of a unit that a worker process converts on its own (``curate ingest --jobs N``).
+
+    Attributes
+    ----------
+    read
+        ``read(report)`` yields the part's :class:`SourceImage` records. It must pickle (a
+        module-level function, or a :func:`functools.partial` of one over paths and small values,
+        never over open arrays), because it is sent to a worker process.
+    files
+        The file(s) it reads, named in the one-line error when the part fails in a worker.
+    """
+
+    read: Callable[["IngestReport"], Iterable[SourceImage]]
+    files: str
+
+
 @dataclass
 class UnitPlan:
     """One ingest unit a reader found (``plan_units``), checked but not read yet.
@@ -104,25 +123,59 @@ class UnitPlan:
     n_images
         Images the unit will yield (for the progress bar and the "unchanged" summary).
     fingerprint
-        Content fingerprint of the unit's files (re-ingest of the same files is a no-op).
+        Content fingerprint of the unit's files (re-ingest of the same files is a no-op); may be
+        ``""`` when ``fingerprint_fn`` computes it later.
     origin
         Where the unit came from (a folder), recorded in the unit catalog.
     read
-        ``read(report)`` streams the unit's :class:`SourceImage` records.
+        ``read(report)`` streams the unit's :class:`SourceImage` records. Readers that give
+        ``parts`` leave it out: it then reads the parts one after the other, in order.
     stacked
         ``(N, H, W)`` when every image has the same size (stacked arrays), else ``None``.
     settings
         Reader settings that shaped the unit (e.g. PanNuke's overlap rule), recorded in the unit's
         ``report.json``.
+    parts
+        The unit cut into independent pieces, in order (one image file, a run of 64 tiles), so
+        that ``--jobs N`` converts them in worker processes; the records they yield, concatenated
+        in order, are exactly what ``read`` yields. A reader without parts is converted in the
+        main process.
+    fingerprint_fn
+        Computes the fingerprint when it is expensive (PanNuke hashes whole folds): ingest calls
+        it first for a unit already in the store (to decide unchanged / changed), and alongside
+        the conversion for a new one. Must pickle, like a part.
     """
 
     unit: str
     n_images: int
     fingerprint: str
     origin: str
-    read: Callable[["IngestReport"], Iterator[SourceImage]]
+    read: Callable[["IngestReport"], Iterator[SourceImage]] | None = None
     stacked: tuple[int, int, int] | None = None
     settings: dict[str, str] = field(default_factory=dict)
+    parts: tuple[UnitPart, ...] = ()
+    fingerprint_fn: Callable[[], str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.read is None:
+            if not self.parts and self.n_images:
+                raise ValueError(f"unit {self.unit}: a plan needs read or parts")
+            self.read = partial(read_parts, self.parts)
+        if not self.fingerprint and self.fingerprint_fn is None:
+            raise ValueError(f"unit {self.unit}: a plan needs fingerprint or fingerprint_fn")
+
+    def resolve_fingerprint(self) -> str:
+        """The fingerprint, computed (once) by ``fingerprint_fn`` where it was deferred."""
+        if not self.fingerprint:
+            assert self.fingerprint_fn is not None
+            self.fingerprint = self.fingerprint_fn()
+        return self.fingerprint
+
+
+def read_parts(parts: Iterable[UnitPart], report: "IngestReport") -> Iterator[SourceImage]:
+    """The records of ``parts``, in order: a plan's ``read`` when the reader gave parts."""
+    for part in parts:
+        yield from part.read(report)
 
 
 @dataclass

@@ -163,6 +163,85 @@ class PreparedUnit:
     report: IngestReport
 
 
+@dataclass
+class ConvertedImage:
+    """One image with its per-nucleus columns computed (:func:`convert_image`), ready for
+    :meth:`UnitWriter.add_converted`. Plain numpy arrays and a dict, cheap to pickle: ingest
+    workers send these to the writing process."""
+
+    key: str
+    image: np.ndarray  # (H, W, 3) uint8
+    instances: np.ndarray  # (H, W) int32
+    cols: dict[str, np.ndarray]  # the nucleus columns of UnitWriter (bbox as (n, 4) int32)
+    row: dict[str, Any]  # the image row, less unit, zarr_path, zarr_index
+
+
+def convert_image(item: SourceImage, *, source: str, taxonomy: Taxonomy,
+                  cache: dict[str, tuple[int, ...]] | None = None) -> ConvertedImage:
+    """Validate one source image and compute what the store keeps of its nuclei: geometry (bbox,
+    centroid, area), candidates and unified label from ``taxonomy``, and the stable nucleus ids.
+    Pure (no store access), so ingest runs it in worker processes; ``cache`` memoises the
+    taxonomy's candidates per source label."""
+    item.validate()
+    cache = {} if cache is None else cache
+    image_id = f"{source}/{item.key}"
+    h, w = item.instances.shape
+    nuc = item.nuclei
+    order = np.argsort(nuc["instance_id"].to_numpy(), kind="stable")
+    n = len(order)
+
+    def col(name: str) -> np.ndarray:
+        return np.asarray(nuc[name].to_numpy())[order]
+
+    geo = instance_geometry(item.instances, n)
+    if n and (geo["area"] == 0).any():
+        missing = col("instance_id")[geo["area"] == 0]
+        raise StoreError(f"{item.origin_file}: image {item.key}: instances {missing[:5].tolist()} have no pixels")
+    annotation_file = item.annotation_file or item.origin_file
+    labels = col("source_label").astype(str)
+    kinds = col("kind").astype(str)
+    ch = col("origin_channel").astype(np.int16)
+    oi = col("origin_instance").astype(np.int64)
+    reg = col("origin_region").astype(str)
+    if "origin_annotation" in nuc:
+        ann = np.asarray(nuc["origin_annotation"].fillna("").to_numpy())[order].astype(str)
+    else:
+        ann = np.full(n, "", dtype=str)
+    unified = np.zeros(n, np.int16)
+    cand_text = np.empty(n, dtype=object)
+    for lab in np.unique(labels):
+        name = str(lab)
+        cands = cache.get(name)
+        if cands is None:
+            try:
+                cands = taxonomy.candidates(source, name)
+            except ConfigError as exc:
+                raise StoreError(f"{annotation_file}: {exc}") from None
+            cache[name] = cands
+        sel = labels == lab
+        unified[sel] = cands[0] if len(cands) == 1 else 0
+        cand_text[sel] = "|".join(map(str, cands))
+    ids = np.fromiter(
+        (nucleus_id(source, annotation_file, item.origin_index, int(c), int(o), r, a)
+         for c, o, r, a in zip(ch, oi, reg, ann)), dtype=np.int64, count=n)
+    cols = {
+        "nucleus_id": ids, "image_id": np.full(n, image_id, dtype=object), "kind": kinds,
+        "instance_id": col("instance_id").astype(np.int32), "bbox": geo["bbox"], "centroid_y": geo["cy"],
+        "centroid_x": geo["cx"], "area": geo["area"], "source_label": labels, "unified_label": unified,
+        "candidates": cand_text, "origin_file": np.full(n, annotation_file, dtype=object),
+        "origin_index": np.full(n, item.origin_index, dtype=np.int32), "origin_channel": ch,
+        "origin_instance": oi, "origin_region": reg, "origin_annotation": ann,
+    }
+    row = {
+        "image_id": image_id, "source": source, "split": item.split,
+        "patient_id": item.patient_id, "tissue": item.tissue, "mpp": float(item.mpp),
+        "height": h, "width": w, "n_nuclei": int((kinds == "nucleus").sum()),
+        "origin_file": item.origin_file, "origin_index": item.origin_index,
+        "annotation_file": annotation_file,
+    }
+    return ConvertedImage(item.key, item.image, item.instances, cols, row)
+
+
 class Store:
     """A cellcurate store directory. Open with :meth:`open`, create with :meth:`create`.
 
@@ -595,97 +674,35 @@ class UnitWriter:
 
     def add(self, item: SourceImage) -> None:
         """Add one image with its instances and nuclei."""
-        item.validate()
+        self.add_converted(convert_image(item, source=self.source, taxonomy=self.store.taxonomy,
+                                         cache=self._cand_cache))
+
+    def add_converted(self, conv: "ConvertedImage") -> None:
+        """Add one image already through :func:`convert_image` (in this process or a worker's)."""
         i = self._n
-        image_id = f"{self.source}/{item.key}"
-        h, w = item.instances.shape
+        h, w = conv.instances.shape
         if self.stacked is not None:
             if (h, w) != self.stacked[1:]:
-                raise StoreError(f"{item.origin_file}: image {item.key} is {h}x{w}, expected {self.stacked[1:]}")
+                raise StoreError(f"{conv.row['origin_file']}: image {conv.key} is {h}x{w}, expected {self.stacked[1:]}")
             if i >= self.stacked[0]:
-                raise StoreError(f"{item.origin_file}: more images than announced ({self.stacked[0]})")
-            self._buf_img.append(item.image)
-            self._buf_ins.append(item.instances)
+                raise StoreError(f"{conv.row['origin_file']}: more images than announced ({self.stacked[0]})")
+            self._buf_img.append(conv.image)
+            self._buf_ins.append(conv.instances)
             if len(self._buf_img) >= TILES_PER_SHARD or (self._buf_start + len(self._buf_img)) % TILES_PER_SHARD == 0:
                 self._flush()
             zarr_path, zarr_index = "images", i
         else:
             chunks = (min(NATIVE_CHUNK, h), min(NATIVE_CHUNK, w))
             shards = (-(-h // chunks[0]) * chunks[0], -(-w // chunks[1]) * chunks[1])  # one shard file per image
-            self.group.create_array(f"img/{i}", data=item.image, chunks=(*chunks, 3), shards=(*shards, 3),
+            self.group.create_array(f"img/{i}", data=conv.image, chunks=(*chunks, 3), shards=(*shards, 3),
                                     compressors=self._img_codec, fill_value=0)
-            self.group.create_array(f"ins/{i}", data=item.instances, chunks=chunks, shards=shards,
+            self.group.create_array(f"ins/{i}", data=conv.instances, chunks=chunks, shards=shards,
                                     compressors=self._ins_codec, fill_value=0)
             zarr_path, zarr_index = f"img/{i}", -1
-
-        nuc = item.nuclei
-        order = np.argsort(nuc["instance_id"].to_numpy(), kind="stable")
-        n = len(order)
-
-        def col(name: str) -> np.ndarray:
-            return np.asarray(nuc[name].to_numpy())[order]
-
-        geo = instance_geometry(item.instances, n)
-        if n and (geo["area"] == 0).any():
-            missing = col("instance_id")[geo["area"] == 0]
-            raise StoreError(f"{item.origin_file}: image {item.key}: instances {missing[:5].tolist()} have no pixels")
-        annotation_file = item.annotation_file or item.origin_file
-        labels = col("source_label").astype(str)
-        kinds = col("kind").astype(str)
-        ch = col("origin_channel").astype(np.int16)
-        oi = col("origin_instance").astype(np.int64)
-        reg = col("origin_region").astype(str)
-        if "origin_annotation" in nuc:
-            ann = np.asarray(nuc["origin_annotation"].fillna("").to_numpy())[order].astype(str)
-        else:
-            ann = np.full(n, "", dtype=str)
-        unified = np.zeros(n, np.int16)
-        cand_text = np.empty(n, dtype=object)
-        for lab in np.unique(labels):
-            cands = self._candidates(lab, annotation_file)
-            sel = labels == lab
-            unified[sel] = cands[0] if len(cands) == 1 else 0
-            cand_text[sel] = "|".join(map(str, cands))
-        ids = np.fromiter(
-            (nucleus_id(self.source, annotation_file, item.origin_index, int(c), int(o), r, a)
-             for c, o, r, a in zip(ch, oi, reg, ann)), dtype=np.int64, count=n)
-        cols = self._cols
-        cols["nucleus_id"].append(ids)
-        cols["image_id"].append(np.full(n, image_id, dtype=object))
-        cols["kind"].append(kinds)
-        cols["instance_id"].append(col("instance_id").astype(np.int32))
-        cols["bbox"].append(geo["bbox"])
-        cols["centroid_y"].append(geo["cy"])
-        cols["centroid_x"].append(geo["cx"])
-        cols["area"].append(geo["area"])
-        cols["source_label"].append(labels)
-        cols["unified_label"].append(unified)
-        cols["candidates"].append(cand_text)
-        cols["origin_file"].append(np.full(n, annotation_file, dtype=object))
-        cols["origin_index"].append(np.full(n, item.origin_index, dtype=np.int32))
-        cols["origin_channel"].append(ch)
-        cols["origin_instance"].append(oi)
-        cols["origin_region"].append(reg)
-        cols["origin_annotation"].append(ann)
-        self._image_rows.append({
-            "image_id": image_id, "source": self.source, "unit": self.unit, "split": item.split,
-            "patient_id": item.patient_id, "tissue": item.tissue, "mpp": float(item.mpp),
-            "height": h, "width": w, "n_nuclei": int((kinds == "nucleus").sum()),
-            "origin_file": item.origin_file, "origin_index": item.origin_index,
-            "annotation_file": annotation_file, "zarr_path": zarr_path, "zarr_index": zarr_index,
-        })
+        for name, values in conv.cols.items():
+            self._cols[name].append(values)
+        self._image_rows.append({**conv.row, "unit": self.unit, "zarr_path": zarr_path, "zarr_index": zarr_index})
         self._n += 1
-
-    def _candidates(self, label: str, annotation_file: str) -> tuple[int, ...]:
-        label = str(label)
-        cands = self._cand_cache.get(label)
-        if cands is None:
-            try:
-                cands = self.store.taxonomy.candidates(self.source, label)
-            except ConfigError as exc:
-                raise StoreError(f"{annotation_file}: {exc}") from None
-            self._cand_cache[label] = cands
-        return cands
 
     def _nuclei_table(self) -> pd.DataFrame:
         c = self._cols

@@ -17,7 +17,9 @@ its configuration or weights change), a JSON-able :meth:`~Backbone.config` and
   ``h-optimus-0`` is known by name (``vit_giant_patch14_reg4_dinov2``, 224 px at 0.5 µm/px, its
   published mean/std). ``tiny-vit-test`` is a random-weight configuration for tests and must be
   asked for by name; a missing or mismatched weights file is a :class:`~cellcurate.errors.ModelError`.
-  ``device``: ``cpu`` (default), ``cuda`` (batched windows in fp16) or ``auto``.
+  ``device``: ``cpu`` (default), ``cuda`` (batched windows in fp16) or ``auto``; ``precision``:
+  ``fp32``, ``fp16`` (CUDA only) or ``bf16`` (CUDA or CPU), through autocast; default fp16 on CUDA,
+  fp32 on CPU. Features at another precision differ in the last bits, so they get their own cache.
 
 Dimensions: M nuclei, F features, B tiles, H×W pixels, T tokens of a window.
 """
@@ -289,6 +291,21 @@ class CNNBackbone:
 
 # -- timm ----------------------------------------------------------------------------------------
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+Precision = Literal["fp32", "fp16", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+
+
+def resolve_precision(precision: str | None, device: str) -> str:
+    """``None`` -> fp16 on CUDA, fp32 on CPU; fp16 needs CUDA (CPU half-precision matmuls are
+    emulated and slow), bf16 runs on both."""
+    if precision is None:
+        return "fp16" if device.startswith("cuda") else "fp32"
+    name = str(precision).strip().lower()
+    if name not in PRECISIONS:
+        raise ConfigError(f"unknown --precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if name == "fp16" and not device.startswith("cuda"):
+        raise ConfigError("--precision fp16 needs a CUDA device; on CPU use bf16 or fp32")
+    return name
 
 
 def resolve_device(device: str) -> str:
@@ -313,14 +330,15 @@ class TimmBackbone:
 
     The encoder comes from the one registry (:mod:`cellcurate.core.encoders`), is built on the
     ``meta`` device and gets the file's tensors assigned (never a random init first). Windows of
-    several tiles go through the encoder together, ``batch`` at a time; on CUDA in fp16
-    (autocast), on CPU in fp32.
+    several tiles go through the encoder together, ``batch`` at a time, at ``precision``
+    (autocast; default fp16 on CUDA, fp32 on CPU; :func:`resolve_precision`).
     """
 
     encoder: str = "h-optimus-0"
     weights: str | None = None
     device: str = "cpu"
     batch: int | None = None  # windows per forward: 8 on CPU, 64 on CUDA
+    precision: str | None = None  # fp32 | fp16 | bf16; None: fp16 on CUDA, fp32 on CPU
     _model: Any = field(default=None, init=False, repr=False)
     _digest: str | None = field(default=None, init=False, repr=False)
 
@@ -329,6 +347,7 @@ class TimmBackbone:
 
         self.spec = resolve_encoder(self.encoder)
         self.device = resolve_device(self.device)
+        self.precision = resolve_precision(self.precision, self.device)
         if self.batch is None:
             self.batch = 64 if self.device.startswith("cuda") else 8
         if self.batch < 1:
@@ -345,10 +364,6 @@ class TimmBackbone:
             self._digest = file_digest(p)
 
     @property
-    def precision(self) -> str:
-        return "fp16" if self.device.startswith("cuda") else "fp32"
-
-    @property
     def feature_names(self) -> tuple[str, ...]:
         return tuple(f"tok_{i}" for i in range(self._load().num_features))
 
@@ -357,7 +372,7 @@ class TimmBackbone:
         cfg = {"backbone": "timm", "encoder": s.name, "timm_name": s.timm_name, "timm_kwargs": s.timm_kwargs,
                "mpp": s.mpp, "input_size": s.input_size, "mean": list(s.mean), "std": list(s.std),
                "weights_sha256": self._digest or "random-seed-0"}
-        if self.precision != "fp32":  # fp16 features differ in the last bits: their own cache
+        if self.precision != "fp32":  # fp16/bf16 features differ in the last bits: their own cache
             cfg["precision"] = self.precision
         return cfg
 
@@ -404,7 +419,9 @@ class TimmBackbone:
         prefix = int(getattr(model, "num_prefix_tokens", 1))
         outs = []
         cuda = self.device.startswith("cuda")
-        with torch.inference_mode(), torch.autocast(device_type="cuda", dtype=torch.float16, enabled=cuda):
+        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(str(self.precision))
+        with torch.inference_mode(), torch.autocast(device_type="cuda" if cuda else "cpu",
+                                                    dtype=half or torch.bfloat16, enabled=half is not None):
             for s in range(0, len(windows), int(self.batch or 1)):
                 xb = windows[s:s + int(self.batch or 1)].to(self.device, non_blocking=cuda)
                 outs.append(model.forward_features(xb)[:, prefix:].float().cpu())
@@ -458,12 +475,15 @@ class TimmBackbone:
 
 
 def make_backbone(name: str = "handcrafted", *, weights: str | None = None, encoder: str | None = None,
-                  seed: int = 0, device: str = "cpu") -> Backbone:
-    """Build a backbone by name (``handcrafted``, ``cnn``, ``timm``)."""
+                  seed: int = 0, device: str = "cpu", precision: str | None = None) -> Backbone:
+    """Build a backbone by name (``handcrafted``, ``cnn``, ``timm``); ``precision`` is the timm
+    encoder's (:func:`resolve_precision`)."""
     if name not in BACKBONES:
         raise ConfigError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
+    if precision is not None and name != "timm":
+        raise ConfigError(f"--precision applies to the timm backbone, not {name!r}")
     if name == "handcrafted":
         return HandcraftedBackbone()
     if name == "cnn":
         return CNNBackbone(seed=seed, device=device)
-    return TimmBackbone(encoder=encoder or "h-optimus-0", weights=weights, device=device)
+    return TimmBackbone(encoder=encoder or "h-optimus-0", weights=weights, device=device, precision=precision)

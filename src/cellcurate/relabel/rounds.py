@@ -40,7 +40,7 @@ import pandas as pd
 
 from ..core.atomic import atomic_write_json, fsync_dir, remove_tree, replace_dir
 from ..errors import ConfigError, StateError, StoreError
-from .backbones import BACKBONES, DEVICES, make_backbone
+from .backbones import BACKBONES, DEVICES, PRECISIONS, make_backbone
 from .classify import CLASSIFIERS, cross_val_probs, nucleus_groups, predict_mean
 from .detect import find_issues
 from .features import cache_dir, check_features, load_cached, nucleus_features
@@ -69,12 +69,17 @@ class RoundConfig:
     gallery: int = 24
     report: bool = True
     device: str = "cpu"
+    precision: str | None = None  # timm backbone: fp32 | fp16 | bf16; None = fp16 on CUDA, fp32 on CPU
 
     def validate(self) -> "RoundConfig":
         if self.backbone not in BACKBONES:
             raise ConfigError(f"unknown backbone {self.backbone!r}; expected one of {', '.join(BACKBONES)}")
         if self.device != "auto" and self.device not in DEVICES and not str(self.device).startswith("cuda:"):
             raise ConfigError(f"unknown --device {self.device!r}; expected auto, cpu, cuda or cuda:N")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown --precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+        if self.precision is not None and self.backbone != "timm":
+            raise ConfigError(f"--precision applies to the timm backbone, not {self.backbone!r}")
         if self.classifier not in CLASSIFIERS:
             raise ConfigError(f"unknown classifier {self.classifier!r}; expected one of {', '.join(CLASSIFIERS)}")
         if not isinstance(self.folds, int) or self.folds < 2:
@@ -222,7 +227,7 @@ def run_round(store: "Store", round: int, *, config: RoundConfig | None = None, 
         raise StateError(f"{store.path}: round {round + 1} builds on round {round}; overwrite round "
                          f"{round + 1} after round {round}, or start a new round instead")
     backbone = make_backbone(cfg.backbone, weights=cfg.weights, encoder=cfg.encoder, seed=cfg.seed,
-                             device=cfg.device)
+                             device=cfg.device, precision=cfg.precision)
     labels = _labels_before(store, existing)
 
     plan = _plan(store, round, cfg, labels, backbone, existing)
