@@ -180,6 +180,9 @@ class TeacherConfig:
     tile_size: int = 256
     #: ``"native"`` (windows of the encoder's own input size) or ``"resize"`` (the whole tile)
     encoder_input: str = "native"
+    #: a small CNN on the tile also feeds the decoder at H/2 and H/4 (not only at H), so it sees
+    #: image detail finer than the encoder's patches at every level (see the module docstring)
+    image_pyramid: bool = False
 
     def __post_init__(self) -> None:
         self.decoder_channels = tuple(int(c) for c in self.decoder_channels)  # type: ignore[assignment]
@@ -210,11 +213,12 @@ class Teacher(nn.Module):
         data_mpp: float = DATA_MPP,
         tile_size: int = 256,
         encoder_input: str = "native",
+        image_pyramid: bool = False,
         taxonomy: Taxonomy | None = None,
     ) -> None:
         super().__init__()
         self.config = TeacherConfig(tuple(decoder_channels), n_types, data_mpp, tile_size,  # type: ignore[arg-type]
-                                    encoder_input)
+                                    encoder_input, bool(image_pyramid))
         c16, c8, c4, c2, c1 = self.config.decoder_channels
         spec: EncoderSpec = encoder.spec
         self.encoder = encoder
@@ -235,9 +239,13 @@ class Teacher(nn.Module):
         self.proj = nn.ModuleList([proj(ch[0], c2), proj(ch[1], c4), proj(ch[2], c8), proj(ch[3], c16)])
         self.bottom = ConvBlock(c16, c16)
         self.up8 = ConvBlock(c16 + c8, c8)
-        self.up4 = ConvBlock(c8 + c4, c4)
-        self.up2 = ConvBlock(c4 + c2, c2)
+        pyr = self.config.image_pyramid
+        self.up4 = ConvBlock(c8 + c4 + (c4 if pyr else 0), c4)
+        self.up2 = ConvBlock(c4 + c2 + (c2 if pyr else 0), c2)
         self.stem = ConvBlock(3, c1)
+        if pyr:  # the tile's own features at H/2 and H/4 (a 3-level CNN beside the encoder)
+            self.img2 = ConvBlock(c1, c2)
+            self.img4 = ConvBlock(c2, c4)
         self.up1 = ConvBlock(c2 + c1, c1)
         self.heads = HoVerHeads(c1, n_types)
         self.meta = model_meta(
@@ -305,11 +313,18 @@ class Teacher(nn.Module):
         def up(t: torch.Tensor) -> torch.Tensor:
             return F.interpolate(t, scale_factor=2.0, mode="bilinear", align_corners=False)
 
+        full = self.stem(self.normalise(x))
         y = self.bottom(level(3, 16))
         y = self.up8(torch.cat([up(y), level(2, 8)], dim=1))
-        y = self.up4(torch.cat([up(y), level(1, 4)], dim=1))
-        y = self.up2(torch.cat([up(y), level(0, 2)], dim=1))
-        y = self.up1(torch.cat([up(y), self.stem(self.normalise(x))], dim=1))
+        if self.config.image_pyramid:
+            half = self.img2(F.max_pool2d(full, 2))
+            quarter = self.img4(F.max_pool2d(half, 2))
+            y = self.up4(torch.cat([up(y), level(1, 4), quarter], dim=1))
+            y = self.up2(torch.cat([up(y), level(0, 2), half], dim=1))
+        else:
+            y = self.up4(torch.cat([up(y), level(1, 4)], dim=1))
+            y = self.up2(torch.cat([up(y), level(0, 2)], dim=1))
+        y = self.up1(torch.cat([up(y), full], dim=1))
         return self.heads(y)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -345,6 +360,7 @@ def build_teacher(
         data_mpp=cfg.data_mpp,
         tile_size=cfg.tile_size,
         encoder_input=cfg.encoder_input,
+        image_pyramid=cfg.image_pyramid,
         taxonomy=taxonomy,
     )
     if meta:
