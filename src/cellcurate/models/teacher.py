@@ -9,7 +9,11 @@ Dimensions: B tiles, H×W pixels at the dataset's pixel size (~0.25 µm/px, H an
 (mean/std are buffers), resampled to the encoder's pixel size (rounded to whole patches), encoded
 into 4 feature maps, and decoded back to H×W: the deepest features start at H/16, the shallower
 ones join at H/8, H/4, H/2 (each projected, resized and refined), and a small convolutional stem on
-the full-resolution tile joins at H. ``encode``/``decode`` split the two halves so that training
+the full-resolution tile joins at H. With ``image_pyramid`` (:attr:`TeacherConfig.image_pyramid`)
+the stem's features are also pooled and refined to H/2 and H/4 and join the decoder there, beside
+the encoder's: a frozen ViT with 16-px patches (32 data px in the demo, whose encoder runs at
+0.5 µm/px) cannot resolve chromatin texture or a nucleus's size, and two full-resolution convolutions
+alone see only ~11 px (issue 9: on the demo release it lifts the teacher's class F1 and count R²). ``encode``/``decode`` split the two halves so that training
 computes the frozen encoder's features once per tile and caches them.
 
 Encoder input (:attr:`TeacherConfig.encoder_input`):
