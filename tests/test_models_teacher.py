@@ -165,3 +165,34 @@ def test_cli_train_teacher_has_the_encoder_input_option():
 
     res = CliRunner().invoke(command, ["teacher", "--help"])
     assert res.exit_code == 0 and "--encoder-input" in res.output and "native" in res.output
+
+
+def test_image_pyramid_feeds_the_tile_at_half_and_quarter_resolution(tmp_path):
+    """With ``image_pyramid`` the decoder also gets the tile's own CNN features at H/2 and H/4, so a
+    change of a few pixels (finer than one encoder patch) reaches those levels; it checkpoints and
+    old checkpoints (without the option) load without it."""
+    torch.manual_seed(0)
+    cfg = TeacherConfig(decoder_channels=DECODER, tile_size=64, encoder_input="resize", image_pyramid=True)
+    t = build_teacher(VIT14, config=cfg).eval()
+    c16, c8, c4, c2, c1 = DECODER
+    assert t.up4[0].in_channels == c8 + c4 + c4 and t.up2[0].in_channels == c4 + c2 + c2
+    seen: dict[str, torch.Tensor] = {}
+    t.img4.register_forward_hook(lambda m, i, o: seen.__setitem__("quarter", o))
+    t.img2.register_forward_hook(lambda m, i, o: seen.__setitem__("half", o))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        out = t(x)
+    assert seen["half"].shape[-2:] == (32, 32) and seen["quarter"].shape[-2:] == (16, 16)
+    assert out["tp"].shape == (1, 8, 64, 64)
+    save_checkpoint(tmp_path / "p", t, config={"seed": 0}, epoch=1, metrics={})
+    back = load_model(tmp_path / "p")
+    assert back.config.image_pyramid
+    with torch.no_grad():
+        assert torch.allclose(back(x)["tp"], out["tp"], atol=1e-6)
+    plain = _teacher("resize")
+    assert not plain.config.image_pyramid and not hasattr(plain, "img2")
+    save_checkpoint(tmp_path / "old", plain, config={"seed": 0}, epoch=1, metrics={})
+    doc = json.loads((tmp_path / "old" / "config.json").read_text())
+    del doc["architecture"]["image_pyramid"]  # as written before the option existed
+    (tmp_path / "old" / "config.json").write_text(json.dumps(doc))
+    assert not load_model(tmp_path / "old").config.image_pyramid

@@ -280,6 +280,35 @@ def test_classes_differ_in_size_and_stain(sample: syn.SampleInfo, truth: pd.Data
     assert f["gray"][6] > f["gray"][5] > f["gray"][2] > f["gray"][4]
 
 
+def test_every_nucleus_is_one_connected_region(sample: syn.SampleInfo, truth: pd.DataFrame) -> None:
+    """A nucleus is one outline (as an annotator draws it): its id must not cover separate pieces.
+    Karyorrhectic Dead nuclei used to be 3-6 disjoint fragments under one id, which any model that
+    segments pixels counts several times (it capped the ground-truth oracle's count R2 at ~0.87)."""
+    from scipy import ndimage
+
+    pk = truth[truth["source"] == "pannuke"]
+    n_dead = 0
+    for k in (1, 2, 3):
+        _, _, masks = _fold(sample, k)
+        for i, c, raw, cls in pk[pk["split"] == f"fold{k}"][
+            ["origin_index", "origin_channel", "origin_instance", "true_class"]
+        ].itertuples(index=False):
+            _, n = ndimage.label(np.asarray(masks[i, :, :, c]) == raw)
+            assert n == 1, f"fold{k} tile {i} channel {c} instance {raw} (class {cls}) has {n} pieces"
+            n_dead += cls == syn._DEAD
+    assert n_dead > 0, "the sample must hold Dead nuclei for the test to mean anything"
+
+
+def test_karyorrhectic_outline_is_one_polygon_at_every_pixel_size() -> None:
+    from scipy import ndimage
+
+    for ppu in (2.0, 4.0):
+        rng = np.random.default_rng(0)
+        for _ in range(200):
+            shape = syn._make_shape(syn._DEAD, rng, ppu)
+            assert len(shape.polys) == 1 and ndimage.label(shape.mask)[1] == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # determinism, fast path, atomicity, bad input
 # ---------------------------------------------------------------------------------------------

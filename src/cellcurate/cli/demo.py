@@ -230,10 +230,23 @@ DEMO_ENCODER = {"name": "demo-vit", "timm_name": "vit_small_patch16_224",
 DEMO_TARGETS = {"teacher R2_counts": 0.8, "teacher F1_classification": 0.7, "student/teacher PQ": 0.95,
                 "student/teacher mPQ": 0.95, "parameter ratio": 48.0}
 
+#: The demo's model recipe per preset (measured on the demo release: docs/MODELS.md, "Demo recipe").
+#: Tiles are PanNuke-format tiles: training and validation from the release's train folds, test
+#: from its test fold (all 40 of them for the demo: per-image count R² over 16 tiles is noisy).
+DEMO_RECIPE: dict[str, dict[str, Any]] = {
+    "demo": {"train_tiles": 72, "val_tiles": 8, "test_tiles": 40, "pretrain_tiles": 48, "pretrain_epochs": 3,
+             "teacher_epochs": 8, "student_epochs": 24, "batch_size": 4, "teacher_lr": 2e-3, "student_lr": 5e-3,
+             "student_dropout": 0.0, "student_loss": {"tp_fg_ce": 3.0, "consistency": 0.0}},
+    "tiny": {"train_tiles": 8, "val_tiles": 2, "test_tiles": 4, "pretrain_tiles": 8, "pretrain_epochs": 1,
+             "teacher_epochs": 1, "student_epochs": 1, "batch_size": 8, "teacher_lr": 2e-3, "student_lr": 3e-3,
+             "student_dropout": 0.2, "student_loss": {}},
+}
+
 
 def stage_models(ctx: dict[str, Any]) -> None:
     """Teacher (encoder pre-trained on the curated tiles, then frozen) + distilled student on the
-    demo release, validated on its val split, evaluated side by side on the test split, exported."""
+    demo release, validated on held-out training tiles, evaluated side by side on the test split,
+    exported."""
     import torch
     from torch.utils.data import Subset
 
@@ -241,6 +254,7 @@ def stage_models(ctx: dict[str, Any]) -> None:
     from ..models.encoders import EncoderSpec
     from ..models.evaluate import evaluate_models, metrics_markdown, write_report
     from ..models.export import check_onnx, export_onnx
+    from ..models.losses import LossConfig
     from ..models.pretrain import pretrain_encoder
     from ..models.student import TINY_STUDENT_CHANNELS, StudentConfig
     from ..models.teacher import TeacherConfig, build_teacher
@@ -249,41 +263,50 @@ def stage_models(ctx: dict[str, Any]) -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tiny = ctx["preset"] == "tiny"
+    r = DEMO_RECIPE[ctx["preset"]]
     train = load_release(ctx["release"], split="train")
     test = load_release(ctx["release"], split="test")
-    n_train, n_test, pre_epochs, t_epochs, s_epochs = (8, 4, 1, 1, 1) if tiny else (48, 16, 3, 4, 4)
-    pn_train = [i for i, r in enumerate(train.images.itertuples()) if r.source == "pannuke"][:n_train]
-    pn_test = [i for i, r in enumerate(test.images.itertuples()) if r.source == "pannuke"][:n_test]
-    test_idx = pn_test or list(range(min(n_test, len(test))))
+    n_train, t_epochs, s_epochs = r["train_tiles"], r["teacher_epochs"], r["student_epochs"]
+    pn = [i for i, row in enumerate(train.images.itertuples()) if row.source == "pannuke"]
+    pn_train = pn[:n_train]
+    pn_test = [i for i, row in enumerate(test.images.itertuples()) if row.source == "pannuke"][: r["test_tiles"]]
+    test_idx = pn_test or list(range(min(r["test_tiles"], len(test))))
     # validation: PanNuke-format tiles held out of training (the demo release's `val` split holds
     # only a few large MoNuSAC images, slow to evaluate every epoch on a CPU)
-    pn_val = [i for i, r in enumerate(train.images.itertuples()) if r.source == "pannuke"][n_train : n_train + (2 if tiny else 8)]
+    pn_val = pn[n_train : n_train + r["val_tiles"]]
     val = Subset(train, pn_val) if pn_val else None
     models_dir = ctx["out"] / "models"
     t0 = time.perf_counter()
     torch.manual_seed(ctx["seed"])
     spec = EncoderSpec(**DEMO_ENCODER) if not tiny else "micro-vit"
-    # the encoder is pre-trained on whole resampled tiles (pretrain_encoder), so the teacher feeds it the same way
+    # the encoder is pre-trained on whole resampled tiles (pretrain_encoder), so the teacher feeds it
+    # the same way; the image pyramid gives the decoder the tile's own detail at H, H/2 and H/4
     teacher = build_teacher(spec, random_init=True,
-                            config=TeacherConfig(decoder_channels=TINY_DECODER, encoder_input="resize"))
-    pre = pretrain_encoder(teacher, Subset(train, pn_train), epochs=pre_epochs, lr=1e-3, seed=ctx["seed"])
-    click.echo(f"teacher encoder pre-trained on {len(pn_train)} curated tiles for {pre_epochs} epoch(s) "
+                            config=TeacherConfig(decoder_channels=TINY_DECODER, encoder_input="resize",
+                                                 image_pyramid=True))
+    pre_tiles = pn_train[: r["pretrain_tiles"]]
+    pre = pretrain_encoder(teacher, Subset(train, pre_tiles), epochs=r["pretrain_epochs"], lr=1e-3, seed=ctx["seed"])
+    click.echo(f"teacher encoder pre-trained on {len(pre_tiles)} curated tiles for {r['pretrain_epochs']} epoch(s) "
                f"(patch class fractions, loss {pre[0]['loss']:.3f} -> {pre[-1]['loss']:.3f}), then frozen "
                f"({time.perf_counter() - t0:.0f} s)")
-    cfg = TrainConfig(epochs=t_epochs, batch_size=8, seed=ctx["seed"], lr=2e-3, val_metric="mPQ")
+    bs = r["batch_size"]
+    cfg = TrainConfig(epochs=t_epochs, batch_size=bs, seed=ctx["seed"], lr=r["teacher_lr"], val_metric="mPQ")
     t = train_teacher(Subset(train, pn_train), out_dir=models_dir / "teacher", model=teacher, config=cfg, val=val)
-    scfg = TrainConfig(epochs=s_epochs, batch_size=8, seed=ctx["seed"], lr=3e-3, val_metric="mPQ")
+    scfg = TrainConfig(epochs=s_epochs, batch_size=bs, seed=ctx["seed"], lr=r["student_lr"], val_metric="mPQ",
+                       loss=LossConfig(**r["student_loss"]))
     s = distill(t.model, Subset(train, pn_train), out_dir=models_dir / "student",
-                student_config=StudentConfig(channels=TINY_STUDENT_CHANNELS), config=scfg, val=val)
+                student_config=StudentConfig(channels=TINY_STUDENT_CHANNELS, dropout=r["student_dropout"]),
+                config=scfg, val=val)
     ratio = t.parameters / s.parameters
     click.echo(f"teacher ({'micro' if tiny else 'ViT-S/16 9-block'} encoder, pre-trained then frozen) {t.parameters:,} "
                f"parameters; student {s.parameters:,} parameters ({ratio:.1f}x fewer); {len(pn_train)} training "
-               f"tiles, {t_epochs} + {s_epochs} epochs; best epochs on {len(pn_val)} validation tiles: "
+               f"tiles, {t_epochs} + {s_epochs} epochs at batch {bs}; best epochs on {len(pn_val)} validation tiles: "
                f"teacher {t.best['epoch'] if t.best else '-'}, student {s.best['epoch'] if s.best else '-'} "
                f"(curves: {models_dir / 'teacher' / 'curves.png'}, {models_dir / 'student' / 'curves.png'})")
     results = evaluate_models({"teacher": t.model, "student": s.model}, Subset(test, test_idx), progress=True)
-    paths = write_report(results, ctx["out"] / "evaluation", title="Demo evaluation (test split)")
-    click.echo(metrics_markdown(results, title="Demo evaluation (test split)").split("\n## ")[0].rstrip())
+    title = f"Demo evaluation (test split, {len(test_idx)} tiles)"
+    paths = write_report(results, ctx["out"] / "evaluation", title=title)
+    click.echo(metrics_markdown(results, title=title).split("\n## ")[0].rstrip())
     tm, sm = results["models"]["teacher"], results["models"]["student"]
     click.echo("\n| model | PQ | mPQ | class F1 | count R² |\n| --- | ---: | ---: | ---: | ---: |")
     for name, m in (("teacher", tm), ("student", sm)):

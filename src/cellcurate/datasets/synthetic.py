@@ -285,15 +285,44 @@ def _shape_polys(fine: int, rng: np.random.Generator, ppu: float) -> tuple[list[
             d = rng.uniform(4.0, 5.5) * ppu
             return [_outline(d / 2, d / 2 * rng.uniform(0.85, 1.0), rot, _n_vertices(d / 2),
                              _harmonics(rng, range(2, 4), 0.03))], d / 2
-        # karyorrhexis: several small dark fragments in one instance
-        polys = []
-        for _ in range(int(rng.integers(3, 7))):
-            rr = 2.2 * np.sqrt(rng.random()) * ppu
-            phi = rng.uniform(0, 2 * np.pi)
-            fr = rng.uniform(0.55, 1.0) * ppu
-            polys.append(_outline(fr, fr, 0.0, 12) + [rr * np.cos(phi), rr * np.sin(phi)])
-        return polys, 2.5 * ppu
+        # karyorrhexis: a cluster of small dark fragments, outlined as ONE nucleus. Each fragment
+        # overlaps one placed before it, so the outline (the union's exterior) is a single
+        # connected polygon, as an annotator draws it: a nucleus whose id covered separate pieces
+        # would be counted several times by any model that sees pixels (issue 9: it capped the
+        # ground-truth oracle's count R2 at ~0.87).
+        return [_fragment_cluster(rng, ppu)], 2.5 * ppu
     raise ConfigError(f"unknown fine class {fine}")
+
+
+def _fragment_cluster(rng: np.random.Generator, ppu: float) -> np.ndarray:
+    """(V, 2) x, y outline of a karyorrhectic nucleus: 3-6 round fragments (0.55-1 µm radius),
+    each centred at 0.7 × the sum of its radius and a random earlier fragment's radius from that
+    one (in a random direction), so consecutive fragments overlap and the cluster is connected;
+    the outline is the exterior of their union (its convex hull if rounding ever disconnects it),
+    re-centred on the cluster's mean."""
+    from shapely.geometry import Polygon
+    from shapely.ops import unary_union
+
+    centres: list[tuple[float, float]] = []
+    radii: list[float] = []
+    for i in range(int(rng.integers(3, 7))):
+        pick = rng.random()  # which earlier fragment this one leans on
+        phi = rng.uniform(0, 2 * np.pi)
+        fr = rng.uniform(0.55, 1.0) * ppu
+        if i == 0:
+            cx, cy = 0.0, 0.0
+        else:
+            j = int(pick * i)
+            d = 0.7 * (radii[j] + fr)
+            cx, cy = centres[j][0] + d * np.cos(phi), centres[j][1] + d * np.sin(phi)
+        centres.append((cx, cy))
+        radii.append(fr)
+    discs = [Polygon(_outline(r, r, 0.0, 16) + [cx, cy]) for (cx, cy), r in zip(centres, radii)]
+    union = unary_union(discs)
+    if union.geom_type != "Polygon":
+        union = union.convex_hull
+    xy = np.asarray(union.exterior.coords, dtype=np.float64)[:-1]
+    return xy - xy.mean(axis=0)
 
 
 def _make_shape(

@@ -9,7 +9,11 @@ Dimensions: B tiles, H×W pixels at the dataset's pixel size (~0.25 µm/px, H an
 (mean/std are buffers), resampled to the encoder's pixel size (rounded to whole patches), encoded
 into 4 feature maps, and decoded back to H×W: the deepest features start at H/16, the shallower
 ones join at H/8, H/4, H/2 (each projected, resized and refined), and a small convolutional stem on
-the full-resolution tile joins at H. ``encode``/``decode`` split the two halves so that training
+the full-resolution tile joins at H. With ``image_pyramid`` (:attr:`TeacherConfig.image_pyramid`)
+the stem's features are also pooled and refined to H/2 and H/4 and join the decoder there, beside
+the encoder's: a frozen ViT with 16-px patches (32 data px in the demo, whose encoder runs at
+0.5 µm/px) cannot resolve chromatin texture or a nucleus's size, and two full-resolution convolutions
+alone see only ~11 px (issue 9: on the demo release it lifts the teacher's class F1 and count R²). ``encode``/``decode`` split the two halves so that training
 computes the frozen encoder's features once per tile and caches them.
 
 Encoder input (:attr:`TeacherConfig.encoder_input`):
@@ -180,6 +184,9 @@ class TeacherConfig:
     tile_size: int = 256
     #: ``"native"`` (windows of the encoder's own input size) or ``"resize"`` (the whole tile)
     encoder_input: str = "native"
+    #: a small CNN on the tile also feeds the decoder at H/2 and H/4 (not only at H), so it sees
+    #: image detail finer than the encoder's patches at every level (see the module docstring)
+    image_pyramid: bool = False
 
     def __post_init__(self) -> None:
         self.decoder_channels = tuple(int(c) for c in self.decoder_channels)  # type: ignore[assignment]
@@ -210,11 +217,12 @@ class Teacher(nn.Module):
         data_mpp: float = DATA_MPP,
         tile_size: int = 256,
         encoder_input: str = "native",
+        image_pyramid: bool = False,
         taxonomy: Taxonomy | None = None,
     ) -> None:
         super().__init__()
         self.config = TeacherConfig(tuple(decoder_channels), n_types, data_mpp, tile_size,  # type: ignore[arg-type]
-                                    encoder_input)
+                                    encoder_input, bool(image_pyramid))
         c16, c8, c4, c2, c1 = self.config.decoder_channels
         spec: EncoderSpec = encoder.spec
         self.encoder = encoder
@@ -235,9 +243,13 @@ class Teacher(nn.Module):
         self.proj = nn.ModuleList([proj(ch[0], c2), proj(ch[1], c4), proj(ch[2], c8), proj(ch[3], c16)])
         self.bottom = ConvBlock(c16, c16)
         self.up8 = ConvBlock(c16 + c8, c8)
-        self.up4 = ConvBlock(c8 + c4, c4)
-        self.up2 = ConvBlock(c4 + c2, c2)
+        pyr = self.config.image_pyramid
+        self.up4 = ConvBlock(c8 + c4 + (c4 if pyr else 0), c4)
+        self.up2 = ConvBlock(c4 + c2 + (c2 if pyr else 0), c2)
         self.stem = ConvBlock(3, c1)
+        if pyr:  # the tile's own features at H/2 and H/4 (a 3-level CNN beside the encoder)
+            self.img2 = ConvBlock(c1, c2)
+            self.img4 = ConvBlock(c2, c4)
         self.up1 = ConvBlock(c2 + c1, c1)
         self.heads = HoVerHeads(c1, n_types)
         self.meta = model_meta(
@@ -305,11 +317,18 @@ class Teacher(nn.Module):
         def up(t: torch.Tensor) -> torch.Tensor:
             return F.interpolate(t, scale_factor=2.0, mode="bilinear", align_corners=False)
 
+        full = self.stem(self.normalise(x))
         y = self.bottom(level(3, 16))
         y = self.up8(torch.cat([up(y), level(2, 8)], dim=1))
-        y = self.up4(torch.cat([up(y), level(1, 4)], dim=1))
-        y = self.up2(torch.cat([up(y), level(0, 2)], dim=1))
-        y = self.up1(torch.cat([up(y), self.stem(self.normalise(x))], dim=1))
+        if self.config.image_pyramid:
+            half = self.img2(F.max_pool2d(full, 2))
+            quarter = self.img4(F.max_pool2d(half, 2))
+            y = self.up4(torch.cat([up(y), level(1, 4), quarter], dim=1))
+            y = self.up2(torch.cat([up(y), level(0, 2), half], dim=1))
+        else:
+            y = self.up4(torch.cat([up(y), level(1, 4)], dim=1))
+            y = self.up2(torch.cat([up(y), level(0, 2)], dim=1))
+        y = self.up1(torch.cat([up(y), full], dim=1))
         return self.heads(y)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -345,6 +364,7 @@ def build_teacher(
         data_mpp=cfg.data_mpp,
         tile_size=cfg.tile_size,
         encoder_input=cfg.encoder_input,
+        image_pyramid=cfg.image_pyramid,
         taxonomy=taxonomy,
     )
     if meta:
