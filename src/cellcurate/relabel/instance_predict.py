@@ -350,6 +350,8 @@ def read_instance_map(path: Path, shape: tuple[int, int]) -> np.ndarray:
     except Exception as exc:  # tifffile raises its own errors on damaged files
         raise InputFormatError(path, f"cannot read the instance map ({type(exc).__name__}: {exc})") from None
     arr = np.asarray(arr)
+    if arr.size == 0 and shape[0] * shape[1] > 0:
+        raise InputFormatError(path, "cannot read the instance map (the file holds no pixels: damaged or empty)")
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.shape != tuple(shape):
