@@ -76,17 +76,34 @@ def test_annotation_the_model_calls_background_is_spurious():
     assert _flags(ann, pred, np.full(ann.shape, 0.5)) == []
 
 
-def test_shifted_outline_is_bad_outline_with_its_iou():
+def test_shifted_outline_is_bad_outline_with_its_iou_and_shift():
     ann, pred = _grid(), _grid()
     pred[2:10, 2:8] = 1  # 48 px
     ann[2:10, 5:11] = 1  # shifted right by 3 px: overlap 8 x 3 = 24, union 72, IoU 1/3
     (f,) = _flags(ann, pred)
     assert f.issue == "bad_outline" and f.ann_ids == [1] and f.pred_ids == [1]
     assert f.evidence["iou"] == pytest.approx(1 / 3, abs=1e-4)
-    assert f.score == pytest.approx((1 - (1 / 3) / 0.6) ** 0.5, abs=1e-6)
-    ann2 = _grid()
-    ann2[2:10, 3:9] = 1  # shifted by 1 px: IoU 40/56 = 0.714 >= 0.6, fine
-    assert _flags(ann2, pred) == []
+    # moved back by 3 px the outline fits exactly: gain 2/3, best shift (dx, dy) = (-3, 0)
+    assert f.evidence["shift_gain"] == pytest.approx(2 / 3, abs=1e-4)
+    assert f.evidence["best_shift"] == [-3, 0]
+    assert f.score == pytest.approx(1.0)
+
+
+def test_grown_outline_is_bad_outline_without_shift_gain():
+    ann, pred = _grid(20, 20), _grid(20, 20)
+    pred[6:14, 6:14] = 1  # 64 px
+    ann[3:17, 3:17] = 1  # 196 px around it: IoU 64/196
+    (f,) = _flags(ann, pred, np.where(pred > 0, 0.8, 0.0))
+    assert f.issue == "bad_outline" and f.evidence["iou"] == pytest.approx(64 / 196, abs=1e-4)
+    assert f.evidence["shift_gain"] == 0.0
+    assert f.score == pytest.approx(0.8 * (1 - (64 / 196) / 0.6) ** 0.5, abs=1e-4)
+
+
+def test_small_offsets_of_a_large_nucleus_are_not_flagged():
+    ann, pred = _grid(30, 30), _grid(30, 30)
+    pred[4:24, 4:24] = 1
+    ann[4:24, 5:25] = 1  # 1 px: IoU 380/420 = 0.905
+    assert _flags(ann, pred) == []
 
 
 def test_exact_match_has_no_flag_and_thresholds_are_options():

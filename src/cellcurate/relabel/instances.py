@@ -12,7 +12,8 @@ missing_annotation   a confident predicted nucleus of which at most ``missing_ma
 spurious_annotation  an annotated object overlapping no prediction (IoU < ``spurious_max_iou``) delete
                      whose pixels the model calls background (mean ≥ ``spurious_min_background``)
 bad_outline          a one-to-one match (mutual best IoU ≥ ``match_iou``) with IoU below          replace
-                     ``bad_outline_iou`` while the model is confident
+                     ``bad_outline_iou``, or whose IoU rises by ≥ ``min_shift_gain`` when
+                     the outline is moved (``shift_gain``), while the model is confident
 merged               one annotation holding ≥ 2 confident predictions (each ≥ ``part_cover``     split
                      inside it, each ≥ ``min_part_um2``)
 split                one confident prediction holding ≥ 2 annotations (each ≥ ``part_cover``     merge
@@ -80,13 +81,15 @@ class InstanceConfig:
     spurious_max_iou: float = 0.2
     match_iou: float = 0.2
     bad_outline_iou: float = 0.6
+    shift_check_iou: float = 0.85  # matches below this IoU are also tried moved (shift_gain)
+    min_shift_gain: float = 0.15  # a moved outline gaining this much IoU is a bad outline too
     part_cover: float = 0.6
     min_part_um2: float = 6.0
     cleanlab: bool = True
 
     def validate(self) -> "InstanceConfig":
         for name in ("min_confidence", "missing_max_overlap", "spurious_min_background", "spurious_max_iou",
-                     "match_iou", "bad_outline_iou", "part_cover"):
+                     "match_iou", "bad_outline_iou", "shift_check_iou", "min_shift_gain", "part_cover"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
                 raise ConfigError(f"{name} must be a number in [0, 1], got {v!r}")
@@ -143,19 +146,19 @@ def match_image(ann: np.ndarray, pred: np.ndarray, prob: np.ndarray, *, config: 
     n, m = int(ann.max(initial=0)), int(pred.max(initial=0))
     flat_a, flat_p = ann.ravel(), pred.ravel()
     pr = np.asarray(prob, np.float64).ravel()
-    O = np.bincount(flat_a * (m + 1) + flat_p, minlength=(n + 1) * (m + 1)).reshape(n + 1, m + 1)
-    A, P = O.sum(axis=1), O.sum(axis=0)
+    ov = np.bincount(flat_a * (m + 1) + flat_p, minlength=(n + 1) * (m + 1)).reshape(n + 1, m + 1)
+    A, P = ov.sum(axis=1), ov.sum(axis=0)
     fg_a = np.bincount(flat_a, weights=pr, minlength=n + 1) / np.maximum(A, 1)
     conf = np.bincount(flat_p, weights=pr, minlength=m + 1) / np.maximum(P, 1)
     ignore = np.zeros(n + 1, bool)
     ig = [int(i) for i in ignore_ids if 0 < int(i) <= n]
     ignore[ig] = True
     min_px = cfg.min_part_um2 / max(mpp, 1e-6) ** 2
-    Oi = O[1:, 1:].astype(np.float64)
+    ovi = ov[1:, 1:].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        iou = Oi / (A[1:, None] + P[None, 1:] - Oi)
-        p_in_a = Oi / P[None, 1:]  # share of prediction p inside annotation a
-        a_in_p = Oi / A[1:, None]  # share of annotation a inside prediction p
+        iou = ovi / (A[1:, None] + P[None, 1:] - ovi)
+        p_in_a = ovi / P[None, 1:]  # share of prediction p inside annotation a
+        a_in_p = ovi / A[1:, None]  # share of annotation a inside prediction p
     iou = np.nan_to_num(iou)
     p_in_a, a_in_p = np.nan_to_num(p_in_a), np.nan_to_num(a_in_p)
     confident = conf[1:] >= cfg.min_confidence  # (m,)
@@ -169,10 +172,10 @@ def match_image(ann: np.ndarray, pred: np.ndarray, prob: np.ndarray, *, config: 
         part = (p_in_a >= cfg.part_cover) & confident[None, :] & (P[None, 1:] >= min_px)
         for a in np.flatnonzero((part.sum(axis=1) >= 2) & real_a):
             ps = np.flatnonzero(part[a])
-            cover = float(Oi[a, ps].sum() / A[a + 1])
+            cover = float(ovi[a, ps].sum() / A[a + 1])
             if cover < 0.5:
                 continue
-            shares = np.sort(Oi[a, ps] / A[a + 1])[::-1]
+            shares = np.sort(ovi[a, ps] / A[a + 1])[::-1]
             score = float(np.mean(conf[ps + 1])) * float(p_in_a[a, ps].min()) * min(1.0, 3.0 * float(shares[1]))
             merged.append(ImageFlag("merged", score, [int(a + 1)], [int(p + 1) for p in ps], {
                 "n_predicted": int(len(ps)), "cover": _r(cover), "confidence": _r(np.mean(conf[ps + 1])),
@@ -186,7 +189,7 @@ def match_image(ann: np.ndarray, pred: np.ndarray, prob: np.ndarray, *, config: 
             as_ = np.flatnonzero(part[:, p] & ~taken)
             if len(as_) < 2:
                 continue
-            cover = float(Oi[as_, p].sum() / P[p + 1])
+            cover = float(ovi[as_, p].sum() / P[p + 1])
             contact = _contact(ann, [int(a + 1) for a in as_])
             shares = np.sort(A[as_ + 1] / A[as_ + 1].sum())
             score = float(conf[p + 1]) * float(a_in_p[as_, p].min()) * min(1.0, cover / 0.8) * min(1.0, 3 * float(shares[0]))
@@ -203,7 +206,7 @@ def match_image(ann: np.ndarray, pred: np.ndarray, prob: np.ndarray, *, config: 
         spurious.append(ImageFlag("spurious_annotation", score, [int(a + 1)], [], {
             "background_prob": _r(bg), "best_iou": _r(best_iou[a]), "area": int(A[a + 1])}))
         taken[a] = True
-    # bad outline: mutual best match, IoU low, model confident
+    # bad outline: mutual best match, IoU low (or much higher once the outline is moved), model confident
     bad = []
     if n and m:
         best_p = iou.argmax(axis=1)
@@ -211,17 +214,22 @@ def match_image(ann: np.ndarray, pred: np.ndarray, prob: np.ndarray, *, config: 
         for a in np.flatnonzero(real_a & ~taken):
             p = int(best_p[a])
             v = float(iou[a, p])
-            if best_a_of_p[p] != a or not cfg.match_iou <= v < cfg.bad_outline_iou or not confident[p]:
+            if best_a_of_p[p] != a or not cfg.match_iou <= v < cfg.shift_check_iou or not confident[p]:
                 continue
-            score = float(conf[p + 1]) * (1.0 - v / max(cfg.bad_outline_iou, 1e-6)) ** 0.5
+            gain, (dy, dx) = _shift_gain(ann == a + 1, pred == p + 1, max_shift=max(2, int(np.sqrt(A[a + 1] / np.pi))))
+            if v >= cfg.bad_outline_iou and gain < cfg.min_shift_gain:
+                continue
+            low = (1.0 - min(v, cfg.bad_outline_iou) / max(cfg.bad_outline_iou, 1e-6)) ** 0.5
+            score = float(conf[p + 1]) * max(low, min(1.0, gain / 0.3))
             bad.append(ImageFlag("bad_outline", score, [int(a + 1)], [p + 1], {
                 "iou": _r(v), "confidence": _r(conf[p + 1]), "area": int(A[a + 1]), "predicted_area": int(P[p + 1]),
-                "inside": _r(a_in_p[a, p]), "covered": _r(p_in_a[a, p])}))
+                "inside": _r(a_in_p[a, p]), "covered": _r(p_in_a[a, p]), "shift_gain": _r(gain),
+                "best_shift": [int(dx), int(dy)]}))
     # missing: confident prediction, (almost) nothing annotated there
     missing = []
     if m:
         ig_px = np.bincount(flat_p[np.isin(flat_a, ig)], minlength=m + 1) if ig else np.zeros(m + 1)
-        annotated = 1.0 - (O[0] + ig_px) / np.maximum(P, 1)
+        annotated = 1.0 - (ov[0] + ig_px) / np.maximum(P, 1)
         in_ignore = ig_px / np.maximum(P, 1)
         ok = confident & (annotated[1:] <= cfg.missing_max_overlap) & (in_ignore[1:] <= 0.5) & (P[1:] >= min_px)
         for p in np.flatnonzero(ok):
@@ -232,6 +240,32 @@ def match_image(ann: np.ndarray, pred: np.ndarray, prob: np.ndarray, *, config: 
     for f in flags:
         f.score = float(min(1.0, max(0.0, f.score)))
     return flags
+
+
+def _shift_gain(ann_mask: np.ndarray, pred_mask: np.ndarray, *, max_shift: int) -> tuple[float, tuple[int, int]]:
+    """How much the IoU of two masks rises when the annotation is moved by up to ``max_shift``
+    pixels each way (cross-correlation by FFT on the crop), and the best (dy, dx)."""
+    from scipy.signal import fftconvolve
+
+    both = ann_mask | pred_mask
+    ys, xs = np.nonzero(both)
+    if not len(ys):
+        return 0.0, (0, 0)
+    y0, x0, y1, x1 = ys.min(), xs.min(), ys.max() + 1, xs.max() + 1
+    a = ann_mask[y0:y1, x0:x1].astype(np.float64)
+    p = pred_mask[y0:y1, x0:x1].astype(np.float64)
+    na, np_ = a.sum(), p.sum()
+    # c[dy, dx] = sum over pixels of a(y, x) p(y + dy, x + dx): the overlap with a moved by (dy, dx)
+    c = fftconvolve(p, a[::-1, ::-1], mode="full")
+    cy, cx = a.shape[0] - 1, a.shape[1] - 1
+    k = int(max_shift)
+    win = c[max(0, cy - k):cy + k + 1, max(0, cx - k):cx + k + 1]
+    inter = np.clip(np.rint(win), 0, None)
+    ious = inter / np.maximum(na + np_ - inter, 1)
+    j = np.unravel_index(int(np.argmax(ious)), ious.shape)
+    base = float(np.clip(np.rint(c[cy, cx]), 0, None) / max(na + np_ - np.rint(c[cy, cx]), 1))
+    dy, dx = int(j[0] + max(0, cy - k) - cy), int(j[1] + max(0, cx - k) - cx)
+    return max(0.0, float(ious[j]) - base), (dy, dx)
 
 
 def _contact(ann: np.ndarray, ids: list[int]) -> int:
@@ -298,11 +332,11 @@ def _aux_inputs(ann: np.ndarray, pred: np.ndarray, prob: np.ndarray, alpha: floa
     exp(−euc × centre distance)) on it, instead of cleanlab's box overlaps (pure-Python loops)."""
     n, m = int(ann.max(initial=0)), int(pred.max(initial=0))
     fa, fp = ann.ravel().astype(np.int64), pred.ravel().astype(np.int64)
-    O = np.bincount(fa * (m + 1) + fp, minlength=(n + 1) * (m + 1)).reshape(n + 1, m + 1)[1:, 1:].astype(np.float64)
+    ov = np.bincount(fa * (m + 1) + fp, minlength=(n + 1) * (m + 1)).reshape(n + 1, m + 1)[1:, 1:].astype(np.float64)
     A = np.bincount(fa, minlength=n + 1)[1:]
     P = np.bincount(fp, minlength=m + 1)[1:]
     with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.nan_to_num(O / (A[:, None] + P[None, :] - O))
+        iou = np.nan_to_num(ov / (A[:, None] + P[None, :] - ov))
         conf = np.nan_to_num(np.bincount(fp, weights=prob.ravel(), minlength=m + 1)[1:] / P)
     lb, pb = _boxes(ann, n), _boxes(pred, m)
     lc = np.stack([(lb[:, 0] + lb[:, 2]) / 2, (lb[:, 1] + lb[:, 3]) / 2], axis=1)
@@ -376,7 +410,7 @@ def find_instance_issues(store: "Store", predictions: "PredictionCache", *, conf
 
     def finish() -> None:
         ev = cleanlab_evidence([(a, p, q) for _, a, p, q, _, _ in pending]) if cfg.cleanlab and pending else None
-        for j, (image_id, ann, pred, prob, flags, nid_of) in enumerate(pending):
+        for j, (image_id, ann, pred, _prob, flags, nid_of) in enumerate(pending):
             h8 = image_hash8(image_id)
             for k, f in enumerate(flags):
                 evidence = dict(f.evidence)
