@@ -308,18 +308,21 @@ def part_scale(n: int, out: Path) -> dict:
 
         store = Store.open(Path(tmp) / "store", mode="a")
         for label, cfg in (("round_s", InstanceConfig()), ("round_no_cleanlab_s", InstanceConfig(cleanlab=False))):
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             cache = load_predictions(store, "bench-perturbed", cfg_doc)
             assert cache is not None
             rr = run_instance_round(store, 1, predictions=cache, cached=True, config=cfg, overwrite=True,
                                     progress=False)
             res[label] = round(time.perf_counter() - t, 1)
+            res[label.replace("_s", "_cpu_s")] = round(time.process_time() - c, 1)
             res[label.replace("_s", "_flags")] = rr.counts
         store.close()
     goal = 60.0
     print(f"scale: {n_nuc:,} nuclei in {res['images']:,} tiles, predictions cached: round {res['round_s']:.1f} s "
-          f"(goal <= {goal:.0f} s, ratio {res['round_s'] / goal:.2f}); without the cleanlab evidence "
-          f"{res['round_no_cleanlab_s']:.1f} s; flags {res['round_flags']}")
+          f"wall, {res['round_cpu_s']:.1f} s CPU of this process (goal <= {goal:.0f} s, ratio "
+          f"{res['round_s'] / goal:.2f} wall, {res['round_cpu_s'] / goal:.2f} CPU); without the cleanlab evidence "
+          f"{res['round_no_cleanlab_s']:.1f} s wall, {res['round_no_cleanlab_cpu_s']:.1f} s CPU; flags {res['round_flags']}")
+    print("  (on a shared machine the CPU time is the fair figure: wall time counts other users' load)")
     res["goal_s"] = goal
     res["ratio_to_goal"] = round(res["round_s"] / goal, 3)
     return res

@@ -484,7 +484,8 @@ class PredictionCache:
 
     def _file(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k not in self._open:
-            self._open.clear()
+            if len(self._open) >= 16:  # memory maps: cheap to keep a few open
+                self._open.pop(next(iter(self._open)))
             self._open[k] = (np.load(self.folder / f"labels_{k}.npy", mmap_mode="r", allow_pickle=False),
                              np.load(self.folder / f"prob_{k}.npy", mmap_mode="r", allow_pickle=False))
         return self._open[k]

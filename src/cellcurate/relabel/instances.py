@@ -403,9 +403,8 @@ def find_instance_issues(store: "Store", predictions: "PredictionCache", *, conf
     mpp = dict(zip(images["image_id"].astype(str), images["mpp"].astype(float)))
     by_image = {k: g for k, g in nuclei.groupby("image_id", sort=False)}
     rows: list[dict[str, Any]] = []
-    order = predictions.index.sort_values(["file", "pos"])["image_id"].astype(str).tolist()
     known = set(mpp)
-    ids = [i for i in order if i in known]
+    ids = [i for i in predictions.image_ids() if i in known]
     pending: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, list[ImageFlag], dict[int, int]]] = []
 
     def finish() -> None:
@@ -435,9 +434,8 @@ def find_instance_issues(store: "Store", predictions: "PredictionCache", *, conf
                 })
         pending.clear()
 
-    for image_id in tqdm(ids, desc="instance matching", unit="image", leave=False,
-                         disable=None if progress is None else not progress):
-        ann = store.read_instances(image_id)
+    for image_id, ann in tqdm(store.iter_instances(ids), total=len(ids), desc="instance matching", unit="image",
+                              leave=False, disable=None if progress is None else not progress):
         pred, prob = predictions.maps(image_id)
         g = by_image.get(image_id)
         ignore_ids: list[int] = []
