@@ -179,3 +179,21 @@ def test_score_flags_counts_hits_per_issue_type():
     assert s["merged"]["recall"] == 0.0 and s["merged"]["precision"] == 0.0  # other image
     assert s["bad_outline"]["planted"] == 0
     assert score_flags(flags, planted, image_ids=["b"])["merged"]["flags"] == 1
+
+
+def test_cleanlab_pixel_quality_is_the_same_batched_or_one_by_one():
+    rng = np.random.default_rng(0)
+    items = []
+    for k in range(4):
+        shape = (40, 40) if k % 2 else (30, 50)
+        ann, pred = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+        ann[2:10, 2:10] = 1
+        ann[15:25, 12:22] = 2
+        pred[2:10, 3:11] = 1
+        pred[15:25, 12 + k:22 + k] = 2
+        items.append((ann, pred, np.clip((pred > 0) * 0.9 + rng.random(shape) * 0.1, 0, 1)))
+    batched = cleanlab_evidence(items)
+    for b, item in zip(batched, items):
+        (one,) = cleanlab_evidence([item])
+        assert b["pixel_quality"] == pytest.approx(one["pixel_quality"], abs=1e-9)
+        np.testing.assert_allclose(b["badloc"], one["badloc"])

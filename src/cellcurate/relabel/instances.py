@@ -373,16 +373,20 @@ def cleanlab_evidence(items: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) ->
         warnings.simplefilter("ignore")
         badloc = compute_badloc_box_scores(auxiliary_inputs=aux)
         quality = pool_box_scores_per_image([np.asarray(b, np.float64) for b in badloc])
-    out = []
-    for i, (ann, _pred, prob) in enumerate(items):
-        lab = (ann > 0).astype(np.int64)[None]
-        pp = np.stack([1.0 - prob, prob])[None].astype(np.float32)
+    pixel = np.zeros(len(items))
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, (ann, _pred, _prob) in enumerate(items):
+        by_shape.setdefault(ann.shape, []).append(i)
+    for idx in by_shape.values():  # one call per image size (cleanlab's per-call overhead dominates a tile)
+        lab = np.stack([(items[i][0] > 0) for i in idx]).astype(np.int64)
+        prob = np.stack([items[i][2] for i in idx]).astype(np.float32)
+        pp = np.stack([1.0 - prob, prob], axis=1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             q, _ = seg_quality(lab, pp, verbose=False)
-        out.append({"image_quality": float(quality[i]), "pixel_quality": float(q[0]),
-                    "badloc": np.asarray(badloc[i], np.float64)})
-    return out
+        pixel[idx] = q
+    return [{"image_quality": float(quality[i]), "pixel_quality": float(pixel[i]),
+             "badloc": np.asarray(badloc[i], np.float64)} for i in range(len(items))]
 
 
 # -- the whole store ------------------------------------------------------------------------------
