@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -46,7 +47,7 @@ def command(store_path: Path, round_: int, predictions: Path | None, folds: int,
     from ..relabel.instances import InstanceConfig, planted_for_store, run_instance_round
 
     cfg = InstanceConfig(cleanlab=not no_cleanlab)
-    given = {"min_confidence": min_confidence, "bad_outline_iou": bad_outline_iou,
+    given: dict[str, Any] = {"min_confidence": min_confidence, "bad_outline_iou": bad_outline_iou,
              "missing_max_overlap": missing_max_overlap, "spurious_min_background": spurious_min_background,
              "part_cover": part_cover}
     cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None}).validate()

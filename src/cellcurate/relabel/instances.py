@@ -212,18 +212,18 @@ def match_image(ann: np.ndarray, pred: np.ndarray, prob: np.ndarray, *, config: 
         best_p = iou.argmax(axis=1)
         best_a_of_p = iou.argmax(axis=0)
         for a in np.flatnonzero(real_a & ~taken):
-            p = int(best_p[a])
-            v = float(iou[a, p])
-            if best_a_of_p[p] != a or not cfg.match_iou <= v < cfg.shift_check_iou or not confident[p]:
+            q = int(best_p[a])
+            v = float(iou[a, q])
+            if best_a_of_p[q] != a or not cfg.match_iou <= v < cfg.shift_check_iou or not confident[q]:
                 continue
-            gain, (dy, dx) = _shift_gain(ann == a + 1, pred == p + 1, max_shift=max(2, int(np.sqrt(A[a + 1] / np.pi))))
+            gain, (dy, dx) = _shift_gain(ann == a + 1, pred == q + 1, max_shift=max(2, int(np.sqrt(A[a + 1] / np.pi))))
             if v >= cfg.bad_outline_iou and gain < cfg.min_shift_gain:
                 continue
             low = (1.0 - min(v, cfg.bad_outline_iou) / max(cfg.bad_outline_iou, 1e-6)) ** 0.5
-            score = float(conf[p + 1]) * max(low, min(1.0, gain / 0.3))
-            bad.append(ImageFlag("bad_outline", score, [int(a + 1)], [p + 1], {
-                "iou": _r(v), "confidence": _r(conf[p + 1]), "area": int(A[a + 1]), "predicted_area": int(P[p + 1]),
-                "inside": _r(a_in_p[a, p]), "covered": _r(p_in_a[a, p]), "shift_gain": _r(gain),
+            score = float(conf[q + 1]) * max(low, min(1.0, gain / 0.3))
+            bad.append(ImageFlag("bad_outline", score, [int(a + 1)], [q + 1], {
+                "iou": _r(v), "confidence": _r(conf[q + 1]), "area": int(A[a + 1]), "predicted_area": int(P[q + 1]),
+                "inside": _r(a_in_p[a, q]), "covered": _r(p_in_a[a, q]), "shift_gain": _r(gain),
                 "best_shift": [int(dx), int(dy)]}))
     # missing: confident prediction, (almost) nothing annotated there
     missing = []
