@@ -1,7 +1,7 @@
 """`curate demo`: the whole pipeline, end to end, on the built-in synthetic sample.
 
 Stages: generate the sample (PanNuke and MoNuSAC in their real release formats, with a known
-truth and 10 % planted label flips) -> ingest both, plus four real CoNSeP tiles shipped in the
+truth, 10 % planted label flips and a few planted instance errors) -> ingest both, plus four real CoNSeP tiles shipped in the
 package (``datasets/real_sample/``) -> summary. Later stages (relabeling rounds,
 review, release, teacher/student) are added to :data:`STAGES` as they exist.
 """
@@ -22,12 +22,15 @@ def _header(title: str) -> None:
 
 
 def stage_sample(ctx: dict[str, Any]) -> None:
-    from ..datasets.synthetic import write_sample
+    from ..datasets.synthetic import DEMO_INSTANCE_RATES, write_sample
 
-    info = write_sample(ctx["out"] / "sample", preset=ctx["preset"], seed=ctx["seed"], flip_fraction=0.10)
+    info = write_sample(ctx["out"] / "sample", preset=ctx["preset"], seed=ctx["seed"], flip_fraction=0.10,
+                        instance_errors=DEMO_INSTANCE_RATES)
     ctx["sample"] = info
     click.echo(f"wrote {info.n_tiles} PanNuke tiles and {info.n_images} MoNuSAC images "
                f"({info.n_nuclei:,} nuclei, {info.n_flipped} planted label flips) to {info.root}")
+    planted = ", ".join(f"{k} {v}" for k, v in sorted(info.instance_errors.items()))
+    click.echo(f"planted instance errors in the PanNuke annotations (the images keep every nucleus): {planted}")
 
 
 def real_sample_path() -> Path:
@@ -220,6 +223,36 @@ def stage_release(ctx: dict[str, Any]) -> None:
     click.echo(f"verify {res.path}: OK (every file matches the sha256 in manifest.json)")
 
 
+def stage_instances(ctx: dict[str, Any]) -> None:
+    """Instance round 1: out-of-fold predictions, the five instance issue types, scored against
+    the planted instance errors (on the synthetic images; the real CoNSeP tiles have no truth)."""
+    import pandas as pd
+
+    from ..datasets.store import Store
+    from ..relabel.instance_predict import PixelModelConfig, get_predictions
+    from ..relabel.instances import planted_for_store, run_instance_round
+
+    info = ctx["sample"]
+    with Store.open(ctx["store_path"], mode="a") as store:
+        cache, cached = get_predictions(store, config=PixelModelConfig(seed=ctx["seed"]))
+        planted = planted_for_store(store, pd.read_parquet(info.instance_truth_path)) \
+            if info.instance_truth_path is not None else None
+        images = store.images()
+        synthetic = images.loc[images["source"].isin(["pannuke", "monusac"]), "image_id"]
+        res = run_instance_round(store, 1, predictions=cache, cached=cached, planted=planted,
+                                 truth_images=synthetic)
+    click.echo(res.summary().replace("against the planted truth:",
+                                     "against the planted truth (synthetic PanNuke + MoNuSAC images; "
+                                     "a flag counts only for its own issue type):"))
+    ctx["instance_truth"] = res.truth
+    if res.truth:
+        missed = [k for k, v in res.truth.items() if v["planted"] and not (v["recall"] >= 0.8 and v["precision"] >= 0.5)]
+        click.echo("instance issues: every type meets recall >= 0.8 at precision >= 0.5" if not missed
+                   else f"instance issues: MISSED for {', '.join(missed)}")
+    click.echo(f"{len(res.flags)} instance_flag events in the ledger (each with its proposed geometry); "
+               f"table: {res.folder / 'flags.parquet'}")
+
+
 #: The demo teacher's encoder: a ViT-S/16 of 9 blocks (random init, then pre-trained on the demo's
 #: curated tiles), the stand-in for H-Optimus-0; big enough that the tiny student is >= 48x smaller.
 DEMO_ENCODER = {"name": "demo-vit", "timm_name": "vit_small_patch16_224",
@@ -334,6 +367,7 @@ STAGES: list[tuple[str, Any]] = [
     ("Relabeling rounds 1 and 2", stage_relabel),
     ("Review (a simulated annotator, through the CSV review path)", stage_review),
     ("Release v1", stage_release),
+    ("Instance round 1 (missed, spurious, badly drawn, merged and split nuclei)", stage_instances),
     ("Teacher, distilled student, evaluation, export", stage_models),
 ]
 

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "info": "cellcurate.cli.info:command",
     "verify": "cellcurate.cli.verify:command",
     "relabel": "cellcurate.cli.relabel:command",
+    "instances": "cellcurate.cli.instances:command",
     "issues": "cellcurate.cli.issues:command",
     "review": "cellcurate.cli.review:command",
     "export": "cellcurate.cli.export:command",

@@ -538,6 +538,30 @@ class Store:
             yield [r[1] for r in rows[k:j]], img, ins
             k = j
 
+    def iter_instances(self, image_ids: list[str] | None = None, *, batch: int = TILES_PER_SHARD
+                       ) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ``(image_id, instances)`` in :meth:`iter_slabs` order, reading only the instance
+        maps (runs of stacked tiles with one slice each)."""
+        if self._tables is None:
+            self._load_tables()
+        wanted = list(self._lookup) if image_ids is None else list(image_ids)
+        rows = sorted((self._image_row(i), i) for i in wanted)
+        k = 0
+        while k < len(rows):
+            (unit, path, idx, _h, _w), image_id = rows[k]
+            if idx < 0:
+                yield image_id, self._read(rows[k][0], "instances")
+                k += 1
+                continue
+            j = k + 1
+            while (j < len(rows) and j - k < batch and rows[j][0][0] == unit and rows[j][0][1] == path
+                   and rows[j][0][2] == idx + (j - k)):
+                j += 1
+            ins = np.asarray(self._array(unit, "instances")[idx : idx + (j - k)])
+            for m in range(j - k):
+                yield rows[k + m][1], ins[m]
+            k = j
+
     def iter_images(self, image_ids: list[str] | None = None, *, batch: int = TILES_PER_SHARD
                     ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
         """Yield ``(image_id, image, instances)`` for many images, read in slabs (:meth:`iter_slabs`)."""

@@ -44,6 +44,9 @@ from ..errors import ConfigError, StateError
 
 __all__ = [
     "CLASS_NAMES",
+    "DEMO_INSTANCE_RATES",
+    "INSTANCE_ISSUES",
+    "INSTANCE_TRUTH_COLUMNS",
     "MONUSAC_LABELS",
     "MONUSAC_TEST_DIR",
     "MONUSAC_TRAIN_DIR",
@@ -56,6 +59,7 @@ __all__ = [
     "SampleInfo",
     "write_monusac",
     "write_pannuke",
+    "write_pannuke_planted",
     "write_sample",
 ]
 
@@ -115,10 +119,31 @@ TRUTH_COLUMNS: dict[str, str] = {
     "kind": "object",  # "nucleus" | "ignore"
 }
 
+#: Instance-level errors :func:`write_sample` / :func:`write_pannuke` can plant in the PanNuke
+#: annotation (the image keeps every nucleus): a nucleus left out of the mask, an annotated object
+#: on background, an outline shifted or grown/shrunk, two nearby nuclei drawn as one outline (their
+#: convex hull), one nucleus drawn as two pieces.
+INSTANCE_ISSUES: tuple[str, ...] = ("missing_annotation", "spurious_annotation", "bad_outline", "merged", "split")
+
+#: Columns of ``instance_truth.parquet``: one row per planted instance error. The annotated
+#: nuclei concerned are ``(origin_file, origin_index, origin_channel, origin_instance)`` (and
+#: ``origin_instance2`` for the second piece of a split); a missing nucleus has no annotation
+#: (-1) and is located by its true centroid and bounding box (pixels, half-open).
+INSTANCE_TRUTH_COLUMNS: dict[str, str] = {
+    "source": "object", "split": "object", "origin_file": "object", "origin_index": "int64",
+    "issue": "object", "origin_channel": "int64", "origin_instance": "int64", "origin_instance2": "int64",
+    "centroid_y": "float64", "centroid_x": "float64", "bbox_y0": "int64", "bbox_x0": "int64",
+    "bbox_y1": "int64", "bbox_x1": "int64", "area": "int64", "iou_to_true": "float64",
+}
+
+#: Planting rates of ``curate demo`` (fraction of a tile's nuclei per issue).
+DEMO_INSTANCE_RATES: dict[str, float] = {"missing_annotation": 0.03, "spurious_annotation": 0.02,
+                                         "bad_outline": 0.03, "merged": 0.02, "split": 0.02}
+
 Preset = Literal["tiny", "demo"]
 PRESETS: tuple[str, ...] = ("tiny", "demo")
 
-_STREAM_PANNUKE, _STREAM_MONUSAC, _STREAM_NAMES = 1, 2, 3
+_STREAM_PANNUKE, _STREAM_MONUSAC, _STREAM_NAMES, _STREAM_INSTANCES = 1, 2, 3, 4
 _CHUNK = 32  # PanNuke tiles mapped at a time while writing (~150 MB of float64)
 
 
@@ -694,6 +719,161 @@ def _vary(tile: _Tile, rng: np.random.Generator, copy: int) -> _Tile:
     return _Tile(tile.tissue, img, np.ascontiguousarray(inst), tile.rows)
 
 
+# --------------------------------------------------------------------------------------------
+# planted instance errors (PanNuke annotation only; the image is never touched)
+# --------------------------------------------------------------------------------------------
+def check_instance_rates(rates: dict[str, float] | None) -> dict[str, float]:
+    """Validated planting rates (issue -> fraction in [0, 1]); ``None`` or ``{}`` plants nothing."""
+    if rates is None:
+        return {}
+    if not isinstance(rates, dict):
+        raise ConfigError(f"instance_errors must be a mapping issue -> rate, got {type(rates).__name__}")
+    unknown = sorted(set(rates) - set(INSTANCE_ISSUES))
+    if unknown:
+        raise ConfigError(f"unknown instance issue(s) {unknown}; expected some of {', '.join(INSTANCE_ISSUES)}")
+    out = {k: _check_fraction(f"instance_errors[{k!r}]", v) for k, v in rates.items()}
+    if sum(out.values()) > 0.5:
+        raise ConfigError(f"instance error rates add up to {sum(out.values()):.2f}; at most 0.5 of the nuclei")
+    return {k: v for k, v in out.items() if v > 0}
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = int((a | b).sum())
+    return float((a & b).sum()) / union if union else 0.0
+
+
+def _plant_instances(rng: np.random.Generator, tile: _Tile, rates: dict[str, float]
+                     ) -> tuple[_Tile, list[dict[str, Any]]]:
+    """Plant instance errors into ``tile.inst`` (a copy) and its rows; return the planted truth.
+
+    Each nucleus takes part in at most one error. Rows (the class truth) follow the annotation: a
+    missing nucleus loses its row, a merged pair keeps the first nucleus' row, a split nucleus'
+    second piece gets a row of the same class; a spurious object gets no row (it has no class).
+    """
+    from scipy import ndimage
+    from skimage.morphology import convex_hull_image, disk
+
+    inst = tile.inst.copy()
+    size = inst.shape[0]
+    rows = list(tile.rows)
+    if not rows:
+        return tile, []
+    masks = {(c, r): inst[..., c] == r for c, r, *_ in rows}
+    every = inst.any(axis=2)  # every annotated pixel before planting (the image shows them all)
+    issues = list(rates)
+    p = np.array([rates[k] for k in issues] + [max(0.0, 1.0 - sum(rates.values()))])
+    draw = rng.choice(len(p), size=len(rows), p=p / p.sum())
+    used: set[tuple[int, int]] = set()
+    planted: list[dict[str, Any]] = []
+    next_id = {c: int(inst[..., c].max()) + 1 for c in range(inst.shape[2])}
+    drop: set[tuple[int, int]] = set()
+    extra_rows: list[tuple[int, int, str, int, bool]] = []
+
+    def record(issue: str, key: tuple[int, int] | None, mask: np.ndarray, **kw: Any) -> None:
+        y0, x0, y1, x1 = _bbox(mask)
+        ys, xs = np.nonzero(mask)
+        planted.append({"issue": issue, "origin_channel": -1 if key is None else key[0],
+                        "origin_instance": -1 if key is None else key[1], "origin_instance2": -1,
+                        "centroid_y": float(ys.mean()), "centroid_x": float(xs.mean()), "bbox_y0": y0,
+                        "bbox_x0": x0, "bbox_y1": y1, "bbox_x1": x1, "area": int(mask.sum()),
+                        "iou_to_true": np.nan, **kw})
+
+    for j, (c, raw, written, fine, flipped) in enumerate(rows):
+        if draw[j] == len(issues) or (c, raw) in used:
+            continue
+        issue, key, mask = issues[draw[j]], (c, raw), masks[(c, raw)]
+        area = int(mask.sum())
+        if area < 40:
+            continue
+        if issue == "missing_annotation":
+            inst[..., c][mask] = 0
+            drop.add(key)
+            record(issue, None, mask)
+        elif issue == "spurious_annotation":
+            r = float(np.sqrt(area / np.pi))
+            ry, rx = r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2)
+            free = ndimage.distance_transform_edt(~every) > max(ry, rx) + 4
+            ys, xs = np.nonzero(free)
+            if not len(ys):
+                continue
+            k = int(rng.integers(len(ys)))
+            yy, xx = np.mgrid[0:size, 0:size]
+            blob = ((yy - ys[k]) / ry) ** 2 + ((xx - xs[k]) / rx) ** 2 <= 1.0
+            new = next_id[c]
+            next_id[c] += 1
+            inst[..., c][blob] = new
+            every |= ndimage.binary_dilation(blob, iterations=3)
+            record(issue, (c, new), blob)
+        elif issue == "bad_outline":
+            r = float(np.sqrt(area / np.pi))
+            mode = int(rng.integers(3))
+            if mode == 0:  # shifted by ~35 % of the diameter
+                ang = rng.uniform(0, 2 * np.pi)
+                d = 0.7 * r
+                new = ndimage.shift(mask.astype(np.uint8), (d * np.sin(ang), d * np.cos(ang)), order=0) > 0
+            elif mode == 1:  # grown
+                new = ndimage.binary_dilation(mask, disk(max(2, int(round(0.45 * r)))))
+            else:  # shrunk
+                new = ndimage.binary_erosion(mask, disk(max(2, int(round(0.35 * r)))))
+            new &= (inst[..., c] == 0) | mask
+            if new.sum() < 20:
+                continue
+            inst[..., c][mask] = 0
+            inst[..., c][new] = raw
+            record(issue, key, new, iou_to_true=_iou(new, mask))
+        elif issue == "merged":
+            cy, cx = np.argwhere(mask).mean(axis=0)
+            best, best_d = None, np.inf
+            grown = ndimage.binary_dilation(mask, iterations=6)
+            for c2, r2, *_ in rows:
+                k2 = (c2, r2)
+                if k2 == key or k2 in used or k2 in drop:
+                    continue
+                m2 = masks[k2]
+                if not (grown & m2).any() or m2.sum() < 40:
+                    continue
+                d = float(np.hypot(*(np.argwhere(m2).mean(axis=0) - (cy, cx))))
+                if d < best_d:
+                    best, best_d = k2, d
+            if best is None:
+                continue
+            hull = convex_hull_image(mask | masks[best])
+            hull &= (inst[..., c] == 0) | mask | (inst[..., best[0]] == best[1])
+            inst[..., best[0]][masks[best]] = 0
+            inst[..., c][hull] = raw
+            drop.add(best)
+            used.add(best)
+            record(issue, key, hull, origin_instance2=-1)
+            planted[-1]["partner_channel"], planted[-1]["partner_instance"] = best
+        elif issue == "split":
+            if area < 120:
+                continue
+            ys, xs = np.nonzero(mask)
+            cy, cx = ys.mean(), xs.mean()
+            cov = np.cov(np.stack([ys - cy, xs - cx]))
+            w, v = np.linalg.eigh(cov)
+            major = v[:, int(np.argmax(w))]
+            side = (ys - cy) * major[0] + (xs - cx) * major[1] > 0
+            if side.sum() < 30 or (~side).sum() < 30:
+                continue
+            new = next_id[c]
+            next_id[c] += 1
+            inst[..., c][ys[side], xs[side]] = new
+            extra_rows.append((c, new, written, fine, flipped))
+            record(issue, key, mask, origin_instance2=new)
+        used.add(key)
+    rows = [r for r in rows if (r[0], r[1]) not in drop] + extra_rows
+    for t in planted:  # a merged record keeps its partner for the truth table only
+        t.pop("partner_channel", None)
+        t.pop("partner_instance", None)
+    return _Tile(tile.tissue, tile.image, inst, rows), planted
+
+
 def _check_fraction(name: str, value: float) -> float:
     try:
         v = float(value)
@@ -728,6 +908,7 @@ def write_pannuke(
     flip_fraction: float = 0.0,
     empty_fraction: float = 0.05,
     unique_tiles: int | None = None,
+    instance_errors: dict[str, float] | None = None,
 ) -> pd.DataFrame:
     """Write PanNuke folds ``<root>/Fold k/{images,masks}/foldk/*.npy`` in the release format.
 
@@ -746,6 +927,10 @@ def write_pannuke(
     unique_tiles
         Fast path for large folds: render only this many tiles per fold and fill the rest with
         cheap variants of them (dihedral transform + brightness), keeping memory flat.
+    instance_errors
+        Planting rates per issue of :data:`INSTANCE_ISSUES` (fraction of each tile's nuclei); off
+        (None) by default, so the same seed gives the same bytes as before. What was planted is in
+        :func:`write_pannuke_planted`'s second frame.
 
     Returns
     -------
@@ -757,10 +942,29 @@ def write_pannuke(
     Arrays are streamed to disk with ``numpy.lib.format.open_memmap``; each fold is written to a
     hidden temp folder and renamed into place, so a crash never leaves a complete-looking fold.
     """
+    return write_pannuke_planted(root, tiles_per_fold=tiles_per_fold, seed=seed, flip_fraction=flip_fraction,
+                                 empty_fraction=empty_fraction, unique_tiles=unique_tiles,
+                                 instance_errors=instance_errors)[0]
+
+
+def write_pannuke_planted(
+    root: str | os.PathLike[str],
+    *,
+    tiles_per_fold: tuple[int, int, int] = (6, 6, 6),
+    seed: int = 0,
+    flip_fraction: float = 0.0,
+    empty_fraction: float = 0.05,
+    unique_tiles: int | None = None,
+    instance_errors: dict[str, float] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """:func:`write_pannuke`, returning also the planted instance errors (columns
+    :data:`INSTANCE_TRUTH_COLUMNS`, empty when ``instance_errors`` is None)."""
     from numpy.lib.format import open_memmap
     from tqdm import tqdm
 
     seed = _check_seed(seed)
+    rates = check_instance_rates(instance_errors)
+    planted_rows: list[dict[str, Any]] = []
     flip_fraction = _check_fraction("flip_fraction", flip_fraction)
     empty_fraction = _check_fraction("empty_fraction", empty_fraction)
     tiles = tuple(tiles_per_fold)
@@ -813,6 +1017,10 @@ def write_pannuke(
                         cache.append(tile)
                 else:
                     tile = _vary(cache[i % n_unique], tile_rng, i // n_unique)
+                if rates:
+                    tile, planted = _plant_instances(_rng(seed, _STREAM_INSTANCES, k, i), tile, rates)
+                    planted_rows += [{"source": "pannuke", "split": f"fold{k}", "origin_file": origin,
+                                      "origin_index": i, **t} for t in planted]
                 if images is None or masks is None:
                     images = open_memmap(img_path, mode="r+")
                     masks = open_memmap(mask_path, mode="r+")
@@ -836,7 +1044,8 @@ def write_pannuke(
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    return _truth_frame(rows)
+    planted_frame = pd.DataFrame(planted_rows, columns=list(INSTANCE_TRUTH_COLUMNS)).astype(INSTANCE_TRUTH_COLUMNS)
+    return _truth_frame(rows), planted_frame
 
 
 # --------------------------------------------------------------------------------------------
@@ -1201,6 +1410,8 @@ class SampleInfo:
     n_flipped: int
     class_counts: dict[str, int] = field(default_factory=dict)  # true unified class -> nuclei
     seconds: float = 0.0
+    instance_truth_path: Path | None = None  # planted instance errors (None when none were planted)
+    instance_errors: dict[str, int] = field(default_factory=dict)  # issue -> number planted
 
 
 _PRESET_ARGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -1221,8 +1432,13 @@ def write_sample(
     preset: Preset = "demo",
     seed: int = 0,
     flip_fraction: float = 0.10,
+    instance_errors: dict[str, float] | None = None,
 ) -> SampleInfo:
     """Write ``<out>/pannuke/``, ``<out>/monusac/`` and ``<out>/truth.parquet``.
+
+    ``instance_errors`` (off by default) plants instance-level annotation errors in the PanNuke
+    tiles at the given rates (:data:`INSTANCE_ISSUES`, e.g. :data:`DEMO_INSTANCE_RATES`) and writes
+    what it planted to ``<out>/instance_truth.parquet`` (:data:`INSTANCE_TRUTH_COLUMNS`).
 
     ``out`` must not exist or be an empty folder; everything is written into a hidden sibling
     temp folder that is renamed to ``out`` at the end, so a crash leaves no half sample.
@@ -1234,6 +1450,7 @@ def write_sample(
         raise ConfigError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     seed = _check_seed(seed)
     flip_fraction = _check_fraction("flip_fraction", flip_fraction)
+    rates = check_instance_rates(instance_errors)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise StateError(f"{out}: already exists and is not an empty folder")
@@ -1243,7 +1460,10 @@ def write_sample(
     tmp.mkdir()  # unlike mkdtemp, honours the umask (the folder becomes ``out``)
     try:
         pk_args, mo_args = _PRESET_ARGS[preset]
-        pk = write_pannuke(tmp / "pannuke", seed=seed, flip_fraction=flip_fraction, **pk_args)
+        pk, planted = write_pannuke_planted(tmp / "pannuke", seed=seed, flip_fraction=flip_fraction,
+                                            instance_errors=rates or None, **pk_args)
+        if rates:
+            planted.to_parquet(tmp / "instance_truth.parquet", index=False)
         mo = write_monusac(tmp / "monusac", seed=seed, flip_fraction=flip_fraction, **mo_args)
         truth = pd.concat([pk, mo], ignore_index=True).astype(TRUTH_COLUMNS)
         truth.to_parquet(tmp / "truth.parquet", index=False)
@@ -1270,4 +1490,6 @@ def write_sample(
         n_flipped=int(truth["flipped"].sum()),
         class_counts={CLASS_NAMES[c - 1]: int(counts.get(c, 0)) for c in range(1, 8)},
         seconds=round(time.perf_counter() - t0, 3),
+        instance_truth_path=out / "instance_truth.parquet" if rates else None,
+        instance_errors={str(k): int(v) for k, v in planted["issue"].value_counts().items()},
     )

@@ -1,0 +1,69 @@
+"""`curate instances STORE --round K`: instance-level label issues (see cellcurate.relabel.instances)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+@click.command()
+@click.argument("store_path", metavar="STORE", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--round", "round_", required=True, type=int, help="Instance round number (its own numbering, from 1).")
+@click.option("--predictions", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of predictions made by another tool: DIR/<image_id>.npy|.tif (instance map) or "
+                   ".geojson (QuPath polygons), one per store image. Default: the built-in out-of-fold model.")
+@click.option("--folds", type=click.IntRange(min=2), default=3, show_default=True,
+              help="Grouped folds of the built-in model (group = patient / slide / PanNuke fold).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Run round K again (its earlier events stay in the history).")
+@click.option("--min-confidence", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Model confidence a predicted nucleus needs (default 0.6).")
+@click.option("--bad-outline-iou", type=click.FloatRange(0.0, 1.0), default=None,
+              help="A matched annotation with IoU below this is a bad outline (default 0.6).")
+@click.option("--missing-max-overlap", type=click.FloatRange(0.0, 1.0), default=None,
+              help="A confident prediction at most this much annotated is a missing nucleus (default 0.2).")
+@click.option("--spurious-min-background", type=click.FloatRange(0.0, 1.0), default=None,
+              help="An unmatched annotation the model calls at least this much background is spurious (default 0.6).")
+@click.option("--part-cover", type=click.FloatRange(0.0, 1.0), default=None,
+              help="Share of each part inside the whole for merged/split (default 0.6).")
+@click.option("--no-cleanlab", is_flag=True, help="Skip cleanlab's scores in the evidence (faster).")
+@click.option("--truth", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="instance_truth.parquet of a synthetic sample: print recall and precision per issue type.")
+def command(store_path: Path, round_: int, predictions: Path | None, folds: int, seed: int, overwrite: bool,
+            min_confidence: float | None, bad_outline_iou: float | None, missing_max_overlap: float | None,
+            spurious_min_background: float | None, part_cover: float | None, no_cleanlab: bool,
+            truth: Path | None) -> None:
+    """Flag missed, spurious, badly outlined, merged and split nuclei of STORE as ledger events."""
+    from dataclasses import replace
+
+    import pandas as pd
+
+    from ..curation.qupath import geometry_mask, read_geojson
+    from ..datasets.store import Store
+    from ..errors import InputFormatError
+    from ..relabel.instance_predict import PixelModelConfig, get_predictions
+    from ..relabel.instances import InstanceConfig, planted_for_store, run_instance_round
+
+    cfg = InstanceConfig(cleanlab=not no_cleanlab)
+    given: dict[str, Any] = {"min_confidence": min_confidence, "bad_outline_iou": bad_outline_iou,
+             "missing_max_overlap": missing_max_overlap, "spurious_min_background": spurious_min_background,
+             "part_cover": part_cover}
+    cfg = replace(cfg, **{k: v for k, v in given.items() if v is not None}).validate()
+    truth_df = None
+    if truth is not None:
+        try:
+            truth_df = pd.read_parquet(truth)
+        except (OSError, ValueError) as exc:
+            raise InputFormatError(truth, f"cannot read the instance truth table ({exc})") from None
+    store = Store.open(store_path, mode="a")
+    try:
+        cache, cached = get_predictions(store, folder=predictions, config=PixelModelConfig(folds=folds, seed=seed),
+                                        geojson_reader=read_geojson, rasterise=geometry_mask)
+        planted = planted_for_store(store, truth_df) if truth_df is not None else None
+        result = run_instance_round(store, round_, predictions=cache, cached=cached, config=cfg, overwrite=overwrite,
+                                    planted=planted)
+    finally:
+        store.close()
+    click.echo(result.summary())

@@ -1,0 +1,199 @@
+"""Instance-level issues: hand-computed matching cases, proposals, cleanlab evidence, scoring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellcurate.errors import ConfigError
+from cellcurate.relabel.instances import (ISSUES, ImageFlag, InstanceConfig, cleanlab_evidence, match_image,
+                                          proposed_polygons, score_flags)
+
+CFG = InstanceConfig(min_part_um2=1.0)
+
+
+def _grid(h: int = 12, w: int = 16) -> np.ndarray:
+    return np.zeros((h, w), np.int32)
+
+
+def _flags(ann, pred, prob=None, **kw):
+    prob = (pred > 0).astype(float) if prob is None else prob
+    return match_image(ann, pred, prob, config=kw.pop("config", CFG), **kw)
+
+
+def test_one_annotation_two_predictions_is_merged():
+    ann, pred = _grid(), _grid()
+    ann[2:10, 2:14] = 1  # 8 x 12 = 96 px drawn as one nucleus
+    pred[2:10, 2:7] = 1  # 40 px, inside
+    pred[2:10, 9:14] = 2  # 40 px, inside
+    (f,) = _flags(ann, pred)
+    assert f.issue == "merged" and f.ann_ids == [1] and f.pred_ids == [1, 2]
+    assert f.evidence["cover"] == pytest.approx(80 / 96, abs=1e-4)
+    assert f.evidence["inside"] == [1.0, 1.0]
+    # confidence 1, both parts fully inside, the smaller part holds 40/96 of it (>= 1/3): score 1
+    assert f.score == pytest.approx(1.0)
+
+
+def test_two_annotations_one_prediction_is_split():
+    ann, pred = _grid(), _grid()
+    ann[2:10, 2:8] = 1  # 48 px
+    ann[2:10, 8:14] = 2  # 48 px, touching along a column of 8 px
+    pred[2:10, 2:14] = 1  # 96 px
+    prob = np.where(pred > 0, 0.9, 0.0)
+    (f,) = _flags(ann, pred, prob)
+    assert f.issue == "split" and f.ann_ids == [1, 2] and f.pred_ids == [1]
+    assert f.evidence["contact_px"] == 8
+    assert f.evidence["cover"] == pytest.approx(1.0)
+    assert f.score == pytest.approx(0.9)  # confidence x inside (1) x cover (1) x balance (1)
+
+
+def test_prediction_without_annotation_is_missing_and_needs_confidence():
+    ann, pred = _grid(), _grid()
+    pred[3:7, 3:8] = 1  # 20 px, nothing annotated
+    (f,) = _flags(ann, pred, np.where(pred > 0, 0.8, 0.1))
+    assert f.issue == "missing_annotation" and f.ann_ids == [] and f.score == pytest.approx(0.8)
+    assert f.evidence == {"confidence": 0.8, "annotated_share": 0.0, "area": 20}
+    assert _flags(ann, pred, np.where(pred > 0, 0.5, 0.1)) == []  # below min_confidence 0.6
+
+
+def test_prediction_in_an_ignore_region_is_not_missing():
+    ann, pred = _grid(), _grid()
+    ann[2:9, 2:9] = 1  # an ignore region (ambiguous)
+    pred[3:7, 3:7] = 1
+    assert _flags(ann, pred, ignore_ids=[1]) == []
+
+
+def test_annotation_the_model_calls_background_is_spurious():
+    ann, pred = _grid(), _grid()
+    ann[4:8, 4:8] = 1
+    prob = np.full(ann.shape, 0.05)
+    (f,) = _flags(ann, pred, prob)
+    assert f.issue == "spurious_annotation" and f.ann_ids == [1]
+    assert f.evidence["background_prob"] == pytest.approx(0.95)
+    assert f.score == pytest.approx(0.95)
+    # the model unsure there (nucleus probability 0.5): not flagged
+    assert _flags(ann, pred, np.full(ann.shape, 0.5)) == []
+
+
+def test_shifted_outline_is_bad_outline_with_its_iou_and_shift():
+    ann, pred = _grid(), _grid()
+    pred[2:10, 2:8] = 1  # 48 px
+    ann[2:10, 5:11] = 1  # shifted right by 3 px: overlap 8 x 3 = 24, union 72, IoU 1/3
+    (f,) = _flags(ann, pred)
+    assert f.issue == "bad_outline" and f.ann_ids == [1] and f.pred_ids == [1]
+    assert f.evidence["iou"] == pytest.approx(1 / 3, abs=1e-4)
+    # moved back by 3 px the outline fits exactly: gain 2/3, best shift (dx, dy) = (-3, 0)
+    assert f.evidence["shift_gain"] == pytest.approx(2 / 3, abs=1e-4)
+    assert f.evidence["best_shift"] == [-3, 0]
+    assert f.score == pytest.approx(1.0)
+
+
+def test_grown_outline_is_bad_outline_without_shift_gain():
+    ann, pred = _grid(20, 20), _grid(20, 20)
+    pred[6:14, 6:14] = 1  # 64 px
+    ann[3:17, 3:17] = 1  # 196 px around it: IoU 64/196
+    (f,) = _flags(ann, pred, np.where(pred > 0, 0.8, 0.0))
+    assert f.issue == "bad_outline" and f.evidence["iou"] == pytest.approx(64 / 196, abs=1e-4)
+    assert f.evidence["shift_gain"] == 0.0
+    assert f.score == pytest.approx(0.8 * (1 - (64 / 196) / 0.6) ** 0.5, abs=1e-4)
+
+
+def test_small_offsets_of_a_large_nucleus_are_not_flagged():
+    ann, pred = _grid(30, 30), _grid(30, 30)
+    pred[4:24, 4:24] = 1
+    ann[4:24, 5:25] = 1  # 1 px: IoU 380/420 = 0.905
+    assert _flags(ann, pred) == []
+
+
+def test_exact_match_has_no_flag_and_thresholds_are_options():
+    ann, pred = _grid(), _grid()
+    ann[2:10, 2:8] = 1
+    pred[2:10, 2:8] = 1
+    assert _flags(ann, pred) == []
+    pred2 = _grid()
+    pred2[2:10, 3:9] = 1  # IoU 0.714
+    assert [f.issue for f in _flags(ann, pred2, config=InstanceConfig(bad_outline_iou=0.8, min_part_um2=1))] == \
+        ["bad_outline"]
+
+
+def test_shapes_and_thresholds_are_validated():
+    with pytest.raises(ConfigError, match="differ in shape"):
+        match_image(_grid(), _grid(10, 10), np.zeros((12, 16)))
+    with pytest.raises(ConfigError, match="min_confidence"):
+        InstanceConfig(min_confidence=1.5).validate()
+    with pytest.raises(ConfigError, match="match_iou"):
+        InstanceConfig(match_iou=0.7, bad_outline_iou=0.5).validate()
+
+
+def test_proposed_polygons_rasterise_to_the_masks():
+    import shapely
+
+    from cellcurate.curation.qupath import geometry_mask
+
+    ann, pred = _grid(), _grid()
+    ann[2:10, 2:14] = 1
+    pred[2:10, 2:7] = 1
+    pred[2:10, 9:14] = 2
+    (merged,) = _flags(ann, pred)
+    polys = proposed_polygons(merged, ann, pred)
+    assert len(polys) == 2
+    for poly, pid in zip(polys, (1, 2)):
+        g = shapely.Polygon(poly)
+        assert g.is_valid and g.area == (pred == pid).sum()
+        assert poly[0] != poly[-1]  # not closed (the contract)
+        np.testing.assert_array_equal(geometry_mask(g, ann.shape, window=(0, 0, *ann.shape)), pred == pid)
+    missing = ImageFlag("missing_annotation", 1.0, [], [2])
+    (poly,) = proposed_polygons(missing, ann * 0, pred)
+    assert shapely.Polygon(poly).area == 40
+    assert proposed_polygons(ImageFlag("spurious_annotation", 1.0, [1], []), ann, pred) == []
+
+
+def test_cleanlab_evidence_scores_the_bad_box_lowest():
+    ann, pred = np.zeros((40, 40), np.int32), np.zeros((40, 40), np.int32)
+    ann[2:10, 2:10] = 1
+    pred[2:10, 2:10] = 1  # exact
+    ann[20:28, 20:28] = 2
+    pred[20:28, 25:33] = 2  # shifted
+    (ev,) = cleanlab_evidence([(ann, pred, (pred > 0).astype(float))])
+    assert ev["badloc"].shape == (2,)
+    assert ev["badloc"][0] > ev["badloc"][1]
+    assert 0 <= ev["image_quality"] <= 1 and 0 <= ev["pixel_quality"] <= 1
+
+
+def test_score_flags_counts_hits_per_issue_type():
+    flags = pd.DataFrame({
+        "image_id": ["a", "a", "a", "b"], "issue": ["missing_annotation", "spurious_annotation", "split", "merged"],
+        "nucleus_ids": [[], [7], [9, 10], [11]], "centroid_x": [10.0, 0, 0, 0], "centroid_y": [10.0, 0, 0, 0],
+    })
+    planted = pd.DataFrame({
+        "image_id": ["a", "a", "a", "a"], "issue": ["missing_annotation", "spurious_annotation", "split", "merged"],
+        "nucleus_id": [-1, 8, 10, 11], "nucleus_id2": [-1, -1, 12, -1], "centroid_x": [12.0, 0, 0, 0],
+        "centroid_y": [11.0, 0, 0, 0], "radius": [4.0, 1, 1, 1],
+    })
+    s = score_flags(flags, planted)
+    assert set(s) == set(ISSUES)
+    assert s["missing_annotation"] == {"planted": 1, "flags": 1, "hit": 1, "recall": 1.0, "precision": 1.0}
+    assert s["spurious_annotation"]["hit"] == 0 and s["spurious_annotation"]["precision"] == 0.0
+    assert s["split"]["recall"] == 1.0  # either piece counts
+    assert s["merged"]["recall"] == 0.0 and s["merged"]["precision"] == 0.0  # other image
+    assert s["bad_outline"]["planted"] == 0
+    assert score_flags(flags, planted, image_ids=["b"])["merged"]["flags"] == 1
+
+
+def test_cleanlab_pixel_quality_is_the_same_batched_or_one_by_one():
+    rng = np.random.default_rng(0)
+    items = []
+    for k in range(4):
+        shape = (40, 40) if k % 2 else (30, 50)
+        ann, pred = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+        ann[2:10, 2:10] = 1
+        ann[15:25, 12:22] = 2
+        pred[2:10, 3:11] = 1
+        pred[15:25, 12 + k:22 + k] = 2
+        items.append((ann, pred, np.clip((pred > 0) * 0.9 + rng.random(shape) * 0.1, 0, 1)))
+    batched = cleanlab_evidence(items)
+    for b, item in zip(batched, items):
+        (one,) = cleanlab_evidence([item])
+        assert b["pixel_quality"] == pytest.approx(one["pixel_quality"], abs=1e-9)
+        np.testing.assert_allclose(b["badloc"], one["badloc"])
