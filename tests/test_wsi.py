@@ -446,6 +446,44 @@ def test_qupath_script_is_filled_in_and_uses_only_existing_predict_options(oracl
                                                                         device="cpu")
 
 
+GROOVY_PARSE = """
+import org.codehaus.groovy.control.CompilationUnit
+import org.codehaus.groovy.control.Phases
+def cu = new CompilationUnit()
+cu.addSource(new File(args[0]))
+cu.compile(Phases.CONVERSION)
+println "parsed " + cu.AST.modules[0].statementBlock.statements.size()
+"""
+
+
+@pytest.mark.slow
+def test_qupath_script_parses_with_groovy(oracle_file, tmp_path):
+    """Syntax only (the AST, CompilePhase CONVERSION: QuPath's classes are not resolved), with the
+    groovy found on PATH (e.g. Debian's groovy package); skipped where there is none."""
+    import shutil
+
+    from cellcurate.cli.qupath_script import command
+
+    groovy = shutil.which("groovy")
+    if groovy is None:
+        pytest.skip("no groovy on PATH")
+    out = tmp_path / "run_cellcurate.groovy"
+    assert CliRunner().invoke(command, ["--out", str(out), "--model", str(oracle_file)]).exit_code == 0
+    (tmp_path / "parse.groovy").write_text(GROOVY_PARSE)
+    env = dict(os.environ)
+    java = shutil.which("java")
+    if "JAVA_HOME" not in env and java:
+        env["JAVA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(java)))
+    r = subprocess.run([groovy, str(tmp_path / "parse.groovy"), str(out)], capture_output=True, text=True, env=env,
+                       timeout=600, check=False)
+    assert r.returncode == 0 and r.stdout.startswith("parsed "), r.stdout + r.stderr
+    assert int(r.stdout.split()[1]) > 10
+    (tmp_path / "broken.groovy").write_text(out.read_text().rsplit("}", 1)[0])  # the checker does catch errors
+    r = subprocess.run([groovy, str(tmp_path / "parse.groovy"), str(tmp_path / "broken.groovy")], capture_output=True,
+                       text=True, env=env, timeout=600, check=False)
+    assert r.returncode != 0 and "startup failed" in r.stdout + r.stderr
+
+
 def test_slide_geojson_validates_with_geojson_pydantic(scene, tmp_path):
     gp = pytest.importorskip("geojson_pydantic")
     from cellcurate.curation.qupath_slide import read_roi, write_nuclei_geojson
