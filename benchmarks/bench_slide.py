@@ -3,7 +3,7 @@
 Run from the repository root::
 
     .venv/bin/python benchmarks/bench_slide.py                                  # 2k and 8k sides
-    .venv/bin/python benchmarks/bench_slide.py --sides 2048,8192,32768          # ~15 min on 2 cores
+    .venv/bin/python benchmarks/bench_slide.py --sides 2048,8192,32768          # all three sides
     .venv/bin/python benchmarks/bench_slide.py --model student.pt --device cuda # a trained student
 
 Slides. For each side N a synthetic N×N pyramidal TIFF (0.25 µm/px, JPEG tiles of 256 px, levels
