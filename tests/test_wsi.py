@@ -335,7 +335,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(oracle_file, scene, tm
     slide = tmp_path / "scene.tif"
     write_pyramid(slide, scene[0][:400, :480], mpp=0.25)
     args = ["predict", str(oracle_file), str(slide), "--device", "cpu", "--tile", "64", "--overlap", "16",
-            "--chunk-tiles", "1", "--batch-size", "4", "--tissue", "all"]
+            "--chunk-tiles", "1", "--batch-size", "4", "--tissue", "all", "--labels-zarr", "0.5"]
     ref = _run([*args, "--out", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
@@ -359,6 +359,12 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(oracle_file, scene, tm
     assert a.equals(b)
     assert gzip.decompress((tmp_path / "ref" / "scene.geojson.gz").read_bytes()) == gzip.decompress(
         (out / "scene.geojson.gz").read_bytes())
+    import zarr
+
+    za, zb = (zarr.open_group(str(d / "scene_labels.ome.zarr"), mode="r") for d in (tmp_path / "ref", out))
+    for name in ("instances/0", "classes/0"):
+        assert np.array_equal(za[name][:], zb[name][:]), name
+    assert dict(za["instances"].attrs) == dict(zb["instances"].attrs)
     # a finished slide is not run again
     again = _run([*args, "--out", str(out), "--resume"])
     assert again.returncode == 0 and "already done" in again.stdout
@@ -440,6 +446,44 @@ def test_qupath_script_is_filled_in_and_uses_only_existing_predict_options(oracl
                                                                         device="cpu")
 
 
+GROOVY_PARSE = """
+import org.codehaus.groovy.control.CompilationUnit
+import org.codehaus.groovy.control.Phases
+def cu = new CompilationUnit()
+cu.addSource(new File(args[0]))
+cu.compile(Phases.CONVERSION)
+println "parsed " + cu.AST.modules[0].statementBlock.statements.size()
+"""
+
+
+@pytest.mark.slow
+def test_qupath_script_parses_with_groovy(oracle_file, tmp_path):
+    """Syntax only (the AST, CompilePhase CONVERSION: QuPath's classes are not resolved), with the
+    groovy found on PATH (e.g. Debian's groovy package); skipped where there is none."""
+    import shutil
+
+    from cellcurate.cli.qupath_script import command
+
+    groovy = shutil.which("groovy")
+    if groovy is None:
+        pytest.skip("no groovy on PATH")
+    out = tmp_path / "run_cellcurate.groovy"
+    assert CliRunner().invoke(command, ["--out", str(out), "--model", str(oracle_file)]).exit_code == 0
+    (tmp_path / "parse.groovy").write_text(GROOVY_PARSE)
+    env = dict(os.environ)
+    java = shutil.which("java")
+    if "JAVA_HOME" not in env and java:
+        env["JAVA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(java)))
+    r = subprocess.run([groovy, str(tmp_path / "parse.groovy"), str(out)], capture_output=True, text=True, env=env,
+                       timeout=600, check=False)
+    assert r.returncode == 0 and r.stdout.startswith("parsed "), r.stdout + r.stderr
+    assert int(r.stdout.split()[1]) > 10
+    (tmp_path / "broken.groovy").write_text(out.read_text().rsplit("}", 1)[0])  # the checker does catch errors
+    r = subprocess.run([groovy, str(tmp_path / "parse.groovy"), str(tmp_path / "broken.groovy")], capture_output=True,
+                       text=True, env=env, timeout=600, check=False)
+    assert r.returncode != 0 and "startup failed" in r.stdout + r.stderr
+
+
 def test_slide_geojson_validates_with_geojson_pydantic(scene, tmp_path):
     gp = pytest.importorskip("geojson_pydantic")
     from cellcurate.curation.qupath_slide import read_roi, write_nuclei_geojson
@@ -461,3 +505,67 @@ def test_slide_geojson_validates_with_geojson_pydantic(scene, tmp_path):
     (tmp_path / "empty.geojson").write_text('{"type": "FeatureCollection", "features": []}')
     with pytest.raises(InputFormatError, match="empty.geojson: the ROI file has no polygon features"):
         read_roi(tmp_path / "empty.geojson")
+
+
+# -- OME-Zarr label image -----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+def test_labels_zarr_has_the_table_ids_and_validates(oracle_file, scene, tmp_path, version):
+    import zarr
+
+    from cellcurate.cli._slidejob import run_slide
+
+    slide = tmp_path / "scene.tif"
+    img = scene[0][:300, :700]
+    write_pyramid(slide, img, mpp=0.25)
+    s = run_slide(str(oracle_file), str(slide), str(tmp_path / "o"), device="cpu", tile=64, overlap=16, chunk_tiles=2,
+                  tissue="all", offset=(100.0, 40.0), labels_zarr=version, progress=False)
+    path = tmp_path / "o" / "scene_labels.ome.zarr"
+    assert s["labels_zarr"] == str(path) and not list((tmp_path / "o").glob(".*tmp"))
+    t = pq.read_table(s["nuclei_table"]).to_pandas()
+    root = zarr.open_group(str(path), mode="r")
+    ins, cls = root["instances/0"][:], root["classes/0"][:]
+    assert ins.shape == (300, 700) and ins.dtype == np.int32 and cls.dtype == np.uint8
+    # the same nuclei, under the table's ids: every id present, pixel counts and centroids agree
+    ids, counts = np.unique(ins[ins > 0], return_counts=True)
+    assert ids.tolist() == t["nucleus_id"].tolist()
+    np.testing.assert_array_equal(counts, t["area_px"].to_numpy())  # mpp = model's: no resampling
+    rows, cols = np.nonzero(ins)
+    cy = np.bincount(ins[rows, cols], weights=rows)[ids] / counts + 0.5 + 40.0
+    cx = np.bincount(ins[rows, cols], weights=cols)[ids] / counts + 0.5 + 100.0
+    np.testing.assert_allclose(cx, t["centroid_x"], atol=1e-6)
+    np.testing.assert_allclose(cy, t["centroid_y"], atol=1e-6)
+    lut = np.zeros(ids.max() + 1, np.uint8)
+    lut[t["nucleus_id"]] = t["class_id"]
+    assert np.array_equal(cls, lut[ins])
+    # a pyramid: level k = level 0 [::2**k], down to <= 512 px
+    assert root["instances/1"].shape == (150, 350)
+    assert np.array_equal(root["instances/1"][:], ins[::2, ::2]) and np.array_equal(root["classes/1"][:], cls[::2, ::2])
+    # someone else's validator: ome-zarr-models (Labels group, image-label of classes, multiscales)
+    pytest.importorskip("ome_zarr_models")
+    if version == "0.4":
+        from pydantic_zarr.v2 import ArraySpec, GroupSpec, TBaseItem
+
+        from ome_zarr_models.v04 import image, image_label, labels
+        from ome_zarr_models.v04.image import ImageAttrs
+
+        ns = {"GroupSpec": GroupSpec, "ArraySpec": ArraySpec, "TBaseItem": TBaseItem}
+        for m in (labels.Labels, image_label.ImageLabel, image.Image):
+            m.model_rebuild(_types_namespace=ns)
+        attrs = {name: dict(root[name].attrs) for name in ("instances", "classes")}
+    else:
+        from ome_zarr_models.v05 import image_label, labels
+        from ome_zarr_models.v05.image import ImageAttrs
+
+        attrs = {name: dict(root[name].attrs)["ome"] for name in ("instances", "classes")}
+    assert labels.Labels.from_zarr(root).ome_attributes.labels == ["instances", "classes"]
+    il = image_label.ImageLabel.from_zarr(root["classes"]).ome_attributes.image_label
+    props = {p.label_value: p.model_dump(by_alias=True)["class"] for p in il.properties}
+    assert props[0] == "background" and props[2] == "Lymphocyte"
+    for name, a in attrs.items():
+        ms = ImageAttrs.model_validate({k: v for k, v in a.items() if k != "image-label"}).multiscales[0]
+        assert [d.path for d in ms.datasets] == ["0", "1"]
+        sc, tr = ms.datasets[1].coordinateTransformations
+        assert list(sc.scale) == [0.5, 0.5] and list(tr.translation) == [40 * 0.25, 100 * 0.25], name

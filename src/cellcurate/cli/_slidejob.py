@@ -49,14 +49,21 @@ def run_slide(model_path: str, slide_path: str, out_dir: str, *, stem: str | Non
               offset: tuple[float, float] = (0.0, 0.0), region: tuple[int, int, int, int] | None = None,
               roi_path: str | None = None, tissue: str = "otsu", tissue_mask: str | None = None,
               object_type: str = "detection", resume: bool = True, encoder_weights: str | None = None,
-              progress: bool = True) -> dict[str, Any]:
-    """Predict one slide; returns its summary (also written as ``<stem>_summary.json``)."""
+              labels_zarr: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Predict one slide; returns its summary (also written as ``<stem>_summary.json``).
+
+    ``labels_zarr`` ("0.5" or "0.4"): also write ``<stem>_labels.ome.zarr``, the nuclei as an
+    OME-Zarr labels group of that NGFF version (:func:`cellcurate.curation.omezarr.write_slide_labels`).
+    """
+    import functools
+
+    from ..curation.omezarr import OME_VERSIONS, write_slide_labels
     from ..curation.qupath import mask_to_geometry
     from ..curation.qupath_slide import read_roi, write_nuclei_geojson
     from ..errors import ConfigError
     from ..models.predict import resolve_device
     from ..models.slide import open_slide
-    from ..models.tissue import TissueMap, detect_tissue, load_tissue_mask
+    from ..models.tissue import TissueMap, detect_tissue, detection_side, load_tissue_mask
     from ..models.wsi import SlideOptions, predict_slide
 
     t0 = time.perf_counter()
@@ -72,7 +79,7 @@ def run_slide(model_path: str, slide_path: str, out_dir: str, *, stem: str | Non
                "overlap": overlap, "chunk_tiles": chunk_tiles, "offset": list(opts.offset),
                "region": list(region) if region else None, "roi": file_digest(roi_path) if roi_path else None,
                "tissue": tissue, "tissue_mask": file_digest(tissue_mask) if tissue_mask else None,
-               "object_type": object_type}
+               "object_type": object_type, "labels_zarr": labels_zarr}
     request_id = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()[:16]
     if resume and summary_path.is_file():
         done = json.loads(summary_path.read_text())
@@ -80,6 +87,11 @@ def run_slide(model_path: str, slide_path: str, out_dir: str, *, stem: str | Non
             return {**done, "skipped": True}
     if tissue not in ("otsu", "all"):
         raise ConfigError(f"tissue must be 'otsu' or 'all', got {tissue!r}")
+    if labels_zarr is not None and labels_zarr not in OME_VERSIONS:
+        raise ConfigError(f"labels_zarr must be one of {OME_VERSIONS}, got {labels_zarr!r}")
+    labels_path = out / f"{stem}_labels.ome.zarr"
+    labels = None if labels_zarr is None else functools.partial(write_slide_labels, labels_path, version=labels_zarr,
+                                                                name=stem)
     dev = resolve_device(device)
     model = _model(model_path, dev, encoder_weights)
     with open_slide(slide_path, mpp=mpp) as slide:
@@ -87,18 +99,20 @@ def run_slide(model_path: str, slide_path: str, out_dir: str, *, stem: str | Non
         if tissue_mask:
             tmap = TissueMap(load_tissue_mask(tissue_mask, slide.dimensions), slide.dimensions)
         elif tissue == "otsu":
-            thumb, _down = slide.thumbnail(2048)
+            thumb, _down = slide.thumbnail(detection_side(slide.dimensions))
             tmap = TissueMap(detect_tissue(thumb), slide.dimensions)
         roi = read_roi(roi_path) if roi_path else None
         res = predict_slide(model, slide, out, stem, options=opts, region=region, roi=roi, tissue=tmap, device=dev,
-                            resume=resume, model_id=request_id, polygonize=mask_to_geometry, progress=progress)
+                            resume=resume, model_id=request_id, polygonize=mask_to_geometry, labels=labels,
+                            progress=progress)
         geojson = out / f"{stem}.geojson.gz"
         write_nuclei_geojson(res.nuclei_path, geojson, image_name=Path(slide_path).name, object_type=object_type)
         summary = {"slide": str(slide_path), "stem": stem, "status": "done", "request": request_id,
                    "nuclei": res.n_nuclei, **{f"n_{k}": v for k, v in res.class_counts.items()},
                    "tiles": res.n_tiles, "chunks": res.n_chunks, "resumed_chunks": res.resumed_chunks,
                    "tissue_fraction": res.tissue_fraction, "seconds": round(time.perf_counter() - t0, 3),
-                   "slide_mpp": slide.mpp, "nuclei_table": str(res.nuclei_path), "geojson": str(geojson)}
+                   "slide_mpp": slide.mpp, "nuclei_table": str(res.nuclei_path), "geojson": str(geojson),
+                   "labels_zarr": str(labels_path) if labels is not None else None}
     from ..core.atomic import atomic_write_text
 
     atomic_write_text(summary_path, json.dumps(summary, indent=1))

@@ -15,7 +15,8 @@ region came from.
 Slides (``.svs``, ``.ndpi``, ``.scn``, ``.mrxs``, OME-TIFF, any tiled or pyramidal TIFF; or any
 file listed with ``--slides``) take the streaming slide path (:mod:`cellcurate.models.wsi`, driven
 by :mod:`cellcurate.cli._slidejob`): tissue detection, ``--roi``/``--region``, chunked stitching,
-``--resume``, and per slide ``NAME_nuclei.parquet``, ``NAME.geojson.gz`` and ``NAME_summary.json``.
+``--resume``, and per slide ``NAME_nuclei.parquet``, ``NAME.geojson.gz`` and ``NAME_summary.json``
+(and with ``--labels-zarr`` ``NAME_labels.ome.zarr``).
 Several slides run as one Dask task each (:mod:`cellcurate.cli._cohort`), on a local cluster of
 ``--workers`` processes or on ``--scheduler``; ``cohort_summary.parquet`` lists them.
 """
@@ -139,13 +140,16 @@ def _slide_list(path: Path) -> list[Path]:
 @click.option("--scheduler", default=None, metavar="tcp://HOST:PORT", help="Cohorts: an existing Dask scheduler.")
 @click.option("--max-pixels", type=click.IntRange(min=1), default=2**28, show_default=True,
               help="Refuse images with more pixels (height x width) than this, before decoding them.")
+@click.option("--labels-zarr", "labels_zarr", type=click.Choice(["0.5", "0.4"]), default=None, is_flag=False,
+              flag_value="0.5", help="Slides: also write NAME_labels.ome.zarr, the nuclei as OME-Zarr instance and "
+                                     "class label images (NGFF 0.5 on Zarr v3, or 0.4), ids as in the table.")
 @click.option("--gpus-per-task", default=0, show_default=True,
               help="Cohorts: Dask resource 'GPU' each slide task needs (workers started with --resources GPU=N).")
 def command(model_path: Path, images: tuple[Path, ...], out_dir: Path, mpp: float | None, device: str,
             tile: int, overlap: int, batch_size: int, encoder_weights: Path | None, offset: str | None,
             slides_csv: Path | None, region: str | None, roi_path: Path | None, tissue: str,
             tissue_mask: Path | None, object_type: str, chunk_tiles: int, resume: bool, workers: int,
-            scheduler: str | None, max_pixels: int, gpus_per_task: int) -> None:
+            scheduler: str | None, max_pixels: int, labels_zarr: str | None, gpus_per_task: int) -> None:
     """Segment and classify the nuclei of RGB IMAGES (PNG, TIF, JPG) or whole slides with MODEL (a
     checkpoint folder, a TorchScript or an ONNX file); write one instance map, one nucleus table and
     one QuPath GeoJSON per image (slides: a nucleus table, a GeoJSON and a summary)."""
@@ -160,8 +164,9 @@ def command(model_path: Path, images: tuple[Path, ...], out_dir: Path, mpp: floa
     if not images and slides_csv is None:
         raise click.UsageError("give IMAGES or --slides")
     if plain:
-        if roi_path or reg or tissue_mask:
-            raise click.UsageError(f"--roi, --region and --tissue-mask apply to slides; {plain[0]} is a plain image")
+        if roi_path or reg or tissue_mask or labels_zarr:
+            raise click.UsageError(f"--roi, --region, --tissue-mask and --labels-zarr apply to slides; {plain[0]} is a "
+                                   "plain image")
         _predict_images(model_path, plain, out_dir, mpp, device, tile, overlap, batch_size, encoder_weights, off,
                         max_pixels=max_pixels)
     if not slides:
@@ -170,7 +175,8 @@ def command(model_path: Path, images: tuple[Path, ...], out_dir: Path, mpp: floa
               "chunk_tiles": chunk_tiles, "offset": off, "region": None if reg is None else tuple(int(v) for v in reg),
               "roi_path": None if roi_path is None else str(roi_path), "tissue": tissue,
               "tissue_mask": None if tissue_mask is None else str(tissue_mask), "object_type": object_type,
-              "resume": resume, "encoder_weights": None if encoder_weights is None else str(encoder_weights)}
+              "resume": resume, "encoder_weights": None if encoder_weights is None else str(encoder_weights),
+              "labels_zarr": labels_zarr}
     stems = _stems(slides)
     if len(slides) == 1 and scheduler is None and slides_csv is None:
         from ._slidejob import run_slide

@@ -182,3 +182,142 @@ def read_ome_metadata(path: str | Path) -> dict[str, Any]:
         out["image-label"][name] = m["image-label"]
         out["label-multiscales"][name] = m["multiscales"]
     return out
+
+
+# -- label images of a slide, written block by block -------------------------------------------------
+
+#: Chunk side of slide label images (int32: 4 MiB a chunk before compression).
+SLIDE_CHUNK = 1024
+#: Label pyramids halve until the longer side is at most this.
+SLIDE_MIN_SIDE = 512
+
+
+def _label_multiscales(name: str, mpp: float, translation: tuple[float, float], n_levels: int,
+                       version: str) -> list[dict[str, Any]]:
+    """Multiscales of a label pyramid whose level k is level 0 subsampled by 2**k ([::2**k]):
+    pixel (r, c) of level k is pixel (2**k r, 2**k c) of level 0, so only the scale changes."""
+    datasets = [{"path": str(k), "coordinateTransformations": [
+        {"type": "scale", "scale": [float(mpp) * 2**k, float(mpp) * 2**k]},
+        {"type": "translation", "translation": [float(translation[0]), float(translation[1])]}]}
+        for k in range(n_levels)]
+    ms: dict[str, Any] = {"name": name, "axes": _axes(False), "datasets": datasets}
+    if version == "0.4":
+        ms = {"version": "0.4", **ms}
+    return [ms]
+
+
+def _class_label_entries(names: list[str], colors: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``colors`` and ``properties`` of a class label image: 0 background, then classes 1..K."""
+    def rgba(hex_color: str) -> list[int]:
+        h = hex_color.lstrip("#")
+        return [int(h[i : i + 2], 16) for i in (0, 2, 4)] + [255]
+
+    cols = [{"label-value": 0, "rgba": BACKGROUND_RGBA}] + [
+        {"label-value": i, "rgba": rgba(c)} for i, c in enumerate(colors, start=1)]
+    props = [{"label-value": 0, "class": "background"}] + [
+        {"label-value": i, "class": n} for i, n in enumerate(names, start=1)]
+    return cols, props
+
+
+def write_slide_labels(path: str | Path, crops: Any, *, shape: tuple[int, int], mpp: float,
+                       translation: tuple[float, float] = (0.0, 0.0), class_names: list[str],
+                       colors: list[str], version: str = "0.5", name: str = "slide") -> Path:
+    """Write the nuclei of a slide as an OME-Zarr labels group, block by block, atomically.
+
+    Layout (``path`` is a labels group, ``{"labels": ["instances", "classes"]}``)::
+
+        <path>/instances/0, 1, ...   (H, W) int32 instance ids, a pyramid (level k = level 0[::2**k])
+        <path>/classes/0, 1, ...     (H, W) uint8 class ids, image-label colours and properties
+
+    Parameters
+    ----------
+    crops
+        Iterable of ``(y0, x0, instances, classes)``: (h, w) int32 / uint8 blocks at row ``y0``,
+        column ``x0`` of level 0. A pixel already labelled keeps its label (the first block wins).
+        Only these blocks are held in memory, never the whole image.
+    shape
+        (H, W) of level 0.
+    mpp, translation
+        Level-0 pixel size (µm) and the (y, x) position of pixel (0, 0) in µm.
+    class_names, colors
+        Classes 1..K and their "#rrggbb" colours.
+
+    The folder is written under a temporary name beside ``path`` and renamed into place at the
+    end; an existing ``path`` is replaced only then.
+    """
+    import zarr
+
+    from ..core.atomic import remove_tree, replace_dir, temp_sibling
+
+    if version not in OME_VERSIONS:
+        raise ConfigError(f"OME-NGFF version must be one of {OME_VERSIONS}, got {version!r}")
+    h, w = (int(v) for v in shape)
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(final)
+    zf = 3 if version == "0.5" else 2
+    n_levels, side = 1, max(h, w)
+    while side > SLIDE_MIN_SIDE:
+        side = -(-side // 2)
+        n_levels += 1
+    C = SLIDE_CHUNK
+    try:
+        root = zarr.open_group(str(tmp), mode="w", zarr_format=zf)
+        _put(root, {"labels": ["instances", "classes"]}, version)
+        arrays: dict[str, list[Any]] = {}
+        for lname, dtype in (("instances", np.int32), ("classes", np.uint8)):
+            g = root.create_group(lname)
+            # instances: only 0 has a colour (transparent); ome-zarr-models 1.6 also fails on an
+            # image-label without "colors", optional in NGFF
+            image_label: dict[str, Any] = {"colors": [{"label-value": 0, "rgba": BACKGROUND_RGBA}]}
+            if lname == "classes":
+                image_label["colors"], image_label["properties"] = _class_label_entries(class_names, colors)
+            if version == "0.4":
+                image_label = {"version": "0.4", **image_label}
+            _put(g, {"image-label": image_label,
+                     "multiscales": _label_multiscales(f"{name}/{lname}", mpp, translation, n_levels, version)},
+                 version)
+            levels = []
+            for k in range(n_levels):
+                lh, lw = -(-h // 2**k), -(-w // 2**k)
+                kw: dict[str, Any] = {"fill_value": 0, "chunk_key_encoding": _KEYS[zf]}
+                if zf == 3:
+                    kw["dimension_names"] = ["y", "x"]
+                levels.append(g.create_array(str(k), shape=(lh, lw), dtype=dtype,
+                                             chunks=(min(C, lh), min(C, lw)), **kw))
+            arrays[lname] = levels
+        touched: set[tuple[int, int]] = set()
+        for y0, x0, ins, cls in crops:
+            y0, x0 = int(y0), int(x0)
+            y1, x1 = min(h, y0 + ins.shape[0]), min(w, x0 + ins.shape[1])
+            if y1 <= y0 or x1 <= x0:
+                continue
+            ins, cls = ins[: y1 - y0, : x1 - x0], cls[: y1 - y0, : x1 - x0]
+            cur = arrays["instances"][0][y0:y1, x0:x1]
+            new = (ins > 0) & (cur == 0)
+            if not new.any():
+                continue
+            cur[new] = ins[new]
+            arrays["instances"][0][y0:y1, x0:x1] = cur
+            cc = arrays["classes"][0][y0:y1, x0:x1]
+            cc[new] = cls[new]
+            arrays["classes"][0][y0:y1, x0:x1] = cc
+            touched.update((i, j) for i in range(y0 // C, (y1 - 1) // C + 1) for j in range(x0 // C, (x1 - 1) // C + 1))
+        for k in range(1, n_levels):  # each level from the one above, only where there are labels
+            touched = {(i // 2, j // 2) for i, j in touched}
+            for lname in ("instances", "classes"):
+                src, dst = arrays[lname][k - 1], arrays[lname][k]
+                for i, j in sorted(touched):
+                    block = src[2 * i * C : 2 * (i + 1) * C, 2 * j * C : 2 * (j + 1) * C]
+                    dst[i * C : (i + 1) * C, j * C : (j + 1) * C] = block[::2, ::2]
+        old = None
+        if final.exists():
+            old = temp_sibling(final)
+            final.rename(old)
+        replace_dir(tmp, final)
+        if old is not None:
+            remove_tree(old)
+    except BaseException:
+        remove_tree(tmp)
+        raise
+    return final

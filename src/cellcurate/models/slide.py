@@ -236,7 +236,11 @@ class Slide:
         factor = max(lw, lh) / max_side
         if factor > 1.0:
             size = (max(1, round(lh / factor)), max(1, round(lw / factor)))
-            img = (resize(img, size + (3,), order=1, anti_aliasing=True, preserve_range=True) + 0.5).astype(np.uint8)
+            if lh % size[0] == 0 and lw % size[1] == 0 and lh // size[0] == lw // size[1]:
+                f = lh // size[0]  # integer factor: block means (the area average), ~10x cheaper
+                img = (img.reshape(size[0], f, size[1], f, 3).mean(axis=(1, 3), dtype=np.float32) + 0.5).astype(np.uint8)
+            else:
+                img = (resize(img, size + (3,), order=1, anti_aliasing=True, preserve_range=True) + 0.5).astype(np.uint8)
         down = self.dimensions[0] / img.shape[1]
         return img, float(down)
 

@@ -66,6 +66,10 @@ from .tissue import TissueMap
 
 #: Polygon maker: (mask (h, w) bool, offset (row, col)) -> shapely Polygon/MultiPolygon or None.
 Polygonize = Callable[..., Any]
+#: Label image writer: (crops, *, shape, mpp, translation, class_names, colors) -> Any, where crops
+#: yields (y0, x0, instances (h, w) int32 with the table's ids, classes (h, w) uint8) blocks of the
+#: region's model grid in chunk order (e.g. :func:`cellcurate.curation.omezarr.write_slide_labels`).
+LabelWriter = Callable[..., Any]
 _DONE = object()
 
 
@@ -192,6 +196,7 @@ def predict_slide(
     resume: bool = False,
     model_id: str = "",
     polygonize: Polygonize | None = None,
+    labels: LabelWriter | None = None,
     progress: bool = True,
 ) -> SlideResult:
     """Nuclei of a slide, streamed; see the module docstring.
@@ -219,6 +224,13 @@ def predict_slide(
     polygonize
         (mask, offset=(row, col)) -> shapely geometry; default: contours
         (:func:`cellcurate.models.postprocess.mask_to_polygon`).
+    labels
+        Also write a label image: each chunk keeps its nuclei's instance map
+        (``labels_NNNNNN.npz`` beside its table, so ``resume`` keeps it too) and, once the table is
+        merged, ``labels(crops, shape=, mpp=, translation=, class_names=, colors=)`` gets them in
+        chunk order with the table's ids (see :data:`LabelWriter`); ``shape`` is the region on
+        the model grid, ``mpp`` its pixel size, ``translation`` (y, x) of its pixel (0, 0) in µm
+        (``offset`` included).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -283,7 +295,8 @@ def predict_slide(
     # the pid of the process working on it (diagnostics; rewritten by a resuming process)
     cfg_path.write_text(json.dumps({"fingerprint": fp, "slide": str(slide.path), "n_chunks": len(chunks),
                                     "pid": os.getpid()}))
-    done = {int(p.stem.split("_")[1]) for p in work.glob("chunk_*.parquet")}
+    done = {int(p.stem.split("_")[1]) for p in work.glob("chunk_*.parquet")
+            if labels is None or (work / f"labels_{p.stem.split('_')[1]}.npz").is_file()}
     todo = [c for c in chunks if c.index not in done]
 
     schema = _schema(names, colors, slide, model_mpp, opts)
@@ -318,11 +331,13 @@ def predict_slide(
                     return
                 c, acc = item
                 try:
-                    table = _chunk_table(c, acc, opts, names, schema, (mx0, my0), inv, (ox, oy), roi, poly_fn,
-                                         slide.mpp, keep_box)
+                    table, crop = _chunk_table(c, acc, opts, names, schema, (mx0, my0), inv, (ox, oy), roi, poly_fn,
+                                               slide.mpp, keep_box)
                 except MemoryError as exc:
                     h, w = acc["w"].shape
                     raise oom_error(exc, f"post-processing a chunk of {w}x{h} px (lower --chunk-tiles)") from None
+                if labels is not None:  # before the table: the table marks the chunk done
+                    _atomic_write(work / f"labels_{c.index:06d}.npz", functools.partial(_write_crop, crop))
                 _atomic_write(work / f"chunk_{c.index:06d}.parquet", functools.partial(_write_parquet, table))
                 bar.update(1)
         except BaseException as exc:  # noqa: BLE001
@@ -358,6 +373,7 @@ def predict_slide(
     final = out_dir / f"{stem}_nuclei.parquet"
     counts = dict.fromkeys(names, 0)
     n = 0
+    first_id: dict[int, int] = {}  # chunk index -> its first nucleus id - 1
 
     def merge(tmp: Path) -> None:
         nonlocal n
@@ -366,6 +382,7 @@ def predict_slide(
                 t = pq.read_table(work / f"chunk_{c.index:06d}.parquet", schema=schema)
                 if t.num_rows == 0:
                     continue
+                first_id[c.index] = n
                 ids = pa.array(np.arange(n + 1, n + 1 + t.num_rows, dtype=np.int64))
                 t = t.set_column(0, "nucleus_id", ids)
                 for name, k in zip(*np.unique(t.column("class_name").to_numpy(zero_copy_only=False), return_counts=True)):
@@ -377,10 +394,32 @@ def predict_slide(
     if missing:
         raise StateError(f"{work}: chunks {missing[:5]} have no output; rerun with --resume")
     _atomic_write(final, merge)
+    if labels is not None:
+        px = slide.mpp * inv  # µm per model-grid pixel (the slide's when no resampling)
+        labels(_iter_crops(work, chunks, first_id), shape=size, mpp=px,
+               translation=(my0 * px + oy * slide.mpp, mx0 * px + ox * slide.mpp), class_names=names, colors=colors)
     shutil.rmtree(work, ignore_errors=True)
     return SlideResult(final, n, counts, n_tiles, len(chunks), time.perf_counter() - t_start,
                        resumed_chunks=len(done & {c.index for c in chunks}),
                        tissue_fraction=1.0 if tissue is None else tissue.fraction)
+
+
+def _write_crop(crop: tuple[int, int, np.ndarray, np.ndarray] | None, path: Path) -> None:
+    """A chunk's label crop (region-grid origin, chunk-local ids 1..k in table order, classes)."""
+    y0, x0, ins, cls = crop if crop is not None else (0, 0, np.zeros((0, 0), np.int32), np.zeros((0, 0), np.uint8))
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, origin=np.asarray([y0, x0], np.int64), instances=ins, classes=cls)
+
+
+def _iter_crops(work: Path, chunks: list[Chunk], first_id: dict[int, int]) -> Iterator[Any]:
+    """The chunks' label crops in chunk order, with the merged table's ids."""
+    for c in chunks:
+        if c.index not in first_id:
+            continue
+        with np.load(work / f"labels_{c.index:06d}.npz") as z:
+            (y0, x0), ins, cls = z["origin"], z["instances"], z["classes"]
+        if ins.size:
+            yield int(y0), int(x0), np.where(ins > 0, ins + first_id[c.index], 0).astype(np.int32), cls
 
 
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
@@ -489,8 +528,10 @@ def _schema(names: list[str], colors: list[str], slide: Slide, model_mpp: float,
 
 def _chunk_table(c: Chunk, acc: dict[str, np.ndarray], opts: SlideOptions, names: list[str], schema: Any,
                  origin: tuple[int, int], inv: float, offset: tuple[float, float], roi: Any,
-                 poly_fn: Polygonize, slide_mpp: float, keep_box: tuple[float, float, float, float] | None) -> Any:
-    """Post-process one chunk and return the nuclei it keeps as a pyarrow table."""
+                 poly_fn: Polygonize, slide_mpp: float,
+                 keep_box: tuple[float, float, float, float] | None) -> tuple[Any, Any]:
+    """Post-process one chunk: the nuclei it keeps as a pyarrow table, and their label crop
+    ``(y0, x0, instances, classes)`` (region model-grid origin; ids 1..k in table order), or None."""
     import pyarrow as pa
     import shapely
     from scipy import ndimage as ndi
@@ -508,7 +549,7 @@ def _chunk_table(c: Chunk, acc: dict[str, np.ndarray], opts: SlideOptions, names
     inst, n = post.instances, post.n
     empty = pa.Table.from_pylist([], schema=schema)
     if n == 0:
-        return empty
+        return empty, None
     wy0, wx0 = c.window[0], c.window[1]
     flat = inst.ravel()
     rows, cols = np.indices(inst.shape)
@@ -525,7 +566,7 @@ def _chunk_table(c: Chunk, acc: dict[str, np.ndarray], opts: SlideOptions, names
         keep &= shapely.contains_xy(roi, gx, gy)
     idx = np.flatnonzero(keep)
     if not len(idx):
-        return empty
+        return empty, None
     boxes = ndi.find_objects(inst, max_label=n)
     polys, bb = [], []
     ox, oy = offset
@@ -558,7 +599,18 @@ def _chunk_table(c: Chunk, acc: dict[str, np.ndarray], opts: SlideOptions, names
         "polygon": shapely.to_wkb(np.asarray(polys, dtype=object)),
         "chunk": np.full(len(idx), c.index, np.int32),
     }
-    return pa.Table.from_pydict({f.name: data[f.name] for f in schema}, schema=schema)
+    table = pa.Table.from_pydict({f.name: data[f.name] for f in schema}, schema=schema)
+    # label crop: the kept nuclei's pixels over their union bounding box, ids in table order
+    by0 = min(boxes[i][0].start for i in idx)
+    bx0 = min(boxes[i][1].start for i in idx)
+    by1 = max(boxes[i][0].stop for i in idx)
+    bx1 = max(boxes[i][1].stop for i in idx)
+    lut = np.zeros(n + 1, np.int32)
+    lut[idx + 1] = np.arange(1, len(idx) + 1, dtype=np.int32)
+    ins = lut[inst[by0:by1, bx0:bx1]]
+    cls_lut = np.zeros(len(idx) + 1, np.uint8)
+    cls_lut[1:] = cls
+    return table, (by0 + wy0, bx0 + wx0, ins, cls_lut[ins])
 
 
 def iter_nuclei(path: str | os.PathLike[str], *, batch_size: int = 10_000) -> Iterator[Any]:
