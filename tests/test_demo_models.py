@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from cellcurate.cli.demo import command
+from cellcurate.datasets.store import Store
 
 
 @pytest.mark.slow
@@ -26,3 +27,12 @@ def test_tiny_demo_prints_model_metrics_and_targets(tmp_path):
         doc = json.loads((models / name / "config.json").read_text())
         assert all("val_mPQ" in h for h in doc["metrics"]["history"])
         assert (models / name / "best" / "model.pt").is_file()
+    # the instance round's flags were decided before the release, and the release's instance maps
+    # carry those geometry decisions (accepted proposals), read back with zarr
+    assert "instance flags decided by a simulated annotator" in out
+    manifest = json.loads((tmp_path / "d" / "releases" / "v1" / "manifest.json").read_text())
+    geo = manifest.get("geometry")
+    assert geo and geo["added"] > 0 and geo["deleted"] > 0 and geo["replaced"] > 0
+    with Store.open(tmp_path / "d" / "store") as store:
+        ev = store.ledger.events(kinds=("geometry",))
+        assert len(ev) and set(ev["actor"]) == {"demo-annotator"}

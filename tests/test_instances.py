@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from cellcurate.errors import ConfigError
-from cellcurate.relabel.instances import (ISSUES, ImageFlag, InstanceConfig, cleanlab_evidence, match_image,
+from cellcurate.relabel.instances import (ISSUES, flag_hits, ImageFlag, InstanceConfig, cleanlab_evidence, match_image,
                                           proposed_polygons, score_flags)
 
 CFG = InstanceConfig(min_part_um2=1.0)
@@ -179,6 +179,9 @@ def test_score_flags_counts_hits_per_issue_type():
     assert s["merged"]["recall"] == 0.0 and s["merged"]["precision"] == 0.0  # other image
     assert s["bad_outline"]["planted"] == 0
     assert score_flags(flags, planted, image_ids=["b"])["merged"]["flags"] == 1
+    # per flag, in the flags' order (what the demo's simulated annotator accepts)
+    assert flag_hits(flags, planted).tolist() == [True, False, True, False]
+    assert flag_hits(flags.iloc[:0], planted).tolist() == []
 
 
 def test_cleanlab_pixel_quality_is_the_same_batched_or_one_by_one():

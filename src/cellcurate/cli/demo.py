@@ -212,6 +212,8 @@ def stage_release(ctx: dict[str, Any]) -> None:
     note = f" ({pending} flags left unreviewed, recorded in the manifest)" if pending else ""
     click.echo(f"release v1: {res.n_images} images, {res.n_nuclei:,} nuclei -> {res.path}{note}")
     m = res.manifest
+    if m.get("geometry"):
+        click.echo(f"  geometry from review: {m['geometry']}")
     for split, counts in sorted(m.get("counts", {}).items()):
         if isinstance(counts, dict):
             click.echo(f"  {split:<8} " + "  ".join(f"{k} {v}" for k, v in counts.items()))
@@ -245,12 +247,42 @@ def stage_instances(ctx: dict[str, Any]) -> None:
                                      "against the planted truth (synthetic PanNuke + MoNuSAC images; "
                                      "a flag counts only for its own issue type):"))
     ctx["instance_truth"] = res.truth
+    ctx["instance_planted"] = planted
+    ctx["instance_flags"] = res.flags
     if res.truth:
         missed = [k for k, v in res.truth.items() if v["planted"] and not (v["recall"] >= 0.8 and v["precision"] >= 0.5)]
         click.echo("instance issues: every type meets recall >= 0.8 at precision >= 0.5" if not missed
                    else f"instance issues: MISSED for {', '.join(missed)}")
     click.echo(f"{len(res.flags)} instance_flag events in the ledger (each with its proposed geometry); "
                f"table: {res.folder / 'flags.parquet'}")
+
+
+def stage_instance_review(ctx: dict[str, Any]) -> None:
+    """A simulated annotator decides every instance flag from the planted truth, through the same
+    geometry-review API the napari dock and the CSV/QuPath paths use: a flag that hits a planted
+    error is accepted (the proposed nucleus added, the spurious one deleted, the outline replaced,
+    the merge or split undone), any other flag is kept; the release then rebuilds its instance maps
+    from these decisions, so the models train and are evaluated on the curated geometry."""
+    from ..curation.geometry_review import decide_flag, instance_queue
+    from ..datasets.store import Store
+    from ..relabel.instances import flag_hits
+
+    planted, flags = ctx.get("instance_planted"), ctx.get("instance_flags")
+    if planted is None or flags is None or not len(flags):
+        click.echo("no instance flags with truth to review")
+        return
+    hit = dict(zip(flags["flag_id"].astype(str), flag_hits(flags, planted)))
+    reviewer = "demo-annotator"
+    counts: dict[str, int] = {}
+    with Store.open(ctx["store_path"], mode="a") as store:
+        queue = instance_queue(store, reviewer=reviewer, include_decided=False)
+        for row in queue.to_dict("records"):
+            decision = "accept" if hit.get(str(row["flag_id"]), False) else "keep"
+            decide_flag(store, row, decision, reviewer=reviewer, source="api")
+            key = f"{row['issue']} {decision}"
+            counts[key] = counts.get(key, 0) + 1
+    click.echo(f"{len(queue)} instance flags decided by a simulated annotator with the truth "
+               f"(geometry ledger events): " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
 #: The demo teacher's encoder: a ViT-S/16 of 9 blocks (random init, then pre-trained on the demo's
@@ -366,8 +398,9 @@ STAGES: list[tuple[str, Any]] = [
     ("Store summary", stage_summary),
     ("Relabeling rounds 1 and 2", stage_relabel),
     ("Review (a simulated annotator, through the CSV review path)", stage_review),
-    ("Release v1", stage_release),
     ("Instance round 1 (missed, spurious, badly drawn, merged and split nuclei)", stage_instances),
+    ("Geometry review (a simulated annotator, through the geometry-review API)", stage_instance_review),
+    ("Release v1", stage_release),
     ("Teacher, distilled student, evaluation, export", stage_models),
 ]
 

@@ -492,6 +492,40 @@ def planted_for_store(store: "Store", instance_truth: pd.DataFrame) -> pd.DataFr
     return pd.DataFrame(rows, columns=list(PLANTED_COLUMNS))
 
 
+def _match_issue(f: pd.DataFrame, t: pd.DataFrame, issue: str) -> tuple[np.ndarray, np.ndarray]:
+    """(planted errors hit, flags hitting one) for the flags ``f`` and planted errors ``t`` of one type."""
+    t = t.reset_index(drop=True)
+    hit_truth = np.zeros(len(t), bool)
+    hit_flag = np.zeros(len(f), bool)
+    by_img: dict[str, list[int]] = {}
+    for j, im in enumerate(t["image_id"].astype(str)):
+        by_img.setdefault(im, []).append(j)
+    for i, r in enumerate(f.itertuples(index=False)):
+        for j in by_img.get(str(r.image_id), []):
+            tr = t.iloc[j]
+            if issue == "missing_annotation":
+                ok = float(np.hypot(r.centroid_x - tr.centroid_x, r.centroid_y - tr.centroid_y)) <= max(tr.radius, 3.0)
+            else:
+                ids = set(int(v) for v in r.nucleus_ids)
+                ok = int(tr.nucleus_id) in ids or (issue == "split" and int(tr.nucleus_id2) in ids)
+            if ok:
+                hit_truth[j] = True
+                hit_flag[i] = True
+    return hit_truth, hit_flag
+
+
+def flag_hits(flags: pd.DataFrame, planted: pd.DataFrame) -> np.ndarray:
+    """For each row of ``flags`` (in order), whether it hits a planted error of its own type (the rule
+    of :func:`score_flags`); what a simulated annotator who knows the truth would accept."""
+    out = np.zeros(len(flags), bool)
+    pos = np.arange(len(flags))
+    for issue in ISSUES:
+        sel = (flags["issue"] == issue).to_numpy()
+        if sel.any():
+            out[pos[sel]] = _match_issue(flags[sel], planted[planted["issue"] == issue], issue)[1]
+    return out
+
+
 def score_flags(flags: pd.DataFrame, planted: pd.DataFrame, *, image_ids: Any = None) -> dict[str, dict[str, Any]]:
     """Recall and precision per issue type of ``flags`` against ``planted`` (:data:`PLANTED_COLUMNS`).
 
@@ -508,24 +542,8 @@ def score_flags(flags: pd.DataFrame, planted: pd.DataFrame, *, image_ids: Any = 
     out: dict[str, dict[str, Any]] = {}
     for issue in ISSUES:
         f = flags[flags["issue"] == issue]
-        t = planted[planted["issue"] == issue].reset_index(drop=True)
-        hit_truth = np.zeros(len(t), bool)
-        hit_flag = np.zeros(len(f), bool)
-        by_img: dict[str, list[int]] = {}
-        for j, im in enumerate(t["image_id"].astype(str)):
-            by_img.setdefault(im, []).append(j)
-        for i, r in enumerate(f.itertuples(index=False)):
-            cands = by_img.get(str(r.image_id), [])
-            for j in cands:
-                tr = t.iloc[j]
-                if issue == "missing_annotation":
-                    ok = float(np.hypot(r.centroid_x - tr.centroid_x, r.centroid_y - tr.centroid_y)) <= max(tr.radius, 3.0)
-                else:
-                    ids = set(int(v) for v in r.nucleus_ids)
-                    ok = int(tr.nucleus_id) in ids or (issue == "split" and int(tr.nucleus_id2) in ids)
-                if ok:
-                    hit_truth[j] = True
-                    hit_flag[i] = True
+        t = planted[planted["issue"] == issue]
+        hit_truth, hit_flag = _match_issue(f, t, issue)
         n_t, n_f = len(t), len(f)
         out[issue] = {"planted": n_t, "flags": n_f, "hit": int(hit_truth.sum()),
                       "recall": float(hit_truth.mean()) if n_t else float("nan"),
