@@ -51,6 +51,24 @@ class CsvValidationError(InputFormatError):
         self.problems = problems
 
 
+def _read_decisions_csv(path: Path, required: tuple[str, ...]) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows of a decisions CSV; one-line errors for a missing or unreadable file or a
+    missing required column."""
+    if not path.is_file():
+        raise InputNotFoundError(path, "no such CSV file")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = list(reader.fieldnames or [])
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputFormatError(path, f"cannot read the CSV ({exc})") from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise InputFormatError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}")
+    return header, rows
+
+
 def export_csv(store: Store, path: str | os.PathLike[str], *, reviewer: str | None = None,
                include_reviewed: bool = False, **filters: Any) -> int:
     """Write the queue (pending nuclei unless ``include_reviewed``) to ``path``; return the row count."""
@@ -89,18 +107,7 @@ def import_csv(store: Store, path: str | os.PathLike[str], *, reviewer: str) -> 
         With every problem found (line numbers are the file's, header = line 1); nothing applied.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(path, "no such CSV file")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = reader.fieldnames or []
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputFormatError(path, f"cannot read the CSV ({exc})") from None
-    missing = [c for c in ("nucleus_id", "decision") if c not in header]
-    if missing:
-        raise InputFormatError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}")
+    header, rows = _read_decisions_csv(path, ("nucleus_id", "decision"))
 
     nuclei = store.nuclei(include_ignore=False)
     known = set(int(n) for n in nuclei["nucleus_id"])
@@ -237,18 +244,7 @@ def import_instance_csv(store: Store, path: str | os.PathLike[str], *, reviewer:
     from .geometry_review import geometry_events, store_flags
 
     path = Path(path)
-    if not path.is_file():
-        raise InputNotFoundError(path, "no such CSV file")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            header = reader.fieldnames or []
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputFormatError(path, f"cannot read the CSV ({exc})") from None
-    missing = [c for c in ("flag_id", "decision") if c not in header]
-    if missing:
-        raise InputFormatError(path, f"missing column(s) {', '.join(missing)}; found {', '.join(header) or 'none'}")
+    header, rows = _read_decisions_csv(path, ("flag_id", "decision"))
     flags = {str(f["flag_id"]): f for f in store_flags(store).to_dict("records")}
     problems: list[str] = []
     events: list[dict[str, Any]] = []
