@@ -143,3 +143,8 @@ def test_iter_images_matches_single_reads(tmp_path, stacked):
         assert np.array_equal(im, ref[0]) and np.array_equal(ins, ref[1])
     assert [i for i, _, _ in store.iter_images(["pannuke/fold1/00003", "pannuke/fold1/00001"])] == [
         "pannuke/fold1/00001", "pannuke/fold1/00003"]
+    # the instance maps alone, in the same order and slabs
+    only = list(store.iter_instances(batch=2))
+    assert [i for i, _ in only] == [i for i, _, _ in store.iter_images(batch=2)]
+    for image_id, ins in only:
+        assert np.array_equal(ins, got[image_id][1])

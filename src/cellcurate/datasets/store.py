@@ -511,56 +511,53 @@ class Store:
         win = (slice(y0, y1), slice(x0, x1))
         return self._read(row, "image", win), self._read(row, "instances", win)
 
+    def _runs(self, image_ids: list[str] | None, batch: int
+              ) -> Iterator[tuple[tuple[str, str, int, int, int], list[str], int]]:
+        """``(first row, image ids, n)`` per read: runs of up to ``batch`` consecutive tiles of a
+        stacked unit (one slice each), native-size images alone (n = 0). Order: by unit and
+        position; ``image_ids`` restricts the set (default: every image)."""
+        if self._tables is None:
+            self._load_tables()
+        wanted = list(self._lookup) if image_ids is None else list(image_ids)
+        rows = sorted((self._image_row(i), i) for i in wanted)
+        k = 0
+        while k < len(rows):
+            (unit, path, idx, _h, _w), image_id = rows[k]
+            if idx < 0:
+                yield rows[k][0], [image_id], 0
+                k += 1
+                continue
+            j = k + 1
+            while (j < len(rows) and j - k < batch and rows[j][0][0] == unit and rows[j][0][1] == path
+                   and rows[j][0][2] == idx + (j - k)):
+                j += 1
+            yield rows[k][0], [r[1] for r in rows[k:j]], j - k
+            k = j
+
     def iter_slabs(self, image_ids: list[str] | None = None, *, batch: int = TILES_PER_SHARD
                    ) -> Iterator[tuple[list[str], np.ndarray, np.ndarray]]:
         """Yield ``(image_ids, images (B, H, W, 3), instances (B, H, W))`` slabs: runs of up to
         ``batch`` consecutive tiles of a stacked unit read with one slice each (one decode pass
         per shard), and native-size images one at a time (B = 1). Order: by unit and position,
         the fast order; ``image_ids`` restricts the set (default: every image)."""
-        if self._tables is None:
-            self._load_tables()
-        wanted = list(self._lookup) if image_ids is None else list(image_ids)
-        rows = sorted((self._image_row(i), i) for i in wanted)
-        k = 0
-        while k < len(rows):
-            (unit, path, idx, _h, _w), image_id = rows[k]
-            if idx < 0:
-                row = rows[k][0]
-                yield [image_id], self._read(row, "image")[None], self._read(row, "instances")[None]
-                k += 1
+        for row, ids, n in self._runs(image_ids, batch):
+            if not n:
+                yield ids, self._read(row, "image")[None], self._read(row, "instances")[None]
                 continue
-            j = k + 1
-            while (j < len(rows) and j - k < batch and rows[j][0][0] == unit and rows[j][0][1] == path
-                   and rows[j][0][2] == idx + (j - k)):
-                j += 1
-            img = np.asarray(self._array(unit, path)[idx : idx + (j - k)])
-            ins = np.asarray(self._array(unit, "instances")[idx : idx + (j - k)])
-            yield [r[1] for r in rows[k:j]], img, ins
-            k = j
+            unit, path, idx = row[0], row[1], row[2]
+            yield ids, np.asarray(self._array(unit, path)[idx : idx + n]), \
+                np.asarray(self._array(unit, "instances")[idx : idx + n])
 
     def iter_instances(self, image_ids: list[str] | None = None, *, batch: int = TILES_PER_SHARD
                        ) -> Iterator[tuple[str, np.ndarray]]:
         """Yield ``(image_id, instances)`` in :meth:`iter_slabs` order, reading only the instance
         maps (runs of stacked tiles with one slice each)."""
-        if self._tables is None:
-            self._load_tables()
-        wanted = list(self._lookup) if image_ids is None else list(image_ids)
-        rows = sorted((self._image_row(i), i) for i in wanted)
-        k = 0
-        while k < len(rows):
-            (unit, path, idx, _h, _w), image_id = rows[k]
-            if idx < 0:
-                yield image_id, self._read(rows[k][0], "instances")
-                k += 1
+        for row, ids, n in self._runs(image_ids, batch):
+            if not n:
+                yield ids[0], self._read(row, "instances")
                 continue
-            j = k + 1
-            while (j < len(rows) and j - k < batch and rows[j][0][0] == unit and rows[j][0][1] == path
-                   and rows[j][0][2] == idx + (j - k)):
-                j += 1
-            ins = np.asarray(self._array(unit, "instances")[idx : idx + (j - k)])
-            for m in range(j - k):
-                yield rows[k + m][1], ins[m]
-            k = j
+            ins = np.asarray(self._array(row[0], "instances")[row[2] : row[2] + n])
+            yield from zip(ids, ins)
 
     def iter_images(self, image_ids: list[str] | None = None, *, batch: int = TILES_PER_SHARD
                     ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
