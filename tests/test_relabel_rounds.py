@@ -245,11 +245,14 @@ def test_failed_overwrite_puts_the_previous_folder_back(store, monkeypatch):
     def fail(folder):
         raise OSError(28, "No space left on device", str(folder))
 
-    monkeypatch.setattr(rounds, "_before_commit", fail)
-    with pytest.raises(OSError):
-        run_round(store, 1, config=CFG, overwrite=True, progress=False)
-    assert json.loads((store.path / "rounds" / "1" / "summary.json").read_text())["metrics"]["run_seq"] == first
-    assert check_round_folders(store) == [] and not list((store.path / "rounds").glob(".tmp-*"))
+    # the failure after the new folder is in place, and while putting it in place (the old one already aside)
+    for name in ("_before_commit", "replace_dir"):
+        with monkeypatch.context() as m:
+            m.setattr(rounds, name, fail if name == "_before_commit" else lambda tmp, final: fail(final))
+            with pytest.raises(OSError):
+                run_round(store, 1, config=CFG, overwrite=True, progress=False)
+        assert json.loads((store.path / "rounds" / "1" / "summary.json").read_text())["metrics"]["run_seq"] == first
+        assert check_round_folders(store) == [] and not list((store.path / "rounds").glob(".tmp-*"))
 
 
 def test_verify_reports_a_finished_round_whose_folder_is_missing(store):

@@ -538,9 +538,9 @@ def _commit(store: "Store", round: int, cfg: RoundConfig, backbone_id: str, mode
     except BaseException:
         if placed:
             remove_tree(final)
-            if aside is not None:
-                os.replace(aside, final)
-                fsync_dir(rounds_dir)
+        if aside is not None:  # also when putting the new folder in place failed after the old one moved aside
+            os.replace(aside, final)
+            fsync_dir(rounds_dir)
         remove_tree(tmp)
         raise
     return RoundResult(round, False, plan, final, started_seq, counts, metrics, time.perf_counter() - t0)
