@@ -119,3 +119,50 @@ def test_a_refused_decision_shows_an_error_and_records_nothing(viewer, store, qt
     assert not viewer.layers["proposed"].visible
     assert np.isin(viewer.layers["annotated"].data, [0, 1, 2]).all()
     w.close_session()
+
+
+def test_plugins_menu_dock_opens_a_typed_store(viewer, store, qtbot, tmp_path):
+    """Plugins > Review nucleus geometry: the dock napari builds from the manifest starts without a store;
+    a folder that is not a store shows a red line, the typed store opens with a click on Open, and the
+    keys then decide its flags."""
+    from qtpy.QtCore import Qt
+
+    from cellcurate.napari_plugin.geometry_widget import GeometryWidget
+
+    dock, w = viewer.window.add_plugin_dock_widget("cellcurate", "Review nucleus geometry")
+    assert isinstance(w, GeometryWidget) and w.session is None
+    assert "no store open" in w.progress_label.text()
+    key(qtbot, viewer, "k")
+    assert w.last_error == "open a store first" and actions(store) == []
+    open_btn = next(b for b in w.findChildren(type(w.buttons["keep"])) if b.text() == "Open store")
+    qtbot.keyClicks(w.store_edit, str(tmp_path / "nowhere"))
+    qtbot.mouseClick(open_btn, Qt.MouseButton.LeftButton)
+    assert w.session is None and "no such store folder" in w.last_error and "nowhere" in w.last_error
+    w.store_edit.clear()
+    qtbot.keyClicks(w.store_edit, str(store.path))
+    w.reviewer_edit.clear()
+    qtbot.keyClicks(w.reviewer_edit, "bo")
+    qtbot.mouseClick(open_btn, Qt.MouseButton.LeftButton)
+    assert w.session is not None and w.session.reviewer == "bo" and w.last_error is None
+    assert w.fields["issue"].text() == "missing annotation" and "0 / 4 decided by bo" in w.progress_label.text()
+    key(qtbot, viewer, "k")
+    ev = store.ledger.events(kinds=("geometry",))
+    assert ev["action"].tolist() == ["keep"] and ev["actor"].tolist() == ["bo"]
+    w.close_session()
+    assert w.session is None and w._own_store is None
+
+
+def test_dock_opens_the_store_named_in_the_environment(viewer, store, monkeypatch):
+    from napari._app_model import get_app_model
+
+    from cellcurate.napari_plugin.geometry_widget import GeometryWidget
+
+    monkeypatch.setenv("CELLCURATE_STORE", str(store.path))
+    monkeypatch.setenv("USER", "menu-user")
+    get_app_model().commands.execute_command("cellcurate.geometry_widget").result()
+    docks = [d for name, d in viewer.window._wrapped_dock_widgets.items() if "Review nucleus geometry" in name]
+    assert docks
+    w = docks[0].widget()
+    assert isinstance(w, GeometryWidget) and w.session is not None and w.session.reviewer == "menu-user"
+    assert w.fields["issue"].text() == "missing annotation"
+    w.close_session()

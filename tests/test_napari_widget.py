@@ -330,7 +330,7 @@ def test_reader_and_manifest(store):
 
     manifest = PluginManifest.from_file(Path(plugin.__file__).with_name("napari.yaml"))
     assert {c.id for c in manifest.contributions.commands} == {
-        "cellcurate.review_widget", "cellcurate.get_reader", "cellcurate.sample"}
+        "cellcurate.review_widget", "cellcurate.geometry_widget", "cellcurate.get_reader", "cellcurate.sample"}
     assert reader.napari_get_reader(str(store.path / "units")) is None
     read = reader.napari_get_reader(str(store.path))
     layers = read(str(store.path))

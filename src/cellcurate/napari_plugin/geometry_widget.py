@@ -13,11 +13,16 @@ nucleus to add (default: the flag's predicted class), ``v`` proposal on/off. Eve
 the ledger before the next flag is shown; a failed or refused one (read-only store, a proposal
 that is not a valid outline) shows a red message and records nothing.
 
+Opened from napari's Plugins menu (*Review nucleus geometry*) the dock starts without a session:
+type a store folder (or leave the box empty for a folder dialog) and press Open; with
+``$CELLCURATE_STORE`` set it opens that store at once, as the class review dock does.
+
 Dimensions: w×w pixels of the window.
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,7 +31,7 @@ from qtpy.QtWidgets import QApplication, QGridLayout, QLabel, QPushButton, QVBox
 
 from ..curation.geometry_review import GeometrySession, default_reviewer
 from ..errors import CellcurateError
-from .widget import DOCK_WIDTH, ElidedLabel, _camera, _KeyFilter, _redraw, _wrapping
+from .widget import DOCK_WIDTH, ElidedLabel, _camera, _KeyFilter, _redraw, _wrapping, ask_store_path, store_rows
 
 if TYPE_CHECKING:
     import napari
@@ -39,27 +44,79 @@ PROPOSED_COLOR = "#ff00ff"
 
 
 class GeometryWidget(QWidget):
-    """Dock widget reviewing the instance flags of one store (give it a :class:`GeometrySession`)."""
+    """Dock widget reviewing the instance flags of one store. Give a :class:`GeometrySession` or open
+    one with :meth:`open_store`; without a session it opens ``$CELLCURATE_STORE`` when that is set
+    (the Plugins menu entry), else it waits for a store folder."""
 
-    def __init__(self, napari_viewer: "napari.Viewer", session: GeometrySession) -> None:
+    def __init__(self, napari_viewer: "napari.Viewer", session: GeometrySession | None = None, *,
+                 reviewer: str | None = None, issues: list[str] | None = None, window: int = 128) -> None:
         super().__init__()
         self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
-        self.session = session
+        self.session: GeometrySession | None = None
+        self.issues = issues
+        self.window_px = int(window)
         self.last_error: str | None = None
         self.keys = dict(GEOMETRY_KEYS)
-        self.keys.update({str(c.id): "class" for c in session.store.taxonomy.classes if 1 <= c.id <= 9})
-        self._build()
-        self._make_layers()
+        self._own_store: Any = None  # a store this dock opened (closed with its session)
+        self._build(reviewer)
         self._filter = _KeyFilter(self)  # type: ignore[arg-type]  # duck-typed: key_of + handle_key
         qv = self.viewer.window._qt_viewer
         for target in (qv.canvas.native, qv):
             target.installEventFilter(self._filter)
+        if session is not None:
+            self.set_session(session)
+        elif os.environ.get("CELLCURATE_STORE"):
+            self.open_store(os.environ["CELLCURATE_STORE"])
+        else:
+            self.progress_label.setText("no store open: type its folder above and press Open")
+
+    def set_session(self, session: GeometrySession) -> None:
+        """Review ``session``'s queue (closing the one before it, and the store this dock opened for it)."""
+        if self.session is not None and self.session is not session:
+            self.close_session()
+        self.session = session
+        self.store_edit.setText(str(session.store.path))
+        self.reviewer_edit.setText(session.reviewer)
+        self.keys = dict(GEOMETRY_KEYS)
+        self.keys.update({str(c.id): "class" for c in session.store.taxonomy.classes if 1 <= c.id <= 9})
+        self._make_layers()
         self.show_current()
 
+    def open_store(self, path: str, *, reviewer: str | None = None) -> None:
+        """Open a store (read-write) and review its instance flags as the reviewer in the dock's box; a
+        store that cannot be opened shows a red one-line message and changes nothing."""
+        from ..datasets.store import Store
+
+        who = reviewer or self.reviewer_edit.text().strip() or default_reviewer()
+        try:
+            store = Store.open(path, mode="a")
+        except CellcurateError as exc:
+            self._error(str(exc))
+            return
+        try:
+            session = GeometrySession(store, reviewer=who, issues=self.issues, window=self.window_px)
+        except CellcurateError as exc:
+            store.close()
+            self._error(str(exc))
+            return
+        self.set_session(session)
+        self._own_store = store
+
+    def _choose_store(self) -> None:
+        path = ask_store_path(self, self.store_edit)
+        if path:
+            self.open_store(path)
+        self._focus_canvas()
+
     # -- layout ---------------------------------------------------------------------------------
-    def _build(self) -> None:
+    def _build(self, reviewer: str | None) -> None:
         self.setFixedWidth(DOCK_WIDTH)
         lay = QVBoxLayout(self)
+        open_btn = QPushButton("Open store")
+        open_btn.setFocusPolicy(Qt.FocusPolicy.NoFocus)
+        open_btn.clicked.connect(lambda _=False: self._choose_store())
+        self.store_edit, self.reviewer_edit = store_rows(lay, reviewer, open_btn, self._choose_store,
+                                                         self._focus_canvas)
         self.progress_label = _wrapping("")
         lay.addWidget(self.progress_label)
         grid = QGridLayout()
@@ -93,6 +150,7 @@ class GeometryWidget(QWidget):
         self._focus_canvas()
 
     def _make_layers(self) -> None:
+        assert self.session is not None
         v, w = self.viewer, self.session.window
         for name in ("proposed", "annotated", "geometry image"):
             if name in v.layers:
@@ -131,6 +189,9 @@ class GeometryWidget(QWidget):
         what = self.keys.get(key)
         if what is None:
             return
+        if self.session is None:
+            self._error("open a store first")
+            return
         if what == "toggle_proposal":
             self.proposed_layer.visible = not self.proposed_layer.visible
         elif what == "class":
@@ -158,6 +219,9 @@ class GeometryWidget(QWidget):
     def decide(self, decision: str) -> bool:
         """Record a decision on the shown flag; True when it was saved."""
         s = self.session
+        if s is None:
+            self._error("open a store first")
+            return False
         if decision != "undo" and s.done:
             self._info("the instance queue is done: nothing left to decide")
             return False
@@ -174,6 +238,8 @@ class GeometryWidget(QWidget):
     # -- display --------------------------------------------------------------------------------
     def show_current(self, *, keep_message: bool = False) -> None:
         s = self.session
+        if s is None:
+            return
         done, total = s.progress()
         self.progress_label.setText(f"instance flags: {done} / {total} decided by {s.reviewer}, {total - done} left")
         flag = s.current()
@@ -201,6 +267,8 @@ class GeometryWidget(QWidget):
 
     def _show_fields(self) -> None:
         s = self.session
+        if s is None:
+            return
         flag = s.current()
         if flag is None:
             return
@@ -230,7 +298,12 @@ class GeometryWidget(QWidget):
         self.message.setText(text)
 
     def close_session(self) -> None:
-        self.session.close()
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if self._own_store is not None:
+            self._own_store.close()
+            self._own_store = None
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt's name
         self.close_session()
@@ -248,7 +321,8 @@ def launch(store: str, *, reviewer: str | None = None, issues: list[str] | None 
     from ..datasets.store import Store
     from .widget import default_window_size
 
-    session = GeometrySession(Store.open(store, mode="a"), reviewer=reviewer or default_reviewer(), issues=issues)
+    opened = Store.open(store, mode="a")
+    session = GeometrySession(opened, reviewer=reviewer or default_reviewer(), issues=issues)
     viewer = napari.Viewer(title=f"cellcurate geometry review - {store}")
     screen = QApplication.primaryScreen()
     if screen is not None:
@@ -262,3 +336,4 @@ def launch(store: str, *, reviewer: str | None = None, issues: list[str] | None 
         napari.run()
     finally:
         widget.close_session()
+        opened.close()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -146,6 +147,34 @@ def class_keys(taxonomy: Any) -> dict[str, tuple[str, int | None]]:
     return {str(c.id): ("set_class", c.id) for c in taxonomy.classes if 1 <= c.id <= 9}
 
 
+def store_rows(lay: QVBoxLayout, reviewer: str | None, open_button: QPushButton, on_open: Callable[[], None],
+               on_reviewer: Callable[[], None]) -> tuple[QLineEdit, QLineEdit]:
+    """The dock's first two rows, shared by the class and geometry docks: a store folder box with its
+    Open button (Return opens it too), and the reviewer's name (Return gives the focus back)."""
+    row = QHBoxLayout()
+    store_edit = QLineEdit()
+    store_edit.setPlaceholderText("store folder")
+    store_edit.returnPressed.connect(on_open)
+    row.addWidget(store_edit, 1)
+    row.addWidget(open_button)
+    lay.addLayout(row)
+    who = QHBoxLayout()
+    who.addWidget(QLabel("Reviewer"))
+    reviewer_edit = QLineEdit(reviewer or default_reviewer())
+    reviewer_edit.returnPressed.connect(on_reviewer)
+    who.addWidget(reviewer_edit, 1)
+    lay.addLayout(who)
+    return store_edit, reviewer_edit
+
+
+def ask_store_path(parent: QWidget, store_edit: QLineEdit) -> str:
+    """The store folder typed in the box, or (box empty) one chosen in a folder dialog; "" if none."""
+    path = store_edit.text().strip()
+    if not path:
+        path = QFileDialog.getExistingDirectory(parent, "Open a cellcurate store")
+    return path
+
+
 class ReviewWidget(QWidget):
     """Dock widget reviewing one store's queue. Give a ``session`` or open one with :meth:`open_store`;
     without a session it opens ``$CELLCURATE_STORE`` when that is set (the Plugins menu entry)."""
@@ -181,20 +210,8 @@ class ReviewWidget(QWidget):
     def _build(self, reviewer: str | None) -> None:
         self.setFixedWidth(DOCK_WIDTH)
         lay = QVBoxLayout(self)
-        row = QHBoxLayout()
-        self.store_edit = QLineEdit()
-        self.store_edit.setPlaceholderText("store folder")
-        self.store_edit.returnPressed.connect(self._choose_store)
-        open_btn = self._button("Open store", self._choose_store)
-        row.addWidget(self.store_edit, 1)
-        row.addWidget(open_btn)
-        lay.addLayout(row)
-        who = QHBoxLayout()
-        who.addWidget(QLabel("Reviewer"))
-        self.reviewer_edit = QLineEdit(reviewer or default_reviewer())
-        self.reviewer_edit.returnPressed.connect(self._focus_canvas)
-        who.addWidget(self.reviewer_edit, 1)
-        lay.addLayout(who)
+        self.store_edit, self.reviewer_edit = store_rows(
+            lay, reviewer, self._button("Open store", self._choose_store), self._choose_store, self._focus_canvas)
 
         self.progress_label = _wrapping("no store open")
         self.progress_bar = QProgressBar()
@@ -351,9 +368,7 @@ class ReviewWidget(QWidget):
 
     # -- session ----------------------------------------------------------------------------------
     def _choose_store(self) -> None:
-        path = self.store_edit.text().strip()
-        if not path:
-            path = QFileDialog.getExistingDirectory(self, "Open a cellcurate store")
+        path = ask_store_path(self, self.store_edit)
         if path:
             self.open_store(path)
         self._focus_canvas()
