@@ -95,7 +95,7 @@ def _write_unit(store: Store, plan: UnitPlan, source: str, *, overwrite: bool, r
                 bar.set_postfix_str(plan.unit, refresh=False)
 
         if pool is not None and plan.parts:
-            for images, part_report in pool.convert(plan.parts):
+            for images, part_report in pool.convert(plan.parts, encode=writer.accepts_encoded):
                 add(images, part_report)
         elif plan.parts:
             cache: dict[str, tuple[int, ...]] = {}
