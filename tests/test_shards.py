@@ -99,3 +99,19 @@ def test_an_ingested_fold_has_the_shard_files_zarr_would_write(tmp_path, tiny_sa
                                    compressors=a.compressors, fill_value=0)
             b[...] = a[...]
         assert _files(ours) == _files(tmp_path / "again" / d) and len(_files(ours)) >= 2
+
+
+def test_a_layout_it_does_not_know_is_written_by_zarr(tmp_path, tiny_sample, monkeypatch):
+    from store_readback import assert_same_content
+
+    from cellcurate.datasets import pannuke, shards
+    from cellcurate.datasets.ingest import ingest_pannuke
+    from cellcurate.datasets.store import Store
+
+    monkeypatch.setattr(pannuke, "PART_TILES", 4)
+    with Store.create(tmp_path / "a") as s:
+        ingest_pannuke(s, tiny_sample.pannuke_root, progress=False, jobs=2)
+    monkeypatch.setattr(shards, "shard_layout", lambda array, folder: None)
+    with Store.create(tmp_path / "b") as s:
+        ingest_pannuke(s, tiny_sample.pannuke_root, progress=False, jobs=2)  # tiles come back as arrays
+    assert_same_content(tmp_path / "a", tmp_path / "b")  # file bytes included
