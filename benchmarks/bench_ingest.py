@@ -14,12 +14,16 @@
 * Random access: median time to read one image + its instance map from the store (target <= 5 ms),
   against reading the same tile from the raw memmaps.
 * Floors (``floors``): what each step of a PanNuke ingest costs per tile on its own, in one
-  process, on the largest fold, as a multiple of the raw read of a tile: the fingerprints (v2 sha256,
+  process, on the first (smallest) fold size, as a multiple of the raw read of a tile: the fingerprints (v2 sha256,
   v3 xxh3, BLAKE3 when installed), reading + mask conversion, per-nucleus columns (geometry, ids),
   compression into the stored chunks, shard files, tables + ledger commit, and interpreter start +
   imports. Where the warm ratio stays above 3, this says which step sets the floor.
 
     python benchmarks/bench_ingest.py [--tiles 1000 2000] [--jobs 1 2] [--workdir /tmp/cc-bench] [--keep]
+        [--parts pannuke,floors,monusac,xml,access]
+
+The default run (the issue 16 figures) writes ~14 GB of generated .npy under the work folder
+(the 2,000-tile fold is 9.4 GB: warm rows need it in the page cache, 24 GB of RAM is enough).
 
 Each ingest runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own; each row prints
 the 1-minute load average (the machine is shared: with other work running, the gain of a second
@@ -159,7 +163,7 @@ def main() -> None:
     if "xml" in parts:
         bench_xml(msrc)
     if "floors" in parts:
-        bench_floors(work, args.tiles[-1])
+        bench_floors(work, args.tiles[0])
     if "access" in parts and last_store is not None and mstore.exists():
         bench_access(last_store, mstore, work / f"pannuke-{args.tiles[-1]}" / "Fold 1")
     if not args.keep and args.workdir is None:
