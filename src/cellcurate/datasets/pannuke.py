@@ -815,7 +815,8 @@ def plan_units(path: Path, *, overlap: str | None = None) -> list[UnitPlan]:
     return plans
 
 
-#: Tiles per part of a fold converted by one ingest worker (one store shard of 64 tiles).
+#: Tiles per part of a fold converted by one ingest worker (one store shard of 64 tiles); also the
+#: block of the v3 fingerprint, so changing it is a new fingerprint version (docs/STORE.md).
 PART_TILES = 64
 
 
