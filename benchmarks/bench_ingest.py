@@ -13,8 +13,17 @@
   MoNuSAC-format sample and on the real MoNuSeg Aperio XML fixtures, when present.
 * Random access: median time to read one image + its instance map from the store (target <= 5 ms),
   against reading the same tile from the raw memmaps.
+* Floors (``floors``): what each step of a PanNuke ingest costs per tile on its own, in one
+  process, on the first (smallest) fold size, as a multiple of the raw read of a tile: the fingerprints (v2 sha256,
+  v3 xxh3, BLAKE3 when installed), reading + mask conversion, per-nucleus columns (geometry, ids),
+  compression into the stored chunks, shard files, tables + ledger commit, and interpreter start +
+  imports. Where the warm ratio stays above 3, this says which step sets the floor.
 
     python benchmarks/bench_ingest.py [--tiles 1000 2000] [--jobs 1 2] [--workdir /tmp/cc-bench] [--keep]
+        [--parts pannuke,floors,monusac,xml,access]
+
+The default run (the issue 16 figures) writes ~14 GB of generated .npy under the work folder
+(the 2,000-tile fold is 9.4 GB: warm rows need it in the page cache, 24 GB of RAM is enough).
 
 Each ingest runs in a fresh subprocess so its peak RSS (ru_maxrss) is its own; each row prints
 the 1-minute load average (the machine is shared: with other work running, the gain of a second
@@ -131,7 +140,7 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--parts", default="pannuke,monusac,xml,access",
+    ap.add_argument("--parts", default="pannuke,floors,monusac,xml,access",
                     help="sections to run (access needs pannuke and monusac)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -153,6 +162,8 @@ def main() -> None:
         bench_monusac(msrc, mstore, args.jobs)
     if "xml" in parts:
         bench_xml(msrc)
+    if "floors" in parts:
+        bench_floors(work, args.tiles[0])
     if "access" in parts and last_store is not None and mstore.exists():
         bench_access(last_store, mstore, work / f"pannuke-{args.tiles[-1]}" / "Fold 1")
     if not args.keep and args.workdir is None:
@@ -188,6 +199,128 @@ def bench_pannuke(work: Path, tiles: list[int], jobs_list: list[int]) -> Path | 
                       flush=True)
         last_store = store
     return last_store
+
+
+def bench_floors(work: Path, n: int, sample: int = 256) -> None:
+    """Per-tile cost of each ingest step on its own (module doc), on the ``n``-tile fold."""
+    import hashlib
+    import tempfile
+
+    from cellcurate.datasets import pannuke as pn
+    from cellcurate.datasets.ingest import ingest_pannuke
+    from cellcurate.datasets.records import IngestReport
+    from cellcurate.datasets.shards import shard_layout, write_shard
+    from cellcurate.datasets.store import Store, UnitWriter, convert_image, encode_converted
+    from cellcurate.datasets.taxonomy import Taxonomy
+
+    src = work / f"pannuke-{n}"
+    if not src.exists():
+        from cellcurate.datasets.synthetic import write_pannuke
+
+        write_pannuke(src, tiles_per_fold=(n, 0, 0), seed=1, unique_tiles=32)
+    fold_dir = src / "Fold 1"
+    (fold,) = pn.discover_pannuke(fold_dir)
+    arrays = pn.open_fold(fold)
+    m = min(sample, arrays.n)
+    raw_read(fold_dir)
+    raw = min(raw_read(fold_dir) for _ in range(2)) / arrays.n
+
+    def per_tile(fn, count: int, k: int = 2) -> float:
+        best = float("inf")
+        for _ in range(k):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best / count
+
+    rows: list[tuple[str, float]] = []
+    rows.append(("fingerprint v2 (sha256, whole fold)", per_tile(lambda: pn.fold_fingerprint_v2(fold), arrays.n, 1)))
+    rows.append(("fingerprint v3 (xxh3, on its own)", per_tile(lambda: pn.fold_fingerprint(fold), arrays.n)))
+    try:
+        import blake3  # type: ignore[import-not-found]
+
+        def b3() -> None:
+            h = blake3.blake3()
+            for path in (fold.images, fold.masks):
+                with open(path, "rb") as f:
+                    while block := f.read(1 << 22):
+                        h.update(block)
+        rows.append(("  (BLAKE3 of the same files, not used)", per_tile(b3, arrays.n, 1)))
+    except ImportError:
+        pass
+    items: list = []
+    rows.append(("read + mask -> instance map + table", per_tile(
+        lambda: items.__setitem__(slice(None), list(pn.iter_pannuke_fold(arrays, stop=m, report=IngestReport()))), m)))
+    tax, cache = Taxonomy.default(), {}
+    conv: list = []
+    rows.append(("convert_image (geometry, candidates, ids)", per_tile(
+        lambda: conv.__setitem__(slice(None), [convert_image(x, source="pannuke", taxonomy=tax, cache=cache)
+                                              for x in items]), m)))
+    enc: list = []
+    rows.append(("compress into stored chunks (zstd-1)", per_tile(
+        lambda: enc.__setitem__(slice(None), [encode_converted(c) for c in conv]), m)))
+    import zarr
+
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        g = zarr.open_group(tmp, mode="w", zarr_format=3)
+        from zarr.codecs import BloscCodec
+
+        from cellcurate.datasets.store import IMAGES_BLOSC
+        a = g.create_array("images", shape=(m, 256, 256, 3), dtype="uint8", chunks=(1, 256, 256, 3),
+                           shards=(64, 256, 256, 3), compressors=[BloscCodec(**IMAGES_BLOSC)], fill_value=0)
+        lay = shard_layout(a, Path(tmp) / "images")
+        assert lay is not None
+
+        def shards() -> None:
+            for k, s in enumerate(range(0, m, 64)):
+                write_shard(lay, k, [c.chunks[0] for c in enc[s : s + 64]])
+                write_shard(lay, k, [c.chunks[1] for c in enc[s : s + 64]])
+        rows.append(("shard files (assemble + write)", per_tile(shards, m)))
+    spent: dict[str, float] = {"prepare": 0.0, "commit": 0.0}
+
+    def timed(name: str, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t
+        return wrapper
+
+    prepare, commit = UnitWriter.prepare, Store.commit
+    UnitWriter.prepare, Store.commit = timed("prepare", prepare), timed("commit", commit)  # type: ignore[method-assign]
+    try:
+        store = work / "store-floors"
+        shutil.rmtree(store, ignore_errors=True)
+        with Store.create(store) as st:
+            ingest_pannuke(st, fold_dir, progress=False, jobs=1)
+        nuclei = len(pq_rows(store))
+    finally:
+        UnitWriter.prepare, Store.commit = prepare, commit  # type: ignore[method-assign]
+        shutil.rmtree(work / "store-floors", ignore_errors=True)
+    rows.append((f"tables + parquet + fsync ({nuclei / arrays.n:.0f} nuclei/tile)", spent["prepare"] / arrays.n))
+    rows.append(("ledger commit (one hash-chained event per nucleus)", spent["commit"] / arrays.n))
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import cellcurate.datasets.ingest, cellcurate.datasets.pannuke, zarr, "
+                    "scipy.ndimage, pyarrow.parquet"], check=True)
+    start = time.perf_counter() - t
+    rows.append((f"interpreter start + imports ({start:.2f} s, once)", start / arrays.n))
+    _ = hashlib  # (kept for readers comparing with fold_fingerprint_v2)
+    print(f"\nFloors: each step on its own, one process, {n}-tile fold (per-tile steps on {m} tiles); "
+          f"raw read {raw * 1e3:.3f} ms/tile (load {load()})")
+    print(f"  {'step':<52} {'ms/tile':>8} {'x raw':>7}")
+    for name, sec in rows:
+        print(f"  {name:<52} {sec * 1e3:>8.3f} {sec / raw:>7.1f}")
+    used = [sec for name, sec in rows if not name.startswith(("fingerprint v2", "  (", "fingerprint v3"))]
+    total = sum(used)
+    print(f"  {'sum of the steps a new fold goes through (v3 hashed in the read)':<52} {total * 1e3:>8.3f} "
+          f"{total / raw:>7.1f}   on 2 cores at best ~{total / raw / 2:.1f}x; goal 3x")
+
+
+def pq_rows(store: Path) -> "list[int]":
+    import pyarrow.parquet as pq
+
+    return [0] * sum(pq.read_metadata(f).num_rows for f in store.glob("units/*/nuclei.parquet"))
 
 
 def bench_monusac(msrc: Path, mstore: Path, jobs_list: list[int]) -> None:

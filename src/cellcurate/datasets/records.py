@@ -144,6 +144,15 @@ class UnitPlan:
         Computes the fingerprint when it is expensive (PanNuke hashes whole folds): ingest calls
         it first for a unit already in the store (to decide unchanged / changed), and alongside
         the conversion for a new one. Must pickle, like a part.
+    fingerprint_from_blocks
+        Where the parts compute the fingerprint on the side (PanNuke: each part appends its
+        block digest to ``report.blocks`` while converting): combines those digests, in the
+        parts' order, into the fingerprint, so a new unit's files are read once. Called in the
+        writing process after the last part.
+    legacy_fingerprint_fn
+        ``legacy_fingerprint_fn(stored)``: the fingerprint of these files in the older format of
+        a fingerprint ``stored`` in the store (PanNuke: v2 sha256), or None when ``stored`` is of
+        the current format; lets a store written by an older version recognise unchanged files.
     """
 
     unit: str
@@ -155,6 +164,8 @@ class UnitPlan:
     settings: dict[str, str] = field(default_factory=dict)
     parts: tuple[UnitPart, ...] = ()
     fingerprint_fn: Callable[[], str] | None = None
+    fingerprint_from_blocks: Callable[[list[str]], str] | None = None
+    legacy_fingerprint_fn: Callable[[str], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.read is None:
@@ -170,6 +181,16 @@ class UnitPlan:
             assert self.fingerprint_fn is not None
             self.fingerprint = self.fingerprint_fn()
         return self.fingerprint
+
+    def fingerprint_like(self, stored: str) -> str:
+        """The fingerprint to compare with ``stored`` (the one in the store): in ``stored``'s
+        older format where the reader has one (``legacy_fingerprint_fn``), else the current one
+        (:meth:`resolve_fingerprint`)."""
+        if self.legacy_fingerprint_fn is not None:
+            legacy = self.legacy_fingerprint_fn(stored)
+            if legacy is not None:
+                return legacy
+        return self.resolve_fingerprint()
 
 
 def read_parts(parts: Iterable[UnitPart], report: "IngestReport") -> Iterator[SourceImage]:
@@ -192,6 +213,9 @@ class IngestReport:
     #: conversion choices that shape the stored data (e.g. ``{"pannuke_overlap": "highest"}``);
     #: written to the unit's ``report.json``
     settings: dict[str, str] = field(default_factory=dict)
+    #: content digests of the parts converted, in order (``UnitPlan.fingerprint_from_blocks``);
+    #: not written to ``report.json``
+    blocks: list[str] = field(default_factory=list)
 
     def count(self, name: str, n: int = 1) -> None:
         self.counts[name] += int(n)
@@ -206,6 +230,7 @@ class IngestReport:
         room = self.max_warnings - len(self.warnings)
         self.warnings.extend(other.warnings[: max(room, 0)])
         self.settings.update(other.settings)
+        self.blocks.extend(other.blocks)
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"counts": dict(sorted(self.counts.items())), "warnings": list(self.warnings)}

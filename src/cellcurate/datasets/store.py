@@ -42,7 +42,7 @@ import secrets
 import shutil
 from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -117,6 +117,11 @@ def nucleus_id(source: str, origin_file: str, origin_index: int, origin_channel:
 def instance_geometry(instances: np.ndarray, n: int) -> dict[str, np.ndarray]:
     """Bbox, centroid and area of instance ids 1..n, vectorised over the whole map.
 
+    One pass finds the labelled pixels (row-major, so each instance's rows come sorted); areas and
+    centroids are bincounts, the bbox comes from the instance's pixels grouped by a stable sort of
+    their ids (first/last row, min/max column), with no per-instance Python and no scipy import
+    (``scipy.ndimage.find_objects`` gives the same boxes; ``tests/test_store.py`` compares).
+
     Parameters
     ----------
     instances
@@ -124,21 +129,29 @@ def instance_geometry(instances: np.ndarray, n: int) -> dict[str, np.ndarray]:
     n
         Number of instances (ids 1..n).
     """
-    from scipy import ndimage
-
-    ys, xs = np.nonzero(instances)
-    ids = instances[ys, xs]
+    w = instances.shape[1]
+    flat = instances.reshape(-1)
+    idx = np.flatnonzero(flat)
+    ids = flat[idx]
+    ys, xs = np.divmod(idx, w)
     area = np.bincount(ids, minlength=n + 1)[1 : n + 1]
     sy = np.bincount(ids, weights=ys, minlength=n + 1)[1 : n + 1]
     sx = np.bincount(ids, weights=xs, minlength=n + 1)[1 : n + 1]
     with np.errstate(invalid="ignore", divide="ignore"):
         cy = sy / area
         cx = sx / area
-    boxes = ndimage.find_objects(instances, max_label=n)
     bbox = np.zeros((n, 4), dtype=np.int32)
-    for i, sl in enumerate(boxes):
-        if sl is not None:
-            bbox[i] = (sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
+    if idx.size:
+        order = np.argsort(ids, kind="stable")
+        sid, sys_, sxs = ids[order], ys[order], xs[order]
+        starts = np.flatnonzero(np.r_[True, sid[1:] != sid[:-1]])
+        ends = np.r_[starts[1:], sid.size] - 1
+        keep = (sid[starts] >= 1) & (sid[starts] <= n)  # ids outside 1..n have no row (as find_objects)
+        lab = sid[starts][keep] - 1
+        bbox[lab, 0] = sys_[starts[keep]]
+        bbox[lab, 2] = sys_[ends[keep]] + 1
+        bbox[lab, 1] = np.minimum.reduceat(sxs, starts)[keep]
+        bbox[lab, 3] = np.maximum.reduceat(sxs, starts)[keep] + 1
     return {"area": area.astype(np.int32), "cy": cy.astype(np.float32), "cx": cx.astype(np.float32), "bbox": bbox}
 
 
@@ -170,10 +183,35 @@ class ConvertedImage:
     workers send these to the writing process."""
 
     key: str
-    image: np.ndarray  # (H, W, 3) uint8
-    instances: np.ndarray  # (H, W) int32
+    image: np.ndarray | None  # (H, W, 3) uint8; None once encoded
+    instances: np.ndarray | None  # (H, W) int32; None once encoded
     cols: dict[str, np.ndarray]  # the nucleus columns of UnitWriter (bbox as (n, 4) int32)
     row: dict[str, Any]  # the image row, less unit, zarr_path, zarr_index
+    #: the image's and instance map's stored chunks (:mod:`.shards`; None: an empty chunk), when a
+    #: worker compressed them for a stacked unit (:func:`encode_converted`)
+    chunks: tuple[bytes | None, bytes | None] | None = None
+
+
+#: blosc settings of the stored images (uint8) and instance maps (int32), docs/STORE.md
+IMAGES_BLOSC = {"cname": "zstd", "clevel": 1, "shuffle": "bitshuffle"}
+INSTANCES_BLOSC = {"cname": "zstd", "clevel": 1, "shuffle": "shuffle"}
+
+
+def _chunk_codecs() -> tuple[Any, Any]:
+    from .shards import ChunkCodec
+
+    return ChunkCodec(typesize=1, **IMAGES_BLOSC), ChunkCodec(typesize=4, **INSTANCES_BLOSC)  # type: ignore[arg-type]
+
+
+def encode_converted(conv: ConvertedImage) -> ConvertedImage:
+    """``conv`` with its image and instance map compressed into the chunks a stacked unit stores
+    (what the writer would compress itself; same bytes), the arrays dropped: what an ingest worker
+    sends back for a PanNuke or CoNIC tile, a third of the raw size."""
+    if conv.chunks is not None or conv.image is None or conv.instances is None:
+        return conv
+    img_codec, ins_codec = _chunk_codecs()
+    return replace(conv, image=None, instances=None,
+                               chunks=(img_codec.encode(conv.image), ins_codec.encode(conv.instances)))
 
 
 def convert_image(item: SourceImage, *, source: str, taxonomy: Taxonomy,
@@ -655,8 +693,8 @@ class UnitWriter:
         self.tmp_dir = store.path / "units" / f".tmp-{unit}-{self.token}"
         self.tmp_dir.mkdir(parents=True)
         self.group = zarr.open_group(str(self.tmp_dir / "arrays.zarr"), mode="w", zarr_format=3)
-        self._img_codec = [BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")]
-        self._ins_codec = [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")]
+        self._img_codec = [BloscCodec(**IMAGES_BLOSC)]  # type: ignore[arg-type]
+        self._ins_codec = [BloscCodec(**INSTANCES_BLOSC)]  # type: ignore[arg-type]
         self.stacked = stacked
         self._stack_img: Any = None
         self._stack_ins: Any = None
@@ -673,9 +711,13 @@ class UnitWriter:
                 "instances", shape=(n, h, w), dtype="int32", chunks=(1, h, w),
                 shards=(shard, h, w), compressors=self._ins_codec, fill_value=0,
             )
-            self._buf_img: list[np.ndarray] = []
-            self._buf_ins: list[np.ndarray] = []
+            self._buf: list[ConvertedImage] = []
             self._buf_start = 0
+            from .shards import shard_layout
+
+            arrays = self.tmp_dir / "arrays.zarr"
+            self._layouts = (shard_layout(self._stack_img, arrays / "images"),
+                             shard_layout(self._stack_ins, arrays / "instances"))
         self._image_rows: list[dict[str, Any]] = []
         self._cols: dict[str, list[np.ndarray]] = {k: [] for k in (
             "nucleus_id", "image_id", "kind", "instance_id", "bbox", "centroid_y", "centroid_x", "area",
@@ -698,21 +740,30 @@ class UnitWriter:
         self.add_converted(convert_image(item, source=self.source, taxonomy=self.store.taxonomy,
                                          cache=self._cand_cache))
 
+    @property
+    def accepts_encoded(self) -> bool:
+        """True when this unit's tiles may come compressed (:func:`encode_converted`): a stacked
+        unit whose arrays have the layout :mod:`.shards` writes."""
+        return self.stacked is not None and None not in self._layouts
+
     def add_converted(self, conv: "ConvertedImage") -> None:
-        """Add one image already through :func:`convert_image` (in this process or a worker's)."""
+        """Add one image already through :func:`convert_image` (in this process or a worker's),
+        possibly compressed by :func:`encode_converted` (stacked units, :attr:`accepts_encoded`)."""
         i = self._n
-        h, w = conv.instances.shape
+        h, w = int(conv.row["height"]), int(conv.row["width"])
         if self.stacked is not None:
             if (h, w) != self.stacked[1:]:
                 raise StoreError(f"{conv.row['origin_file']}: image {conv.key} is {h}x{w}, expected {self.stacked[1:]}")
             if i >= self.stacked[0]:
                 raise StoreError(f"{conv.row['origin_file']}: more images than announced ({self.stacked[0]})")
-            self._buf_img.append(conv.image)
-            self._buf_ins.append(conv.instances)
-            if len(self._buf_img) >= TILES_PER_SHARD or (self._buf_start + len(self._buf_img)) % TILES_PER_SHARD == 0:
+            if conv.chunks is not None and not self.accepts_encoded:
+                raise StoreError(f"unit {self.unit}: compressed tiles for arrays of another layout")
+            self._buf.append(conv)
+            if len(self._buf) >= self._shard_tiles or (self._buf_start + len(self._buf)) % self._shard_tiles == 0:
                 self._flush()
             zarr_path, zarr_index = "images", i
         else:
+            assert conv.image is not None and conv.instances is not None
             chunks = (min(NATIVE_CHUNK, h), min(NATIVE_CHUNK, w))
             shards = (-(-h // chunks[0]) * chunks[0], -(-w // chunks[1]) * chunks[1])  # one shard file per image
             self.group.create_array(f"img/{i}", data=conv.image, chunks=(*chunks, 3), shards=(*shards, 3),
@@ -747,23 +798,43 @@ class UnitWriter:
     def _flush(self) -> None:
         """Hand the buffered tiles (one shard) to the writer thread, so compression and I/O overlap
         with the conversion of the next tiles; at most one shard is in flight (bounded memory)."""
-        if not self._buf_img:
+        if not self._buf:
             return
         s = self._buf_start
-        e = s + len(self._buf_img)
-        img, ins = np.stack(self._buf_img), np.stack(self._buf_ins)
+        e = s + len(self._buf)
+        buf, self._buf = self._buf, []
         self._buf_start = e
-        self._buf_img, self._buf_ins = [], []
         self._wait_pending()
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cellcurate-shard-writer")
-        self._pending = self._pool.submit(self._write_slab, s, e, img, ins)
+        if self.accepts_encoded:  # one whole shard (the buffer flushes at shard boundaries)
+            self._pending = self._pool.submit(self._write_encoded, s // self._shard_tiles, buf)
+        else:
+            img = np.stack([c.image for c in buf])  # type: ignore[misc]
+            ins = np.stack([c.instances for c in buf])  # type: ignore[misc]
+            self._pending = self._pool.submit(self._write_slab, s, e, img, ins)
+
+    @property
+    def _shard_tiles(self) -> int:
+        assert self.stacked is not None
+        return min(TILES_PER_SHARD, max(self.stacked[0], 1))
 
     def _write_slab(self, s: int, e: int, img: np.ndarray, ins: np.ndarray) -> None:
         self._stack_img[s:e] = img
         self._stack_ins[s:e] = ins
+
+    def _write_encoded(self, k: int, buf: list[ConvertedImage]) -> None:
+        """Shard ``k`` of both arrays from tiles compressed by the workers or, for those that came
+        as arrays (``--jobs 1``), compressed here: the bytes zarr writes (:mod:`.shards`)."""
+        from .shards import write_shard
+
+        img_layout, ins_layout = self._layouts
+        assert img_layout is not None and ins_layout is not None
+        chunks = [encode_converted(c).chunks or (None, None) for c in buf]
+        write_shard(img_layout, k, [c[0] for c in chunks])
+        write_shard(ins_layout, k, [c[1] for c in chunks])
 
     def _wait_pending(self) -> None:
         if self._pending is not None:

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..errors import CellcurateError, ConfigError, InputFormatError, StoreError
 from .records import IngestReport, UnitPart
-from .store import ConvertedImage, convert_image
+from .store import ConvertedImage, convert_image, encode_converted
 from .taxonomy import Taxonomy
 
 __all__ = ["ConversionPool", "convert_part", "resolve_jobs", "usable_cores"]
@@ -54,12 +54,18 @@ def resolve_jobs(jobs: int | None) -> int:
     return jobs
 
 
-def convert_part(part: UnitPart, *, source: str, taxonomy: Taxonomy,
-                 cache: dict[str, tuple[int, ...]] | None = None) -> tuple[list[ConvertedImage], IngestReport]:
-    """Read one part and convert its images; its own report (merged by the caller, in order)."""
+def convert_part(part: UnitPart, *, source: str, taxonomy: Taxonomy, cache: dict[str, tuple[int, ...]] | None = None,
+                 encode: bool = False) -> tuple[list[ConvertedImage], IngestReport]:
+    """Read one part and convert its images; its own report (merged by the caller, in order).
+
+    ``encode``: compress each image into the chunks a stacked unit stores
+    (:func:`~.store.encode_converted`), so that the compression runs here and only compressed
+    bytes go back to the writer."""
     report = IngestReport()
     try:
         out = [convert_image(item, source=source, taxonomy=taxonomy, cache=cache) for item in part.read(report)]
+        if encode:
+            out = [encode_converted(conv) for conv in out]
     except CellcurateError:
         raise
     except MemoryError:
@@ -104,8 +110,9 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="cellcurate-parent-watch").start()
 
 
-def _worker_part(part: UnitPart) -> tuple[list[ConvertedImage], IngestReport]:
-    return convert_part(part, source=_WORKER["source"], taxonomy=_WORKER["taxonomy"], cache=_WORKER["cache"])
+def _worker_part(part: UnitPart, encode: bool) -> tuple[list[ConvertedImage], IngestReport]:
+    return convert_part(part, source=_WORKER["source"], taxonomy=_WORKER["taxonomy"], cache=_WORKER["cache"],
+                        encode=encode)
 
 
 def _worker_call(fn: Callable[[], Any]) -> Any:
@@ -135,8 +142,10 @@ class ConversionPool:
         """Run a picklable ``fn()`` in a worker (e.g. a fold's fingerprint, beside the conversion)."""
         return self._pool.submit(_worker_call, fn)
 
-    def convert(self, parts: Iterable[UnitPart]) -> Iterator[tuple[list[ConvertedImage], IngestReport]]:
-        """``(converted images, report)`` of every part, in order; at most ``2 * jobs`` in flight."""
+    def convert(self, parts: Iterable[UnitPart], *,
+                encode: bool = False) -> Iterator[tuple[list[ConvertedImage], IngestReport]]:
+        """``(converted images, report)`` of every part, in order; at most ``2 * jobs`` in flight.
+        ``encode``: the workers compress the images for a stacked unit (:func:`convert_part`)."""
         window = 2 * self.jobs
         queue: deque[tuple[UnitPart, Future[Any]]] = deque()
         it = iter(parts)
@@ -146,7 +155,7 @@ class ConversionPool:
                     part = next(it, None)
                     if part is None:
                         break
-                    queue.append((part, self._pool.submit(_worker_part, part)))
+                    queue.append((part, self._pool.submit(_worker_part, part, encode)))
                 if not queue:
                     return
                 part, fut = queue.popleft()

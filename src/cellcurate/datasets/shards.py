@@ -1,0 +1,169 @@
+"""Shard files of the store's stacked arrays (PanNuke, CoNIC), encoded without zarr's write path.
+
+The stacked ``images`` (N, H, W, 3) uint8 and ``instances`` (N, H, W) int32 arrays are zarr v3
+arrays with one chunk per tile and :data:`~cellcurate.datasets.store.TILES_PER_SHARD` tiles per
+shard (docs/STORE.md). Ingest writes them here byte for byte as zarr writes them, so that the
+expensive part, the blosc compression of each tile, can run in the ``--jobs`` workers beside the
+conversion and only compressed bytes travel to the writing process (about a third of the raw
+tile). What zarr 3 writes for such an array, and so what :func:`assemble_shard` writes:
+
+* each non-empty chunk (a tile not entirely the fill value 0; zarr's default
+  ``write_empty_chunks=False`` leaves empty chunks out) is the tile's C-order little-endian bytes
+  through ``numcodecs.Blosc(cname, clevel, shuffle, typesize=itemsize, blocksize=0)``;
+* a shard is its chunks concatenated in chunk order (Morton order, which for chunk grids
+  ``(k, 1, 1[, 1])`` is the tile order), then the index: ``(offset, nbytes)`` as little-endian
+  uint64 per chunk (``2**64 - 1`` twice for an empty chunk), then the CRC32C of the index
+  (little-endian uint32); a shard whose chunks are all empty is not written at all;
+* shard ``k`` of ``images`` is the file ``images/c/k/0/0/0`` (``instances/c/k/0/0``).
+
+:func:`shard_layout` checks an array's metadata is exactly that layout (codecs, chunk key
+encoding, fill value, C order); the writer uses zarr itself for anything else, so a future zarr
+with other defaults cannot make it write a different format. ``tests/test_shards.py`` compares
+the bytes with zarr's own for full, partial and empty shards.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ChunkCodec", "ShardLayout", "assemble_shard", "shard_layout", "write_shard"]
+
+_EMPTY = 2**64 - 1
+_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
+
+
+@dataclass(frozen=True)
+class ChunkCodec:
+    """The blosc settings of one stacked array (the ``blosc`` codec of its ``zarr.json``)."""
+
+    cname: str
+    clevel: int
+    shuffle: str  # "noshuffle" | "shuffle" | "bitshuffle"
+    typesize: int
+
+    def encode(self, tile: np.ndarray) -> bytes | None:
+        """The stored chunk of one tile, or None when the tile is all fill value (0): not stored."""
+        if not tile.any():
+            return None
+        return bytes(self._blosc().encode(np.ascontiguousarray(tile)))
+
+    def _blosc(self) -> Any:
+        codec = _CODECS.get(self)
+        if codec is None:
+            from numcodecs import Blosc
+
+            codec = Blosc(cname=self.cname, clevel=self.clevel, shuffle=_SHUFFLE[self.shuffle], blocksize=0,
+                          typesize=self.typesize)
+            _CODECS[self] = codec
+        return codec
+
+
+_CODECS: dict[ChunkCodec, Any] = {}
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where and how the shards of one stacked array are written."""
+
+    folder: Path  # the array's folder (``.../arrays.zarr/images``)
+    codec: ChunkCodec
+    tiles_per_shard: int
+    ndim: int
+
+    def path(self, k: int) -> Path:
+        return self.folder.joinpath("c", str(k), *(["0"] * (self.ndim - 1)))
+
+
+def shard_layout(array: Any, folder: Path) -> ShardLayout | None:
+    """The :class:`ShardLayout` of a zarr v3 array written by ``UnitWriter`` (one tile per chunk,
+    blosc inside a ``sharding_indexed`` codec with a CRC32C index at the end, default chunk keys,
+    fill value 0, empty chunks not written), or None when its metadata is anything else."""
+    try:
+        import zarr
+
+        meta = array.metadata.to_dict()
+        if meta.get("zarr_format") != 3 or meta.get("fill_value") not in (0, 0.0):
+            return None
+        if zarr.config.get("array.write_empty_chunks") or zarr.config.get("array.order") != "C":
+            return None
+        keys = meta.get("chunk_key_encoding", {})
+        if keys.get("name") != "default" or keys.get("configuration", {}).get("separator", "/") != "/":
+            return None
+        (shard,) = meta["codecs"]
+        if shard["name"] != "sharding_indexed":
+            return None
+        conf = shard["configuration"]
+        shape = tuple(meta["shape"])
+        shard_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        if tuple(conf["chunk_shape"]) != (1, *shape[1:]) or shard_shape[1:] != shape[1:]:
+            return None
+        if conf.get("index_location", "end") != "end":
+            return None
+        index_codecs = conf["index_codecs"]
+        if len(index_codecs) != 2 or not _little_bytes(index_codecs[0]) or index_codecs[1] != {"name": "crc32c"}:
+            return None
+        inner = conf["codecs"]
+        if len(inner) != 2 or not _little_bytes(inner[0]):
+            return None
+        blosc = inner[1]
+        if blosc["name"] != "blosc" or blosc["configuration"].get("blocksize", 0) != 0:
+            return None
+        dtype = np.dtype(array.dtype)
+        if dtype.byteorder == ">" or blosc["configuration"]["typesize"] != dtype.itemsize:
+            return None
+        c = blosc["configuration"]
+        return ShardLayout(folder, ChunkCodec(c["cname"], int(c["clevel"]), c["shuffle"], int(c["typesize"])),
+                           int(shard_shape[0]), len(shape))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _little_bytes(codec: dict[str, Any]) -> bool:
+    """The ``bytes`` codec, little-endian (no ``endian`` for 1-byte types)."""
+    return codec.get("name") == "bytes" and codec.get("configuration", {}).get("endian", "little") == "little"
+
+
+def assemble_shard(chunks: list[bytes | None], tiles_per_shard: int) -> bytes | None:
+    """The bytes of one shard file from its chunks in tile order (None: empty chunk; fewer than
+    ``tiles_per_shard`` for the last shard of an array); None when every chunk is empty."""
+    import google_crc32c
+
+    if len(chunks) > tiles_per_shard:
+        raise ValueError(f"{len(chunks)} chunks for a shard of {tiles_per_shard}")
+    index = np.full((tiles_per_shard, 2), _EMPTY, dtype="<u8")
+    parts: list[bytes] = []
+    offset = 0
+    for k, chunk in enumerate(chunks):
+        if not chunk:
+            continue
+        index[k] = (offset, len(chunk))
+        parts.append(chunk)
+        offset += len(chunk)
+    if not parts:
+        return None
+    index_bytes = index.tobytes()
+    parts.append(index_bytes)
+    parts.append(np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes())
+    return b"".join(parts)
+
+
+def write_shard(layout: ShardLayout, k: int, chunks: list[bytes | None]) -> None:
+    """Write shard ``k`` of an array (nothing when all its chunks are empty, as zarr does). Not
+    fsynced here: the unit writer syncs the whole unit folder before it renames it into place."""
+    data = assemble_shard(chunks, layout.tiles_per_shard)
+    path = layout.path(k)
+    if data is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)

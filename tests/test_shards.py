@@ -1,0 +1,117 @@
+"""cellcurate.datasets.shards: the stacked arrays' shard files written without zarr's write path
+are byte for byte what zarr writes, and read back with zarr."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import BloscCodec
+
+from cellcurate.datasets.shards import assemble_shard, shard_layout, write_shard
+from cellcurate.datasets.store import IMAGES_BLOSC, INSTANCES_BLOSC
+
+
+def _arrays(root: Path, n: int, per: int, compressors: tuple[list, list] | None = None):
+    g = zarr.open_group(str(root), mode="w", zarr_format=3)
+    ci, cn = compressors or ([BloscCodec(**IMAGES_BLOSC)], [BloscCodec(**INSTANCES_BLOSC)])
+    img = g.create_array("images", shape=(n, 16, 12, 3), dtype="uint8", chunks=(1, 16, 12, 3),
+                         shards=(per, 16, 12, 3), compressors=ci, fill_value=0)
+    ins = g.create_array("instances", shape=(n, 16, 12), dtype="int32", chunks=(1, 16, 12),
+                         shards=(per, 16, 12), compressors=cn, fill_value=0)
+    return img, ins
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and "/c/" in p.relative_to(root).as_posix()}
+
+
+@pytest.mark.parametrize("n,per", [(10, 4), (8, 4), (3, 3), (1, 1)])
+def test_shards_are_the_bytes_zarr_writes(tmp_path, n, per):
+    rng = np.random.default_rng(n)
+    images = rng.integers(0, 256, (n, 16, 12, 3)).astype(np.uint8)
+    images[images < 40] = 0
+    instances = np.zeros((n, 16, 12), np.int32)
+    for t in range(n):
+        instances[t, t % 16, :5] = t + 1
+    if n > 2:
+        instances[1] = 0  # an empty chunk inside a shard
+        images[2] = 0
+    if n >= 8:
+        instances[4:8] = 0  # a whole empty shard of instance maps: no file at all
+    zimg, zins = _arrays(tmp_path / "zarr", n, per)
+    for s in range(0, n, per):
+        zimg[s : s + per] = images[s : s + per]
+        zins[s : s + per] = instances[s : s + per]
+    ours = tmp_path / "ours"
+    oimg, oins = _arrays(ours, n, per)
+    layouts = shard_layout(oimg, ours / "images"), shard_layout(oins, ours / "instances")
+    assert None not in layouts
+    for layout, data in zip(layouts, (images, instances)):
+        assert layout is not None
+        for k, s in enumerate(range(0, n, per)):
+            write_shard(layout, k, [layout.codec.encode(t) for t in data[s : s + per]])
+    assert _files(ours) == _files(tmp_path / "zarr") and _files(ours)
+    back = zarr.open_group(str(ours), mode="r")
+    assert np.array_equal(back["images"][:], images) and np.array_equal(back["instances"][:], instances)
+
+
+def test_other_layouts_are_left_to_zarr(tmp_path):
+    img, ins = _arrays(tmp_path / "a", 4, 2, ([BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")],
+                                              [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")]))
+    lay = shard_layout(img, tmp_path / "a" / "images")
+    assert lay is not None and lay.codec.cname == "lz4"  # another blosc setting is still the same layout
+    g = zarr.open_group(str(tmp_path / "b"), mode="w", zarr_format=3)
+    plain = g.create_array("x", shape=(4, 8), dtype="int32", chunks=(1, 8), fill_value=0)  # not sharded
+    assert shard_layout(plain, tmp_path / "b" / "x") is None
+    gz = g.create_array("y", shape=(4, 8), dtype="int32", chunks=(1, 8), shards=(2, 8),
+                        compressors=[zarr.codecs.GzipCodec()], fill_value=0)
+    assert shard_layout(gz, tmp_path / "b" / "y") is None
+    filled = g.create_array("z", shape=(4, 8), dtype="int32", chunks=(1, 8), shards=(2, 8), fill_value=7)
+    assert shard_layout(filled, tmp_path / "b" / "z") is None
+    with pytest.raises(ValueError, match="5 chunks for a shard of 4"):
+        assemble_shard([b"x"] * 5, 4)
+    assert assemble_shard([None, None], 4) is None
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_an_ingested_fold_has_the_shard_files_zarr_would_write(tmp_path, tiny_sample, monkeypatch, jobs):
+    from cellcurate.datasets import pannuke, store
+    from cellcurate.datasets.ingest import ingest_pannuke
+    from cellcurate.datasets.store import Store
+
+    monkeypatch.setattr(store, "TILES_PER_SHARD", 4)  # 6-tile folds: a full and a partial shard
+    monkeypatch.setattr(pannuke, "PART_TILES", 4)
+    with Store.create(tmp_path / "store") as s:
+        ingest_pannuke(s, tiny_sample.pannuke_root, progress=False, jobs=jobs)
+        dirs = list(s.units()["dir"])
+    assert dirs
+    for d in dirs:
+        ours = tmp_path / "store" / d / "arrays.zarr"
+        src = zarr.open_group(str(ours), mode="r")
+        again = zarr.open_group(str(tmp_path / "again" / d), mode="w", zarr_format=3)
+        for name in ("images", "instances"):
+            a = src[name]
+            b = again.create_array(name, shape=a.shape, dtype=a.dtype, chunks=a.chunks, shards=a.shards,
+                                   compressors=a.compressors, fill_value=0)
+            b[...] = a[...]
+        assert _files(ours) == _files(tmp_path / "again" / d) and len(_files(ours)) >= 2
+
+
+def test_a_layout_it_does_not_know_is_written_by_zarr(tmp_path, tiny_sample, monkeypatch):
+    from store_readback import assert_same_content
+
+    from cellcurate.datasets import pannuke, shards
+    from cellcurate.datasets.ingest import ingest_pannuke
+    from cellcurate.datasets.store import Store
+
+    monkeypatch.setattr(pannuke, "PART_TILES", 4)
+    with Store.create(tmp_path / "a") as s:
+        ingest_pannuke(s, tiny_sample.pannuke_root, progress=False, jobs=2)
+    monkeypatch.setattr(shards, "shard_layout", lambda array, folder: None)
+    with Store.create(tmp_path / "b") as s:
+        ingest_pannuke(s, tiny_sample.pannuke_root, progress=False, jobs=2)  # tiles come back as arrays
+    assert_same_content(tmp_path / "a", tmp_path / "b")  # file bytes included
