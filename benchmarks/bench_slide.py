@@ -210,12 +210,12 @@ def child_pipeline(a: argparse.Namespace) -> dict[str, Any]:
 def slide_tiles(slide: Any, tile: int, overlap: int, chunk_tiles: int) -> list[tuple[int, int]]:
     """The (y, x) starts of the tiles the pipeline runs on a slide at the model's pixel size."""
     from cellcurate.models.tissue import TissueMap, detect_tissue, detection_side
-    from cellcurate.models.wsi import plan_chunks
+    from cellcurate.models.wsi import plan_chunks, tile_filter
 
     thumb, _ = slide.thumbnail(detection_side(slide.dimensions))
     tmap = TissueMap(detect_tissue(thumb), slide.dimensions)
     chunks, _ = plan_chunks((slide.dimensions[1], slide.dimensions[0]), tile=tile, overlap=overlap,
-                            chunk_tiles=chunk_tiles, touches=lambda y0, x0, y1, x1: tmap.touches(x0, y0, x1, y1))
+                            chunk_tiles=chunk_tiles, touches_grid=tile_filter((0, 0), 1.0, tissue=tmap))
     return [t for c in chunks for t in c.tiles]
 
 

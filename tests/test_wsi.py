@@ -150,6 +150,44 @@ def test_tissue_detection_on_a_synthetic_slide():
     assert tm.touches(0, 0, 1024, 768) and tm.fraction == pytest.approx(mask.mean())
 
 
+def test_fast_morphology_and_box_tests_equal_scipys_and_the_scalar_ones():
+    from scipy import ndimage as ndi
+
+    from cellcurate.models import tissue as T
+
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        m = rng.random((h, w)) < rng.uniform(0.2, 0.8)
+        closed = ndi.binary_closing(m, structure=np.ones((3, 3), bool), iterations=1) | m
+        assert np.array_equal(T._erode3(T._dilate3(m)) | m, closed)
+        assert np.array_equal(T.fill_holes(m), ndi.binary_fill_holes(m))
+        tm = TissueMap(m, (w * 7, h * 5))
+        xs, ys = rng.uniform(-20, w * 8, (30, 2)), rng.uniform(-20, h * 6, (30, 2))
+        x0, x1, y0, y1 = xs.min(1), xs.max(1), ys.min(1), ys.max(1)
+        got = tm.touches_boxes(x0, y0, x1, y1)
+        assert got.tolist() == [tm.touches(*b) for b in zip(x0, y0, x1, y1)]
+
+
+def test_vectorised_planning_equals_the_scalar_one_and_windows_hug_their_tiles():
+    def touches(y0, x0, y1, x1):
+        return (y0 - 700) ** 2 + (x0 - 500) ** 2 < 300**2 or x1 > 1650
+
+    def grid(y0, x0, y1, x1):
+        return ((y0 - 700) ** 2 + (x0 - 500) ** 2 < 300**2) | (x1 > 1650)
+
+    a, _ = plan_chunks((1000, 1700), tile=128, overlap=32, chunk_tiles=3, touches=touches)
+    b, _ = plan_chunks((1000, 1700), tile=128, overlap=32, chunk_tiles=3, touches_grid=grid)
+    full, _ = plan_chunks((1000, 1700), tile=128, overlap=32, chunk_tiles=3)
+    assert [(c.window, c.core, c.tiles) for c in a] == [(c.window, c.core, c.tiles) for c in b]
+    cores = {c.core: c for c in full}
+    assert any(c.window != cores[c.core].window for c in a)  # some chunks run only part of their tiles
+    for c in a:
+        ys, xs = [t[0] for t in c.tiles], [t[1] for t in c.tiles]
+        assert c.window == (min(ys), min(xs), max(ys) + 128, max(xs) + 128)
+        assert set(c.tiles) <= set(cores[c.core].tiles)
+
+
 # -- stitching ---------------------------------------------------------------------------------------
 
 
