@@ -123,6 +123,12 @@ def run_slide(model_path: str, slide_path: str, out_dir: str, *, stem: str | Non
                    "tissue_fraction": res.tissue_fraction, "seconds": round(time.perf_counter() - t0, 3),
                    "slide_mpp": slide.mpp, "nuclei_table": str(res.nuclei_path), "geojson": str(geojson),
                    "labels_zarr": str(labels_path) if labels is not None else None}
+    if res.first_forward is not None and res.last_forward is not None:
+        # the serial start (open, thumbnail, tissue, planning, first read) and end (last chunk,
+        # merge, outputs) around the model's forwards
+        summary.update({"start_s": round(res.first_forward - t0, 3),
+                        "forward_s": round(res.last_forward - res.first_forward, 3),
+                        "end_s": round(time.perf_counter() - res.last_forward, 3)})
     from ..core.atomic import atomic_write_text
 
     atomic_write_text(summary_path, json.dumps(summary, indent=1))

@@ -184,8 +184,9 @@ class TissueMap:
             h, w = self.mask.shape
             self.down_x = slide_size[0] / w
             self.down_y = slide_size[1] / h
-            sat = np.zeros((h + 1, w + 1), np.int64)
-            sat[1:, 1:] = self.mask.cumsum(0).cumsum(1)
+            dt = np.int32 if h * w < 2**31 else np.int64
+            sat = np.zeros((h + 1, w + 1), dt)
+            sat[1:, 1:] = self.mask.cumsum(0, dtype=dt).cumsum(1, dtype=dt)
             self._sat = sat
 
     @property

@@ -120,6 +120,10 @@ class SlideResult:
     seconds: float
     resumed_chunks: int = 0
     tissue_fraction: float = 1.0
+    #: ``time.perf_counter()`` when the first batch went into the model and when the last came
+    #: out (None when no tile ran): what lies before and after them is the run's serial part.
+    first_forward: float | None = None
+    last_forward: float | None = None
 
 
 def _cores(starts: list[int], side: int, size: int) -> list[int]:
@@ -406,8 +410,9 @@ def predict_slide(
     t_reader.start()
     t_post.start()
     n_tiles = 0
+    clock: dict[str, float] = {}
     try:
-        n_tiles = _forward_loop(model, read_q, post_q, opts, (th, tw), device, stop, errors)
+        n_tiles = _forward_loop(model, read_q, post_q, opts, (th, tw), device, stop, errors, clock)
     except BaseException as exc:
         errors.insert(0, exc)
     finally:
@@ -437,7 +442,8 @@ def predict_slide(
     shutil.rmtree(work, ignore_errors=True)
     return SlideResult(final, n, counts, n_tiles, len(chunks), time.perf_counter() - t_start,
                        resumed_chunks=len(done & {c.index for c in chunks}),
-                       tissue_fraction=1.0 if tissue is None else tissue.fraction)
+                       tissue_fraction=1.0 if tissue is None else tissue.fraction,
+                       first_forward=clock.get("first"), last_forward=clock.get("last"))
 
 
 class _Merger:
@@ -541,8 +547,10 @@ def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
 
 def _forward_loop(model: Any, read_q: queue.Queue[Any], post_q: queue.Queue[Any], opts: SlideOptions,
                   tile_hw: tuple[int, int], device: str | None, stop: threading.Event,
-                  errors: list[BaseException]) -> int:
-    """Batch tiles across chunks through the model; hand finished chunks to ``post_q``."""
+                  errors: list[BaseException], clock: dict[str, float] | None = None) -> int:
+    """Batch tiles across chunks through the model; hand finished chunks to ``post_q``;
+    ``clock`` gets the perf_counter of the first forward's start and the last one's end."""
+    clock = {} if clock is None else clock
     import torch
 
     th, tw = tile_hw
@@ -584,7 +592,9 @@ def _forward_loop(model: Any, read_q: queue.Queue[Any], post_q: queue.Queue[Any]
                 return n_tiles
             batch, pending[:] = pending[: opts.batch_size], pending[opts.batch_size :]
             arr = np.stack([b[3] for b in batch])
+            clock.setdefault("first", time.perf_counter())
             p_np, p_hv, p_tp = forward_tiles(model, arr, device)
+            clock["last"] = time.perf_counter()
             n_tiles += len(batch)
             # blend weights applied to the whole batch in place (one pass, no per-tile temporaries)
             p_np *= window
