@@ -555,6 +555,7 @@ def _forward_loop(model: Any, read_q: queue.Queue[Any], post_q: queue.Queue[Any]
 
     th, tw = tile_hw
     window = np.outer(_ramp(th, opts.overlap), _ramp(tw, opts.overlap)).astype(np.float32)
+    window_t = torch.from_numpy(window)
     if device is None:
         params = list(model.parameters()) if hasattr(model, "parameters") else []
         device = str(params[0].device) if params else "cpu"
@@ -596,22 +597,20 @@ def _forward_loop(model: Any, read_q: queue.Queue[Any], post_q: queue.Queue[Any]
             p_np, p_hv, p_tp = forward_tiles(model, arr, device)
             clock["last"] = time.perf_counter()
             n_tiles += len(batch)
-            # blend weights applied to the whole batch in place (one pass, no per-tile temporaries)
-            p_np *= window
-            p_hv *= window
-            p_tp *= window
+            # one (B, 3 + K, h, w) block, weighted in place and added tile by tile into the chunk's
+            # (3 + K, H, W) accumulator, with torch's threads (the same float32 products and sums)
+            k = p_tp.shape[1]
+            out_t = torch.cat([torch.from_numpy(p_np)[:, None], torch.from_numpy(p_hv), torch.from_numpy(p_tp)], 1)
+            out_t.mul_(window_t)
             for i, (st, y, x, _img) in enumerate(batch):
                 if st["acc"] is None:
                     h, w = st["shape"]
-                    k = p_tp.shape[1]
-                    st["acc"] = {"np": np.zeros((h, w), np.float32), "hv": np.zeros((2, h, w), np.float32),
-                                 "tp": np.zeros((k, h, w), np.float32), "w": np.zeros((h, w), np.float32)}
+                    maps = np.zeros((3 + k, h, w), np.float32)
+                    st["acc"] = {"np": maps[0], "hv": maps[1:3], "tp": maps[3:], "w": np.zeros((h, w), np.float32)}
+                    st["maps"] = torch.from_numpy(maps)
                 acc = st["acc"]
-                sl = (slice(y, y + th), slice(x, x + tw))
-                acc["np"][sl] += p_np[i]
-                acc["hv"][(slice(None), *sl)] += p_hv[i]
-                acc["tp"][(slice(None), *sl)] += p_tp[i]
-                acc["w"][sl] += window
+                st["maps"][:, y : y + th, x : x + tw].add_(out_t[i])
+                acc["w"][y : y + th, x : x + tw] += window
                 st["left"] -= 1
                 if st["left"] == 0:
                     del states[st["chunk"].index]
