@@ -278,6 +278,41 @@ def test_roi_and_tissue_restrict_the_nuclei(scene, scene_slide, tmp_path):
     assert pq.read_table(part.nuclei_path).column("centroid_x").to_numpy().max() < 300 + 256
 
 
+def test_a_failure_mid_run_leaves_no_output_and_a_resume_merges_as_an_uninterrupted_run(scene, tmp_path):
+    from cellcurate.curation.qupath_slide import NucleiGeoJSONWriter
+
+    class Flaky(ContextOracle):
+        calls = 0
+
+        def forward(self, x):
+            Flaky.calls += 1
+            if Flaky.calls == 6:
+                raise RuntimeError("device lost")
+            return super().forward(x)
+
+    def geojson(out):
+        return lambda work, meta: NucleiGeoJSONWriter(out, image_name="f.tif", meta=meta, tmp=work / "geojson.tmp")
+
+    write_pyramid(tmp_path / "f.tif", scene[0][:500, :600], mpp=0.25)
+    opts = SlideOptions(tile=64, overlap=16, chunk_tiles=1, batch_size=4)
+    ref_dir, out = tmp_path / "ref", tmp_path / "out"
+    with open_slide(tmp_path / "f.tif") as s:
+        ref = predict_slide(ContextOracle(), s, ref_dir, "f", options=opts, sinks=[geojson(ref_dir / "f.geojson")],
+                            progress=False)
+        with pytest.raises(RuntimeError, match="device lost"):
+            predict_slide(Flaky(), s, out, "f", options=opts, sinks=[geojson(out / "f.geojson")], progress=False)
+        assert sorted(p.name for p in out.iterdir()) == ["f.partial"]  # nothing half-written beside it
+        n_done = len(list((out / "f.partial").glob("chunk_*.parquet")))
+        assert n_done >= 1
+        res = predict_slide(Flaky(), s, out, "f", options=opts, sinks=[geojson(out / "f.geojson")], resume=True,
+                            progress=False)
+    assert res.resumed_chunks == n_done and res.first_forward is not None and res.last_forward >= res.first_forward
+    assert pq.read_table(res.nuclei_path).equals(pq.read_table(ref.nuclei_path))
+    assert (out / "f.geojson").read_bytes() == (ref_dir / "f.geojson").read_bytes()
+    assert len(json.loads((out / "f.geojson").read_text())["features"]) == ref.n_nuclei > 0
+    assert sorted(p.name for p in out.iterdir()) == ["f.geojson", "f_nuclei.parquet"]
+
+
 def test_out_of_memory_is_one_line_with_the_size(tmp_path):
     class Greedy(ContextOracle):
         def forward(self, x):
