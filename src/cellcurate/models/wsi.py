@@ -11,21 +11,23 @@ run, and a chunk without such tiles is skipped.
 
 Stitching. Inside a chunk the tiles' softmaxed outputs are blended with infer_tiled's weights, so
 away from the chunk's border the maps equal the in-memory path's. Each chunk is post-processed on
-its whole window and keeps the nuclei whose centroid falls in its *core*: chunk cores partition
+its window (the bounding box of the tiles it runs) and keeps the nuclei whose centroid falls in its *core*: chunk cores partition
 the region at the middle of the overlap between neighbouring tiles, and lie at least O/2 pixels
 inside the window, so a nucleus narrower than O/2 + 1 px on each side of its centroid is never cut
 and each nucleus is kept by exactly one chunk. With an ROI, nuclei whose centroid is outside it
 are dropped.
 
 Concurrency. A reader thread reads and resamples chunk windows into a bounded queue; the calling
-thread batches tiles across chunks through the model; a post-processing thread turns finished
-chunks into nuclei and writes them. At most a few chunks are alive at once, whatever the slide's
-size.
+thread batches tiles across chunks through the model and adds the weighted outputs into the
+chunks' accumulators; a post-processing thread turns finished chunks into nuclei, writes them and
+appends them to the merged outputs. At most a few chunks are alive at once, whatever the slide's
+size, and when the last forward ends only the last chunk is left to post-process and merge.
 
 Outputs (in ``out_dir``): ``<stem>.partial/`` holds ``config.json`` and one
-``chunk_NNNNNN.parquet`` per finished chunk (written atomically); at the end they are merged in
-chunk order into ``<stem>_nuclei.parquet`` (ids 1..n in that order, so a resumed run gives the same
-table as an uninterrupted one) and the folder is removed. Table columns: ``nucleus_id``,
+``chunk_NNNNNN.parquet`` per finished chunk (written atomically); as chunks finish they are merged
+in chunk order into ``<stem>.partial/nuclei.parquet.tmp`` (ids 1..n in that order, so a resumed run
+gives the same table as an uninterrupted one; ``sinks`` such as the GeoJSON get the same tables),
+which is renamed to ``<stem>_nuclei.parquet`` at the end; then the folder is removed. Table columns: ``nucleus_id``,
 ``centroid_x/_y``, ``bbox_x0/_y0/_x1/_y1`` (level-0 pixels, plus the ``offset``), ``area_px``,
 ``area_um2``, ``class_id``, ``class_name``, ``probs`` (fixed-size list of K-1 float32, the
 foreground type probabilities renormalised, in the order of the schema's ``classes``),
