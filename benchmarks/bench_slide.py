@@ -31,7 +31,10 @@ not decide it; the table gives medians and the range of the ratios (goal: ratio 
 flat in N and < 3 GiB). The *CPU ratio* is the forward's CPU seconds per tile over the pipeline's
 (``time.process_time``, all threads): the extra work the pipeline adds, which is what the wall-clock
 ratio tends to when other jobs saturate the cores. The load average is printed per side.
-Python start-up, imports and model loading are not counted (printed on stderr).
+Python start-up, imports and model loading are not counted (printed on stderr). *serial start +
+end* is the pipeline's time before its first forward (opening the slide, thumbnail, tissue
+detection, planning, the first read) and after its last one (the last chunk's post-processing,
+the merge's tail, renaming the outputs, the summary), from the slide summary's ``start_s``/``end_s``.
 
 The default model is the tiny student with random weights (``--model PATH`` takes a trained
 checkpoint folder or TorchScript file); a random student finds few nuclei, so its post-processing
@@ -204,18 +207,18 @@ def child_pipeline(a: argparse.Namespace) -> dict[str, Any]:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"tiles": s["tiles"], "nuclei": s["nuclei"], "tissue_fraction": s["tissue_fraction"], "seconds": wall,
             "cpu_seconds": cpu, "tiles_s": s["tiles"] / wall, "rss_loaded_gib": rss0, "load_s": load_s,
-            "import_s": import_s}
+            "import_s": import_s, "start_s": s.get("start_s", float("nan")), "end_s": s.get("end_s", float("nan"))}
 
 
 def slide_tiles(slide: Any, tile: int, overlap: int, chunk_tiles: int) -> list[tuple[int, int]]:
     """The (y, x) starts of the tiles the pipeline runs on a slide at the model's pixel size."""
     from cellcurate.models.tissue import TissueMap, detect_tissue, detection_side
-    from cellcurate.models.wsi import plan_chunks
+    from cellcurate.models.wsi import plan_chunks, tile_filter
 
     thumb, _ = slide.thumbnail(detection_side(slide.dimensions))
     tmap = TissueMap(detect_tissue(thumb), slide.dimensions)
     chunks, _ = plan_chunks((slide.dimensions[1], slide.dimensions[0]), tile=tile, overlap=overlap,
-                            chunk_tiles=chunk_tiles, touches=lambda y0, x0, y1, x1: tmap.touches(x0, y0, x1, y1))
+                            chunk_tiles=chunk_tiles, touches_grid=tile_filter((0, 0), 1.0, tissue=tmap))
     return [t for c in chunks for t in c.tiles]
 
 
@@ -284,8 +287,8 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
           f"model={args.model}, device={args.device}, tile={TILE}, batch={args.batch_size}, threads={args.threads}, "
           f"repeats={args.repeats} (sides > 2048: {args.large_repeats})")
     print("| side | tiles run | tissue | pipeline tiles/s | forward tiles/s | ratio (range) | CPU ratio | "
-          "peak RSS GiB (loaded) | pipeline s | load avg |")
-    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+          "peak RSS GiB (loaded) | pipeline s | serial start + end s | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for side in args.sides:
         path = work / f"slide_{side}.tif"
@@ -305,7 +308,9 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
             p, f = got["pipeline"], got["forward"]
             cpu_ratios.append((f["cpu_seconds"] / f["tiles"]) / (p["cpu_seconds"] / p["tiles"]))
             print(f"#   {side} repeat {r}: pipeline {p['tiles_s']:.2f} tiles/s, forward {f['tiles_s']:.2f} tiles/s, "
-                  f"ratio {ratios[-1]:.2f}, CPU-time ratio {cpu_ratios[-1]:.2f}, load {os.getloadavg()[0]:.1f} "
+                  f"ratio {ratios[-1]:.2f}, CPU-time ratio {cpu_ratios[-1]:.2f}, load {os.getloadavg()[0]:.1f}; "
+                  f"pipeline {p['seconds']:.2f} s = {p['start_s']:.2f} s before the first forward + "
+                  f"{p['end_s']:.2f} s after the last "
                   f"(not counted: imports {p['import_s']:.1f} s, model load {p['load_s']:.1f} s)",
                   file=sys.stderr, flush=True)
         load1 = os.getloadavg()[0]
@@ -317,13 +322,15 @@ def measure(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
                "cpu_ratios": cpu_ratios,
                "peak_rss_gib": max(p["peak_rss_gib"] for p in pipes),
                "rss_loaded_gib": max(p["rss_loaded_gib"] for p in pipes),
-               "pipeline_seconds": statistics.median(p["seconds"] for p in pipes), "load": [load0, load1]}
+               "pipeline_seconds": statistics.median(p["seconds"] for p in pipes),
+               "start_s": statistics.median(p["start_s"] for p in pipes),
+               "end_s": statistics.median(p["end_s"] for p in pipes), "load": [load0, load1]}
         rows.append(row)
         print(f"| {side:,} | {row['tiles']} | {row['tissue_fraction']:.3f} | {row['pipeline_tiles_s']:.2f} | "
               f"{row['forward_tiles_s']:.2f} | {row['ratio']:.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | "
               f"{row['cpu_ratio']:.2f} | "
-              f"{row['peak_rss_gib']:.2f} ({row['rss_loaded_gib']:.2f}) | {row['pipeline_seconds']:.0f} | "
-              f"{load0:.1f}-{load1:.1f} |", flush=True)
+              f"{row['peak_rss_gib']:.2f} ({row['rss_loaded_gib']:.2f}) | {row['pipeline_seconds']:.1f} | "
+              f"{row['start_s']:.2f} + {row['end_s']:.2f} | {load0:.1f}-{load1:.1f} |", flush=True)
     return rows
 
 def picture(out: Path, work: Path) -> None:

@@ -150,6 +150,44 @@ def test_tissue_detection_on_a_synthetic_slide():
     assert tm.touches(0, 0, 1024, 768) and tm.fraction == pytest.approx(mask.mean())
 
 
+def test_fast_morphology_and_box_tests_equal_scipys_and_the_scalar_ones():
+    from scipy import ndimage as ndi
+
+    from cellcurate.models import tissue as T
+
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        m = rng.random((h, w)) < rng.uniform(0.2, 0.8)
+        closed = ndi.binary_closing(m, structure=np.ones((3, 3), bool), iterations=1) | m
+        assert np.array_equal(T._erode3(T._dilate3(m)) | m, closed)
+        assert np.array_equal(T.fill_holes(m), ndi.binary_fill_holes(m))
+        tm = TissueMap(m, (w * 7, h * 5))
+        xs, ys = rng.uniform(-20, w * 8, (30, 2)), rng.uniform(-20, h * 6, (30, 2))
+        x0, x1, y0, y1 = xs.min(1), xs.max(1), ys.min(1), ys.max(1)
+        got = tm.touches_boxes(x0, y0, x1, y1)
+        assert got.tolist() == [tm.touches(*b) for b in zip(x0, y0, x1, y1)]
+
+
+def test_vectorised_planning_equals_the_scalar_one_and_windows_hug_their_tiles():
+    def touches(y0, x0, y1, x1):
+        return (y0 - 700) ** 2 + (x0 - 500) ** 2 < 300**2 or x1 > 1650
+
+    def grid(y0, x0, y1, x1):
+        return ((y0 - 700) ** 2 + (x0 - 500) ** 2 < 300**2) | (x1 > 1650)
+
+    a, _ = plan_chunks((1000, 1700), tile=128, overlap=32, chunk_tiles=3, touches=touches)
+    b, _ = plan_chunks((1000, 1700), tile=128, overlap=32, chunk_tiles=3, touches_grid=grid)
+    full, _ = plan_chunks((1000, 1700), tile=128, overlap=32, chunk_tiles=3)
+    assert [(c.window, c.core, c.tiles) for c in a] == [(c.window, c.core, c.tiles) for c in b]
+    cores = {c.core: c for c in full}
+    assert any(c.window != cores[c.core].window for c in a)  # some chunks run only part of their tiles
+    for c in a:
+        ys, xs = [t[0] for t in c.tiles], [t[1] for t in c.tiles]
+        assert c.window == (min(ys), min(xs), max(ys) + 128, max(xs) + 128)
+        assert set(c.tiles) <= set(cores[c.core].tiles)
+
+
 # -- stitching ---------------------------------------------------------------------------------------
 
 
@@ -238,6 +276,41 @@ def test_roi_and_tissue_restrict_the_nuclei(scene, scene_slide, tmp_path):
         part = predict_slide(model, s, tmp_path, "left", tissue=TissueMap(mask, s.dimensions), progress=False)
     assert part.n_tiles < res.n_tiles * 10 and part.n_nuclei < len(full) / 2
     assert pq.read_table(part.nuclei_path).column("centroid_x").to_numpy().max() < 300 + 256
+
+
+def test_a_failure_mid_run_leaves_no_output_and_a_resume_merges_as_an_uninterrupted_run(scene, tmp_path):
+    from cellcurate.curation.qupath_slide import NucleiGeoJSONWriter
+
+    class Flaky(ContextOracle):
+        calls = 0
+
+        def forward(self, x):
+            Flaky.calls += 1
+            if Flaky.calls == 6:
+                raise RuntimeError("device lost")
+            return super().forward(x)
+
+    def geojson(out):
+        return lambda work, meta: NucleiGeoJSONWriter(out, image_name="f.tif", meta=meta, tmp=work / "geojson.tmp")
+
+    write_pyramid(tmp_path / "f.tif", scene[0][:500, :600], mpp=0.25)
+    opts = SlideOptions(tile=64, overlap=16, chunk_tiles=1, batch_size=4)
+    ref_dir, out = tmp_path / "ref", tmp_path / "out"
+    with open_slide(tmp_path / "f.tif") as s:
+        ref = predict_slide(ContextOracle(), s, ref_dir, "f", options=opts, sinks=[geojson(ref_dir / "f.geojson")],
+                            progress=False)
+        with pytest.raises(RuntimeError, match="device lost"):
+            predict_slide(Flaky(), s, out, "f", options=opts, sinks=[geojson(out / "f.geojson")], progress=False)
+        assert sorted(p.name for p in out.iterdir()) == ["f.partial"]  # nothing half-written beside it
+        n_done = len(list((out / "f.partial").glob("chunk_*.parquet")))
+        assert n_done >= 1
+        res = predict_slide(Flaky(), s, out, "f", options=opts, sinks=[geojson(out / "f.geojson")], resume=True,
+                            progress=False)
+    assert res.resumed_chunks == n_done and res.first_forward is not None and res.last_forward >= res.first_forward
+    assert pq.read_table(res.nuclei_path).equals(pq.read_table(ref.nuclei_path))
+    assert (out / "f.geojson").read_bytes() == (ref_dir / "f.geojson").read_bytes()
+    assert len(json.loads((out / "f.geojson").read_text())["features"]) == ref.n_nuclei > 0
+    assert sorted(p.name for p in out.iterdir()) == ["f.geojson", "f_nuclei.parquet"]
 
 
 def test_out_of_memory_is_one_line_with_the_size(tmp_path):

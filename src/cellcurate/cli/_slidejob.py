@@ -44,6 +44,13 @@ def _model(path: str, device: str, encoder_weights: str | None) -> Any:
     return _MODELS[key]
 
 
+def _geojson_sink(path: Path, work: Path, meta: dict[str, Any], *, image_name: str, object_type: str) -> Any:
+    from ..curation.qupath_slide import NucleiGeoJSONWriter
+
+    return NucleiGeoJSONWriter(path, image_name=image_name, object_type=object_type, meta=meta,
+                               tmp=work / "geojson.tmp")
+
+
 def run_slide(model_path: str, slide_path: str, out_dir: str, *, stem: str | None = None, mpp: float | None = None,
               device: str = "cpu", tile: int = 256, overlap: int = 64, batch_size: int = 8, chunk_tiles: int = 4,
               offset: tuple[float, float] = (0.0, 0.0), region: tuple[int, int, int, int] | None = None,
@@ -59,7 +66,7 @@ def run_slide(model_path: str, slide_path: str, out_dir: str, *, stem: str | Non
 
     from ..curation.omezarr import OME_VERSIONS, write_slide_labels
     from ..curation.qupath import mask_to_geometry
-    from ..curation.qupath_slide import read_roi, write_nuclei_geojson
+    from ..curation.qupath_slide import read_roi
     from ..errors import ConfigError
     from ..models.predict import resolve_device
     from ..models.slide import open_slide
@@ -102,17 +109,26 @@ def run_slide(model_path: str, slide_path: str, out_dir: str, *, stem: str | Non
             thumb, _down = slide.thumbnail(detection_side(slide.dimensions))
             tmap = TissueMap(detect_tissue(thumb), slide.dimensions)
         roi = read_roi(roi_path) if roi_path else None
+        geojson = out / f"{stem}.geojson.gz"
+        # the GeoJSON is written chunk by chunk as the table is merged, in the work folder, and
+        # renamed into place after the table
+        to_geojson = functools.partial(_geojson_sink, geojson, image_name=Path(slide_path).name,
+                                       object_type=object_type)
         res = predict_slide(model, slide, out, stem, options=opts, region=region, roi=roi, tissue=tmap, device=dev,
                             resume=resume, model_id=request_id, polygonize=mask_to_geometry, labels=labels,
-                            progress=progress)
-        geojson = out / f"{stem}.geojson.gz"
-        write_nuclei_geojson(res.nuclei_path, geojson, image_name=Path(slide_path).name, object_type=object_type)
+                            sinks=[to_geojson], progress=progress)
         summary = {"slide": str(slide_path), "stem": stem, "status": "done", "request": request_id,
                    "nuclei": res.n_nuclei, **{f"n_{k}": v for k, v in res.class_counts.items()},
                    "tiles": res.n_tiles, "chunks": res.n_chunks, "resumed_chunks": res.resumed_chunks,
                    "tissue_fraction": res.tissue_fraction, "seconds": round(time.perf_counter() - t0, 3),
                    "slide_mpp": slide.mpp, "nuclei_table": str(res.nuclei_path), "geojson": str(geojson),
                    "labels_zarr": str(labels_path) if labels is not None else None}
+    if res.first_forward is not None and res.last_forward is not None:
+        # the serial start (open, thumbnail, tissue, planning, first read) and end (last chunk,
+        # merge, outputs) around the model's forwards
+        summary.update({"start_s": round(res.first_forward - t0, 3),
+                        "forward_s": round(res.last_forward - res.first_forward, 3),
+                        "end_s": round(time.perf_counter() - res.last_forward, 3)})
     from ..core.atomic import atomic_write_text
 
     atomic_write_text(summary_path, json.dumps(summary, indent=1))

