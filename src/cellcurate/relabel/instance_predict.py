@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
     from ..datasets.store import Store
+    from .instance_student import StudentPredictorConfig
 
 log = logging.getLogger(__name__)
 
@@ -602,11 +603,20 @@ def predictor_for_folder(folder: str | os.PathLike[str]) -> tuple[str, dict[str,
 def get_predictions(store: "Store", *, folder: str | os.PathLike[str] | None = None,
                     config: PixelModelConfig | None = None, geojson_reader: Callable[[Path], "pd.DataFrame"] | None = None,
                     rasterise: Callable[..., np.ndarray] | None = None, use_cache: bool = True,
-                    progress: bool | None = None) -> tuple[PredictionCache, bool]:
+                    progress: bool | None = None, student: "StudentPredictorConfig | None" = None
+                    ) -> tuple[PredictionCache, bool]:
     """The predictions of every store image (cached, or computed/imported and cached), and
-    whether they came from the cache."""
+    whether they came from the cache: imported from ``folder``, else the K-fold student when
+    ``student`` is given (:mod:`cellcurate.relabel.instance_student`), else the built-in pixel
+    model of ``config``."""
+    if folder is not None and student is not None:
+        raise ConfigError("--predictions and --predictor student exclude each other")
     if folder is not None:
         pid, cfg_doc = predictor_for_folder(folder)
+    elif student is not None:
+        student = student.validate()
+        cfg_doc = student.config_doc(store)
+        pid = student.predictor_id(cfg_doc)
     else:
         cfg = (config or PixelModelConfig()).validate()
         pid, cfg_doc = cfg.id, {"kind": "oof-pixel-hgb", **asdict(cfg)}
@@ -620,6 +630,10 @@ def get_predictions(store: "Store", *, folder: str | os.PathLike[str] | None = N
     if folder is not None:
         items = import_predictions(store, folder, geojson_reader=geojson_reader, rasterise=rasterise,
                                    progress=progress)
+    elif student is not None:
+        from .instance_student import student_oof_predictions
+
+        items = student_oof_predictions(store, config=student, progress=progress)
     else:
         items = oof_predictions(store, config=config, progress=progress)
     return save_predictions(store, pid, cfg_doc, items), False

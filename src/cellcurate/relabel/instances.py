@@ -833,7 +833,9 @@ def _write_flags(table: pd.DataFrame, path: Path) -> None:
                         ("score", pa.float64()), ("nucleus_ids", pa.list_(pa.int64())),
                         ("proposed_action", pa.string()), ("proposed_wkb", pa.list_(pa.binary())),
                         ("evidence", pa.string()), ("run", pa.string())])
-    pq.write_table(pa.Table.from_pandas(table, schema=schema, preserve_index=False), path)
+    # from Python lists, not pandas: a round without flags has empty columns whose pandas dtype
+    # (float64) pyarrow cannot convert to list<int64>
+    pq.write_table(pa.Table.from_pydict({c: table[c].tolist() for c in schema.names}, schema=schema), path)
 
 
 def _before_commit(folder: Path) -> None:
