@@ -532,6 +532,8 @@ def find_instance_issues(store: "Store", predictions: "PredictionCache", *, conf
     evidence (dict), centroid_x, centroid_y (of the first proposed polygon or the annotation)."""
     from tqdm import tqdm
 
+    from ..curation.geometry import store_geometry
+
     cfg = (config or InstanceConfig()).validate()
     images = store.images()
     nuclei = store.nuclei()
@@ -572,10 +574,18 @@ def find_instance_issues(store: "Store", predictions: "PredictionCache", *, conf
                 })
         pending.clear()
 
+    # the annotation as it stands after geometry review (the geometry fold), not as ingested: a
+    # nucleus added in review is annotated, a deleted one is gone, a replaced outline is the new one
+    geometry = store_geometry(store)
+    reviewed = set(geometry.images) if not geometry.empty else set()
+    nuc_of_image = {k: g for k, g in nuclei[nuclei["image_id"].isin(reviewed)].groupby("image_id")} if reviewed else {}
     for image_id, ann in tqdm(store.iter_instances(ids), total=len(ids), desc="instance matching", unit="image",
                               leave=False, disable=None if progress is None else not progress):
         pred, prob = predictions.maps(image_id)
         ignore_ids, nid_of = per_image.get(image_id, ([], {}))
+        if image_id in reviewed:
+            ann, now = geometry.paint(image_id, ann, nuc_of_image.get(image_id, nuclei.iloc[:0]))
+            ignore_ids, nid_of = _nuclei_by_image(now.assign(image_id=image_id)).get(image_id, ([], {}))
         sl = (object_slices(ann, int(ann.max(initial=0))), object_slices(pred, int(pred.max(initial=0))))
         flags, iou, conf = match_image_tables(ann, pred, prob, config=cfg, mpp=mpp[image_id], ignore_ids=ignore_ids,
                                               slices=sl)
@@ -769,7 +779,10 @@ def run_instance_round(store: "Store", round: int, *, predictions: "PredictionCa
         flags = flags.sort_values(["score", "flag_id"], ascending=[False, True], kind="stable").reset_index(drop=True)
         counts = {k: int((flags["issue"] == k).sum()) for k in ISSUES}
         truth = score_flags(flags, planted, image_ids=truth_images) if planted is not None else None
+        from ..curation.geometry import store_geometry
+
         config_doc = {"round": round, "run": run, **asdict(cfg), "predictor": predictions.predictor_id,
+                      "geometry_changes": store_geometry(store).counts(),
                       "predictor_config": predictions.meta.get("config"), "supersedes": prior[-1] if prior else None,
                       **(extra_config or {})}
         events = []
