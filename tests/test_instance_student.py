@@ -19,7 +19,7 @@ from cellcurate.relabel.instance_student import StudentPredictorConfig
 FAST = dict(epochs=1, batch_size=4, tile_size=32)
 
 
-def _small_store(path: Path, *, folds: int = 3, per_fold: int = 2, size: int = 64, seed: int = 0):
+def _small_store(path: Path, *, folds: int = 3, per_fold: int = 2, size: int = 64, seed: int = 0, mpp: float = 0.25):
     """A store of ``folds`` PanNuke-like folds of ``per_fold`` tiles with a few disc nuclei each."""
     from cellcurate.datasets.records import SourceImage
     from cellcurate.datasets.store import Store
@@ -42,7 +42,7 @@ def _small_store(path: Path, *, folds: int = 3, per_fold: int = 2, size: int = 6
                                     "source_label": "Neoplastic", "origin_channel": 0,
                                     "origin_instance": np.array(present), "origin_region": ""})
                 w.add(SourceImage(key=f"fold{fold}/{t:05d}", split=f"fold{fold}", image=img, instances=ins,
-                                  nuclei=nuc, origin_file=f"Fold {fold}/images.npy", origin_index=t, mpp=0.25))
+                                  nuclei=nuc, origin_file=f"Fold {fold}/images.npy", origin_index=t, mpp=mpp))
             w.commit()
     return store
 
@@ -180,3 +180,20 @@ def test_predict_image_keeps_the_nuclear_probability_at_the_images_pixels():
         assert p.nucleus_prob.dtype == np.float32 and 0 <= p.nucleus_prob.min() and p.nucleus_prob.max() <= 1
     with torch.no_grad():
         assert predict_image(model, img, mpp=0.25, tile=64, overlap=16, device="cpu").nucleus_prob is None
+
+
+def test_store_images_resample_once_to_the_models_pixel_size(tmp_path: Path):
+    from cellcurate.relabel.instance_student import StoreImages
+
+    store = _small_store(tmp_path / "s", folds=1, per_fold=1, mpp=0.5)
+    try:
+        (image_id,) = store.images()["image_id"].astype(str)
+        ins = store.read_instances(image_id)
+        (item,) = StoreImages(store, [image_id], mpp=0.25).items
+        (same,) = StoreImages(store, [image_id], mpp=0.5).items
+    finally:
+        store.close()
+    assert item["image"].shape == (3, 128, 128) and item["instances"].shape == item["classes"].shape == (128, 128)
+    assert item["mpp"] == 0.25 and same["mpp"] == 0.5 and same["instances"].shape == (64, 64)
+    assert set(np.unique(item["instances"])) == set(np.unique(ins))  # nearest labels: the same nuclei
+    assert set(np.unique(item["classes"])) <= {0, 1} and (item["classes"] == (item["instances"] > 0)).all()

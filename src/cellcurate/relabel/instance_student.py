@@ -97,9 +97,13 @@ class StudentPredictorConfig:
 
 class StoreImages(Dataset):
     """A base dataset (:mod:`cellcurate.models.data`) of store images, held in memory: every
-    annotated nucleus is class 1, ignore regions class 255, background 0."""
+    annotated nucleus is class 1, ignore regions class 255, background 0. Images whose pixel size
+    differs from ``mpp`` by more than 10 % are resampled to it once here (bilinear image, nearest
+    labels), as the tile dataset would otherwise do on every access of a shuffled tile."""
 
-    def __init__(self, store: "Store", image_ids: list[str]) -> None:
+    def __init__(self, store: "Store", image_ids: list[str], *, mpp: float = 0.25) -> None:
+        from scipy import ndimage
+
         images = store.images().set_index("image_id")
         nuclei = store.nuclei()
         ignore = nuclei[nuclei["kind"] == "ignore"].groupby("image_id")["instance_id"].apply(list).to_dict()
@@ -110,9 +114,16 @@ class StoreImages(Dataset):
             ig = ignore.get(image_id)
             if ig:
                 classes[np.isin(ins, ig)] = 255
-            self.items.append({"image": np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)), "instances": ins,
-                               "classes": classes, "image_id": str(image_id),
-                               "mpp": float(images.loc[image_id, "mpp"])})
+            image = np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
+            px = float(images.loc[image_id, "mpp"])
+            if px > 0 and abs(px / mpp - 1.0) > 0.1:
+                f = px / mpp
+                image = np.clip(ndimage.zoom(image.astype(np.float32), (1, f, f), order=1), 0, 255).round().astype(np.uint8)
+                ins = ndimage.zoom(ins, f, order=0)
+                classes = ndimage.zoom(classes, f, order=0)
+                px = mpp
+            self.items.append({"image": image, "instances": ins, "classes": classes, "image_id": str(image_id),
+                               "mpp": px})
 
     def __len__(self) -> int:
         return len(self.items)
@@ -161,9 +172,10 @@ def student_oof_predictions(store: "Store", *, config: StudentPredictorConfig | 
     ids = images["image_id"].astype(str).to_numpy()
     mpp = dict(zip(ids, images["mpp"].astype(float)))
     extra: list[StoreImages] = []
+    data_mpp = StudentConfig().data_mpp
     for p in cfg.extra_stores:
         with Store.open(p, mode="r") as s:
-            extra.append(StoreImages(s, list(s.images()["image_id"].astype(str))))
+            extra.append(StoreImages(s, list(s.images()["image_id"].astype(str)), mpp=data_mpp))
     # one class (the round uses no classes): no class-balanced foreground term; no consistency
     # term (a second forward pass per batch), the flips/rotations/stain jitter stay
     tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, device=cfg.device,  # type: ignore[arg-type]
@@ -178,7 +190,7 @@ def student_oof_predictions(store: "Store", *, config: StudentPredictorConfig | 
         with _torch_threads(cfg.threads), tempfile.TemporaryDirectory(prefix="oof-student-", dir=work_dir) as tmp:
             for f in range(k):
                 train_ids = list(ids[fold != f])
-                base: Any = StoreImages(store, train_ids)
+                base: Any = StoreImages(store, train_ids, mpp=data_mpp)
                 if not any((it["classes"] == 1).any() for it in base.items):
                     raise StateError(f"{store.path}: fold {f} of the student has no annotated nucleus to train on")
                 if extra:
