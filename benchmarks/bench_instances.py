@@ -222,7 +222,7 @@ def part_real(name: str, out: Path, seed: int = 0, *, predictor: str = "pixel", 
     from cellcurate.datasets.ingest import ingest_source
     from cellcurate.datasets.store import Store
     from cellcurate.relabel.instance_predict import get_predictions
-    from cellcurate.relabel.instance_student import StudentPredictorConfig
+    from cellcurate.cli._instance_student import StudentPredictorConfig, student_predictor
     from cellcurate.relabel.instances import run_instance_round
 
     src = FIXTURES / name
@@ -244,7 +244,8 @@ def part_real(name: str, out: Path, seed: int = 0, *, predictor: str = "pixel", 
         ingest_source(store, name, dst, progress=False)
         planted = _planted_real(store, rows, name)
         t, c = time.perf_counter(), time.process_time()
-        cache, _ = get_predictions(store, progress=False, student=student)
+        custom = student_predictor(store, student) if student is not None else None
+        cache, _ = get_predictions(store, progress=False, custom=custom)
         t_pred, c_pred = time.perf_counter() - t, time.process_time() - c
         res = run_instance_round(store, 1, predictions=cache, planted=planted, progress=False)
         n_nuc = len(store.nuclei())

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from cellcurate.cli.main import cli
 from cellcurate.errors import ConfigError
-from cellcurate.relabel.instance_student import StudentPredictorConfig
+from cellcurate.cli._instance_student import StudentPredictorConfig, student_predictor
 
 FAST = dict(epochs=1, batch_size=4, tile_size=32)
 
@@ -64,7 +64,7 @@ def _recording(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, list[str]]]:
 
 def test_every_image_is_predicted_by_a_model_that_never_saw_its_group(tmp_path: Path, monkeypatch):
     from cellcurate.relabel.instance_predict import get_predictions
-    from cellcurate.relabel.instance_student import student_oof_predictions
+    from cellcurate.cli._instance_student import student_oof_predictions
 
     calls = _recording(monkeypatch)
     store = _small_store(tmp_path / "s")
@@ -86,13 +86,13 @@ def test_every_image_is_predicted_by_a_model_that_never_saw_its_group(tmp_path: 
             assert all(fold_of[t] != fold_of[image_id] for t in train_ids)  # nor any image of its group
         # cached like the built-in model's: a second call reads the cache, without training
         cfg = StudentPredictorConfig(**FAST)
-        cache, cached = get_predictions(store, student=cfg)
+        cache, cached = get_predictions(store, custom=student_predictor(store, cfg))
         n_calls = len(calls)
-        again, cached2 = get_predictions(store, student=cfg)
+        again, cached2 = get_predictions(store, custom=student_predictor(store, cfg))
         assert (cached, cached2) == (False, True) and len(calls) == n_calls
         assert again.predictor_id.startswith("oof-student-") and again.predictor_id == cache.predictor_id
         assert sorted(again.image_ids()) == sorted(ids)
-        other, _ = get_predictions(store, student=StudentPredictorConfig(**{**FAST, "seed": 1}))
+        other, _ = get_predictions(store, custom=student_predictor(store, StudentPredictorConfig(**{**FAST, "seed": 1})))
         assert other.predictor_id != cache.predictor_id
     finally:
         store.close()
@@ -108,13 +108,13 @@ def test_extra_stores_join_every_fold_and_the_store_itself_is_refused(tmp_path: 
     store = _small_store(tmp_path / "s", folds=2, per_fold=1)
     try:
         cfg = StudentPredictorConfig(**FAST, folds=2, extra_stores=(str(tmp_path / "extra"),))
-        cache, _ = get_predictions(store, student=cfg)
+        cache, _ = get_predictions(store, custom=student_predictor(store, cfg))
         assert len(calls) == 2
         for _, train_ids in calls:
             assert set(extra_ids) <= set(train_ids) and len(train_ids) == 1 + len(extra_ids)
         assert cache.meta["config"]["extra_stores"][0]["fingerprint"]
         with pytest.raises(ConfigError, match="must not be the store itself"):
-            get_predictions(store, student=StudentPredictorConfig(**FAST, extra_stores=(str(tmp_path / "s"),)))
+            student_predictor(store, StudentPredictorConfig(**FAST, extra_stores=(str(tmp_path / "s"),)))
     finally:
         store.close()
 
@@ -183,7 +183,7 @@ def test_predict_image_keeps_the_nuclear_probability_at_the_images_pixels():
 
 
 def test_store_images_resample_once_to_the_models_pixel_size(tmp_path: Path):
-    from cellcurate.relabel.instance_student import StoreImages
+    from cellcurate.cli._instance_student import StoreImages
 
     store = _small_store(tmp_path / "s", folds=1, per_fold=1, mpp=0.5)
     try:

@@ -57,12 +57,13 @@ def command(store_path: Path, round_: int, predictions: Path | None, predictor: 
 
     import pandas as pd
 
+    from ..curation.geometry import store_geometry
     from ..curation.qupath import geometry_mask, read_geojson
     from ..datasets.store import Store
     from ..errors import InputFormatError
     from ..errors import ConfigError
     from ..relabel.instance_predict import PixelModelConfig, get_predictions
-    from ..relabel.instance_student import StudentPredictorConfig
+    from ._instance_student import StudentPredictorConfig, student_predictor
     from ..relabel.instances import InstanceConfig, planted_for_store, run_instance_round
 
     cfg = InstanceConfig(cleanlab=not no_cleanlab)
@@ -87,11 +88,13 @@ def command(store_path: Path, round_: int, predictions: Path | None, predictor: 
         raise ConfigError("--extra-training needs --predictor student")
     store = Store.open(store_path, mode="a")
     try:
+        custom = student_predictor(store, student) if student is not None else None
         cache, cached = get_predictions(store, folder=predictions, config=PixelModelConfig(folds=folds, seed=seed),
-                                        geojson_reader=read_geojson, rasterise=geometry_mask, student=student)
+                                        geojson_reader=read_geojson, rasterise=geometry_mask, custom=custom)
         planted = planted_for_store(store, truth_df) if truth_df is not None else None
+        # matched against the geometry as review left it (a nucleus added in review is annotated)
         result = run_instance_round(store, round_, predictions=cache, cached=cached, config=cfg, overwrite=overwrite,
-                                    planted=planted)
+                                    planted=planted, geometry=store_geometry(store))
     finally:
         store.close()
     click.echo(result.summary())

@@ -526,13 +526,15 @@ def image_hash8(image_id: str) -> str:
 
 
 def find_instance_issues(store: "Store", predictions: "PredictionCache", *, config: InstanceConfig | None = None,
-                         round: int = 1, progress: bool | None = None) -> pd.DataFrame:
+                         round: int = 1, progress: bool | None = None, geometry: Any = None) -> pd.DataFrame:
     """Flags of every store image, one row each: flag_id, image_id, issue, score, nucleus_ids
     (list of int), instance_ids, pred_ids, proposed_action, polygons (list of [[x, y], ...]),
-    evidence (dict), centroid_x, centroid_y (of the first proposed polygon or the annotation)."""
-    from tqdm import tqdm
+    evidence (dict), centroid_x, centroid_y (of the first proposed polygon or the annotation).
 
-    from ..curation.geometry import store_geometry
+    ``geometry``: the store's geometry fold (``cellcurate.curation.geometry.store_geometry(store)``,
+    passed in: ``relabel`` may not import ``curation``); the images it changed are matched as the
+    review left them (``geometry.paint``). None: the ingested maps."""
+    from tqdm import tqdm
 
     cfg = (config or InstanceConfig()).validate()
     images = store.images()
@@ -576,8 +578,7 @@ def find_instance_issues(store: "Store", predictions: "PredictionCache", *, conf
 
     # the annotation as it stands after geometry review (the geometry fold), not as ingested: a
     # nucleus added in review is annotated, a deleted one is gone, a replaced outline is the new one
-    geometry = store_geometry(store)
-    reviewed = set(geometry.images) if not geometry.empty else set()
+    reviewed = set(geometry.images) if geometry is not None and not geometry.empty else set()
     nuc_of_image = {k: g for k, g in nuclei[nuclei["image_id"].isin(reviewed)].groupby("image_id")} if reviewed else {}
     for image_id, ann in tqdm(store.iter_instances(ids), total=len(ids), desc="instance matching", unit="image",
                               leave=False, disable=None if progress is None else not progress):
@@ -751,13 +752,16 @@ def _wkb(polys: list[list[list[float]]]) -> list[bytes]:
 def run_instance_round(store: "Store", round: int, *, predictions: "PredictionCache", cached: bool = False,
                        config: InstanceConfig | None = None, overwrite: bool = False,
                        planted: pd.DataFrame | None = None, truth_images: Any = None,
-                       progress: bool | None = None, extra_config: dict[str, Any] | None = None) -> InstanceRoundResult:
+                       progress: bool | None = None, extra_config: dict[str, Any] | None = None,
+                       geometry: Any = None) -> InstanceRoundResult:
     """Find the instance issues of every image and record them as round ``round``.
 
     Writes ``STORE/rounds/instances-<K>/`` (config.json, flags.parquet, summary.json) in place first,
     then the ``instance_flag`` events in one ledger transaction. A round that exists (folder or
     events) needs ``overwrite``; its events stay in the history and the new run's token tells them
     apart. Any error before the commit leaves the ledger unchanged and the previous folder back.
+    ``geometry``: the store's geometry fold, to match the annotation as geometry review left it
+    (:func:`find_instance_issues`; ``curate instances`` passes it).
     """
     t0 = time.perf_counter()
     cfg = (config or InstanceConfig()).validate()
@@ -773,16 +777,14 @@ def run_instance_round(store: "Store", round: int, *, predictions: "PredictionCa
             raise StateError(f"{store.path}: instance round {round} already exists"
                              f"{f' (run {prior[-1]})' if prior else ''}; pass --overwrite to run it again "
                              "(its events stay in the history)")
-        flags = find_instance_issues(store, predictions, config=cfg, round=round, progress=progress)
+        flags = find_instance_issues(store, predictions, config=cfg, round=round, progress=progress, geometry=geometry)
         run = f"{round}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{secrets.token_hex(4)}"
         flags["run"] = run
         flags = flags.sort_values(["score", "flag_id"], ascending=[False, True], kind="stable").reset_index(drop=True)
         counts = {k: int((flags["issue"] == k).sum()) for k in ISSUES}
         truth = score_flags(flags, planted, image_ids=truth_images) if planted is not None else None
-        from ..curation.geometry import store_geometry
-
         config_doc = {"round": round, "run": run, **asdict(cfg), "predictor": predictions.predictor_id,
-                      "geometry_changes": store_geometry(store).counts(),
+                      "geometry_changes": None if geometry is None else geometry.counts(),
                       "predictor_config": predictions.meta.get("config"), "supersedes": prior[-1] if prior else None,
                       **(extra_config or {})}
         events = []

@@ -1,5 +1,9 @@
 """Out-of-fold instance predictions by the student network (``curate instances --predictor student``).
 
+This module sits in ``cli`` because it joins ``models`` (training, prediction) with ``relabel``
+(folds, the prediction cache), which may not import each other; ``relabel`` receives it as a
+:class:`~cellcurate.relabel.instance_predict.CustomPredictor` (:func:`student_predictor`).
+
 The student architecture of :mod:`cellcurate.models.student` is trained from the ground truth
 alone (:func:`cellcurate.models.train.distill` with no teacher: flips, 90° rotations and stain
 jitter on every batch) with **grouped K-fold** on the store (the groups of
@@ -37,6 +41,7 @@ from ..errors import ConfigError, StateError, StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..datasets.store import Store
+    from ..relabel.instance_predict import CustomPredictor
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ class StudentPredictorConfig:
     def config_doc(self, store: "Store") -> dict[str, Any]:
         """What the cache is valid for: this config and the fingerprints of the extra stores."""
         from ..datasets.store import Store
-        from .features import store_fingerprint
+        from ..relabel.features import store_fingerprint
 
         extra = []
         for p in self.extra_stores:
@@ -162,7 +167,7 @@ def student_oof_predictions(store: "Store", *, config: StudentPredictorConfig | 
     from ..models.predict import predict_image
     from ..models.student import StudentConfig, student_preset
     from ..models.train import TrainConfig, distill
-    from .instance_predict import image_folds
+    from ..relabel.instance_predict import image_folds
 
     cfg = (config or StudentPredictorConfig()).validate()
     images = store.images().reset_index(drop=True)
@@ -207,3 +212,13 @@ def student_oof_predictions(store: "Store", *, config: StudentPredictorConfig | 
                         yield image_id, pred.instances.astype(np.int32), np.clip(pred.nucleus_prob, 0, 1)
     finally:
         bar.close()
+
+
+def student_predictor(store: "Store", config: StudentPredictorConfig | None = None) -> "CustomPredictor":
+    """The K-fold student as a predictor for :func:`~cellcurate.relabel.instance_predict.get_predictions`."""
+    from ..relabel.instance_predict import CustomPredictor
+
+    cfg = (config or StudentPredictorConfig()).validate()
+    doc = cfg.config_doc(store)
+    return CustomPredictor(cfg.predictor_id(doc), doc,
+                           lambda s, progress: student_oof_predictions(s, config=cfg, progress=progress))
