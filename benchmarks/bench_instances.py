@@ -1,7 +1,8 @@
 """Benchmarks of the instance round (issue 15): recall and precision per issue type against planted
 errors, and the round's speed on 200,000 nuclei with cached predictions.
 
-Run: ``python benchmarks/bench_instances.py [--parts demo,consep,monuseg,scale] [--nuclei 200000] [--out DIR]``.
+Run: ``python benchmarks/bench_instances.py [--parts demo,consep,monuseg,scale] [--nuclei 200000] [--out DIR]
+[--predictor pixel|student] [--student-epochs 30] [--extra-training] [--threads 1]``.
 
 Parts:
 
@@ -12,7 +13,10 @@ Parts:
   their real annotations: 5 % of the nuclei deleted, 5 % of the outlines shifted by 35 % of the
   nucleus' diameter in a random direction (seeded). Predictions: the built-in out-of-fold model
   trained on the fixture itself (CoNSeP: one slide, so images are the groups; MoNuSeg: two
-  patients, so each image is predicted by a model trained on the other one).
+  patients, so each image is predicted by a model trained on the other one). With ``--predictor
+  student`` the K-fold student network instead (``curate instances --predictor student``), and
+  with ``--extra-training`` every fold also trains on the other real fixtures (CoNSeP, MoNuSeg,
+  CPM-15, their own annotations; never the fixture being scored).
 * ``scale``: a store of ``--nuclei`` nuclei (256-px tiles of 64 square nuclei), predictions cached
   (the annotation perturbed: nuclei dropped, shifted, added, merged, split); the figure is the
   wall time of loading the cache (checksums verified) + the round (matching, evidence with
