@@ -1,7 +1,8 @@
 """Benchmarks of the instance round (issue 15): recall and precision per issue type against planted
 errors, and the round's speed on 200,000 nuclei with cached predictions.
 
-Run: ``python benchmarks/bench_instances.py [--parts demo,consep,monuseg,scale] [--nuclei 200000] [--out DIR]``.
+Run: ``python benchmarks/bench_instances.py [--parts demo,consep,monuseg,scale] [--nuclei 200000] [--out DIR]
+[--predictor pixel|student] [--student-epochs 30] [--extra-training] [--threads 1]``.
 
 Parts:
 
@@ -12,7 +13,10 @@ Parts:
   their real annotations: 5 % of the nuclei deleted, 5 % of the outlines shifted by 35 % of the
   nucleus' diameter in a random direction (seeded). Predictions: the built-in out-of-fold model
   trained on the fixture itself (CoNSeP: one slide, so images are the groups; MoNuSeg: two
-  patients, so each image is predicted by a model trained on the other one).
+  patients, so each image is predicted by a model trained on the other one). With ``--predictor
+  student`` the K-fold student network instead (``curate instances --predictor student``), and
+  with ``--extra-training`` every fold also trains on the other real fixtures (CoNSeP, MoNuSeg,
+  CPM-15, their own annotations; never the fixture being scored).
 * ``scale``: a store of ``--nuclei`` nuclei (256-px tiles of 64 square nuclei), predictions cached
   (the annotation perturbed: nuclei dropped, shifted, added, merged, split); the figure is the
   wall time of loading the cache (checksums verified) + the round (matching, evidence with
@@ -196,10 +200,33 @@ def _planted_real(store, rows: pd.DataFrame, source: str) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def part_real(name: str, out: Path, seed: int = 0) -> dict:
+#: The other real fixtures a student may train on beside the fixture's own other folds
+#: (``--extra-training``; source name for ``ingest_source``, folder under FIXTURES).
+EXTRA_FIXTURES = {"consep": ("consep", "consep"), "monuseg": ("monuseg", "monuseg"), "cpm15": ("cpm", "cpm15")}
+
+
+def extra_stores(name: str, out: Path) -> list[Path]:
+    """Stores of the real fixtures other than ``name`` (their own annotations, nothing planted)."""
+    from cellcurate.datasets.ingest import ingest_source
+    from cellcurate.datasets.store import Store
+
+    paths = []
+    for other, (source, folder) in EXTRA_FIXTURES.items():
+        if other == name or not (FIXTURES / folder).is_dir():
+            continue
+        path = out / f"extra-{other}"
+        with Store.create(path) as s:
+            ingest_source(s, source, FIXTURES / folder, progress=False)
+        paths.append(path)
+    return paths
+
+
+def part_real(name: str, out: Path, seed: int = 0, *, predictor: str = "pixel", epochs: int = 30,
+              extra: bool = False, threads: int = 1) -> dict:
     from cellcurate.datasets.ingest import ingest_source
     from cellcurate.datasets.store import Store
     from cellcurate.relabel.instance_predict import get_predictions
+    from cellcurate.cli._instance_student import StudentPredictorConfig, student_predictor
     from cellcurate.relabel.instances import run_instance_round
 
     src = FIXTURES / name
@@ -209,19 +236,29 @@ def part_real(name: str, out: Path, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     dst = out / f"{name}-planted"
     rows = plant_consep(src, dst, rng) if name == "consep" else plant_monuseg(src, dst, rng)
+    student = None
+    what = "built-in pixel model, out of fold on the fixture itself"
+    if predictor == "student":
+        extras = extra_stores(name, out) if extra else []
+        student = StudentPredictorConfig(epochs=epochs, seed=seed, threads=threads,
+                                         extra_stores=tuple(str(p) for p in extras))
+        what = (f"student ({student.preset}, {epochs} epochs, tiles {student.tile_size}), out of fold on the fixture"
+                + (f" + every fold trained on {', '.join(p.name.removeprefix('extra-') for p in extras)}" if extras else ""))
     with Store.create(out / f"{name}-store") as store:
         ingest_source(store, name, dst, progress=False)
         planted = _planted_real(store, rows, name)
-        t = time.perf_counter()
-        cache, _ = get_predictions(store, progress=False)
-        t_pred = time.perf_counter() - t
+        t, c = time.perf_counter(), time.process_time()
+        custom = student_predictor(store, student) if student is not None else None
+        cache, _ = get_predictions(store, progress=False, custom=custom)
+        t_pred, c_pred = time.perf_counter() - t, time.process_time() - c
         res = run_instance_round(store, 1, predictions=cache, planted=planted, progress=False)
         n_nuc = len(store.nuclei())
         images = store.images()["image_id"]
-    print(f"{name}: {len(images)} images, {n_nuc:,} annotated nuclei after planting; predictions {t_pred:.1f} s "
-          f"(out of fold on the fixture itself), round {res.seconds:.1f} s")
-    scores = table(f"{name} (real annotations, 5 % deleted + 5 % shifted):", res, res.flags, planted, images)
-    return {"predictions_s": round(t_pred, 1), "round_s": round(res.seconds, 1), "scores": scores,
+    print(f"{name}: {len(images)} images, {n_nuc:,} annotated nuclei after planting; predictions {t_pred:.1f} s wall, "
+          f"{c_pred:.1f} s CPU ({what}), round {res.seconds:.1f} s")
+    scores = table(f"{name} (real annotations, 5 % deleted + 5 % shifted; {predictor}):", res, res.flags, planted, images)
+    return {"predictor": predictor, "predictor_detail": what, "predictions_s": round(t_pred, 1),
+            "predictions_cpu_s": round(c_pred, 1), "round_s": round(res.seconds, 1), "scores": scores,
             "flags_by_issue": res.counts}
 
 
@@ -334,6 +371,12 @@ def main() -> None:
     ap.add_argument("--nuclei", type=int, default=200_000)
     ap.add_argument("--out", type=Path, default=None, help="Folder for the stores (default: a temp folder).")
     ap.add_argument("--json", type=Path, default=None, help="Write the results here as JSON.")
+    ap.add_argument("--predictor", choices=["pixel", "student"], default="pixel",
+                    help="Out-of-fold model of the consep/monuseg parts.")
+    ap.add_argument("--student-epochs", type=int, default=30)
+    ap.add_argument("--extra-training", action="store_true",
+                    help="--predictor student: every fold also trains on the other real fixtures.")
+    ap.add_argument("--threads", type=int, default=1, help="--predictor student: torch threads.")
     args = ap.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     base = Path(tempfile.mkdtemp(prefix="bench-instances-", dir=args.out))
@@ -346,7 +389,8 @@ def main() -> None:
             if p == "demo":
                 results[p] = part_demo(d)
             elif p in ("consep", "monuseg"):
-                results[p] = part_real(p, d)
+                results[p] = part_real(p, d, predictor=args.predictor, epochs=args.student_epochs,
+                                       extra=args.extra_training, threads=args.threads)
             elif p == "scale":
                 results[p] = part_scale(args.nuclei, d)
             else:

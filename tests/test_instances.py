@@ -200,3 +200,67 @@ def test_cleanlab_pixel_quality_is_the_same_batched_or_one_by_one():
         (one,) = cleanlab_evidence([item])
         assert b["pixel_quality"] == pytest.approx(one["pixel_quality"], abs=1e-9)
         np.testing.assert_allclose(b["badloc"], one["badloc"])
+
+
+def test_badloc_and_pooling_equal_cleanlabs_own_functions():
+    """The vectorised badloc scores and their pooling give cleanlab's numbers on hand-made images:
+    an exact box, a shifted one, one with no overlapping prediction, predictions under cleanlab's
+    probability threshold, an image without predictions, an image without annotations, NaN scores."""
+    from cleanlab.internal.constants import ALPHA, EUC_FACTOR, LOW_PROBABILITY_THRESHOLD, TEMPERATURE
+    from cleanlab.object_detection.rank import compute_badloc_box_scores, pool_box_scores_per_image
+
+    from cellcurate.relabel.instances import _aux_inputs, badloc_box_scores, match_image_tables, pool_box_scores
+
+    ann, pred = np.zeros((40, 40), np.int32), np.zeros((40, 40), np.int32)
+    ann[2:10, 2:10] = 1
+    pred[2:10, 2:10] = 1  # exact
+    ann[20:28, 20:28] = 2
+    pred[20:28, 25:33] = 2  # shifted
+    ann[30:36, 2:8] = 3  # nothing predicted there
+    pred[12:16, 30:34] = 3  # a prediction on background
+    prob = np.where(pred > 0, 0.9, 0.05)
+    prob[pred == 2] = 0.55  # just above cleanlab's threshold
+    low = prob.copy()
+    low[pred > 0] = 0.3  # every prediction under it
+    items = [(ann, pred, prob), (ann, pred, low), (ann, pred * 0, prob * 0), (ann * 0, pred, prob)]
+    aux = [_aux_inputs(a, p, q, ALPHA, EUC_FACTOR) for a, p, q in items]
+    theirs = compute_badloc_box_scores(auxiliary_inputs=[dict(x) for x in aux])
+    ours = [badloc_box_scores(x, LOW_PROBABILITY_THRESHOLD) for x in aux]
+    assert [len(v) for v in ours] == [3, 3, 3, 0]
+    for a, b in zip(ours, theirs):
+        np.testing.assert_array_equal(a, b)
+    assert ours[0][0] > ours[0][1] and ours[0][2] == 1.0 and ours[1].tolist() == [1.0, 1.0, 1.0]
+    # the tables match_image_tables hands over give the same auxiliary inputs
+    _, iou, conf = match_image_tables(ann, pred, prob, config=CFG)
+    reused = _aux_inputs(ann, pred, prob, ALPHA, EUC_FACTOR, tables=(iou, conf))
+    for key in ("similarity_matrix", "iou_matrix", "pred_label_probs", "lab_bboxes", "pred_bboxes"):
+        np.testing.assert_array_equal(reused[key], aux[0][key])
+    scores = ours + [np.array([0.2, np.nan, 0.9]), np.array([np.nan]), np.array([0.7])]
+    np.testing.assert_allclose(pool_box_scores(scores, TEMPERATURE), pool_box_scores_per_image(scores), rtol=1e-12)
+    np.testing.assert_allclose(pool_box_scores(scores, 0.5), pool_box_scores_per_image(scores, temperature=0.5),
+                               rtol=1e-12)
+    assert pool_box_scores([], TEMPERATURE).shape == (0,)
+
+
+def test_proposals_on_a_window_equal_the_full_image_ones():
+    from cellcurate.relabel.instances import object_slices
+
+    rng = np.random.default_rng(1)
+    ann, pred = _grid(40, 48), _grid(40, 48)
+    ann[3:15, 4:30] = 1
+    pred[3:15, 4:15] = 1
+    pred[4:14, 17:31] = 2
+    ann[20:30, 5:12] = 2
+    ann[20:30, 12:20] = 3
+    pred[19:31, 4:21] = 3
+    pred[32:38, 30:40] = 4
+    ann[22:30, 30:38] = 4
+    pred[23:31, 33:41] = 5
+    pred[(rng.random(pred.shape) < 0.05) & (pred > 0)] = 0  # ragged outlines
+    flags = [ImageFlag("merged", 1.0, [1], [1, 2]), ImageFlag("split", 1.0, [2, 3], [3]),
+             ImageFlag("missing_annotation", 1.0, [], [4]), ImageFlag("bad_outline", 1.0, [4], [5]),
+             ImageFlag("spurious_annotation", 1.0, [4], [])]
+    slices = (object_slices(ann, 4), object_slices(pred, 5))
+    for f in flags:
+        assert proposed_polygons(f, ann, pred, slices=slices) == proposed_polygons(f, ann, pred)
+    assert proposed_polygons(flags[0], ann, pred, slices=slices)

@@ -307,3 +307,44 @@ def test_planted_errors_on_the_tiny_sample_are_found(tmp_path: Path):
     for issue, v in t.items():
         assert v["recall"] >= 0.6 and v["precision"] >= 0.3, (issue, v)
     assert flags <= 2 * len(planted)
+
+
+def test_a_second_round_matches_the_geometry_after_review(store_path: Path, tmp_path: Path):
+    """Round 2 reads the annotation as the geometry review left it: a nucleus added in review is
+    not flagged missing again, a deleted one is not flagged spurious again; round 2's flags on an
+    added nucleus carry its review id."""
+    from cellcurate.curation.geometry_review import decide_flag, store_flags
+
+    _write_predictions(store_path, tmp_path / "pred")
+    r = _invoke("instances", str(store_path), "--round", "1", "--predictions", str(tmp_path / "pred"))
+    assert r.exit_code == 0, r.output
+    with Store.open(store_path, mode="a") as store:
+        flags = store_flags(store)
+        assert sorted(flags["issue"]) == ["missing_annotation", "spurious_annotation"]
+        miss = flags[flags["issue"] == "missing_annotation"].iloc[0]
+        spur = flags[flags["issue"] == "spurious_annotation"].iloc[0]
+        added = decide_flag(store, miss, "accept", reviewer="ann")
+        decide_flag(store, spur, "accept", reviewer="ann")
+    new_id = [n for n in added.nucleus_ids if n is not None][0]
+    r = _invoke("instances", str(store_path), "--round", "2", "--predictions", str(tmp_path / "pred"))
+    assert r.exit_code == 0, r.output
+    with Store.open(store_path) as store:
+        ev = store.ledger.events(kinds=("instance_flag",), round=2, parse_payload=True)
+        cfg = json.loads((store_path / "rounds" / "instances-2" / "config.json").read_text())
+    assert ev.empty, ev[["action", "nucleus_id"]]  # nothing left to flag: both decisions are in the geometry
+    assert cfg["geometry_changes"] == {"added": 1, "deleted": 1, "replaced": 0}
+
+    # the added nucleus is an annotation now: a prediction that moves it makes it a bad outline of round 3
+    pred_file = _npy((tmp_path / "pred").joinpath(*str(miss["image_id"]).split("/")))
+    pred = np.load(pred_file)
+    pid = int(pred[int(miss["polygons"][0][0][1]) + 1, int(miss["polygons"][0][0][0]) + 1])
+    assert pid > 0
+    m = pred == pid
+    pred[m] = 0
+    pred[np.roll(m, 6, axis=1)] = pid
+    np.save(pred_file, pred)
+    r = _invoke("instances", str(store_path), "--round", "3", "--predictions", str(tmp_path / "pred"))
+    assert r.exit_code == 0, r.output
+    with Store.open(store_path) as store:
+        ev = store.ledger.events(kinds=("instance_flag",), round=3, parse_payload=True)
+    assert list(ev["action"]) == ["bad_outline"] and int(ev["nucleus_id"].iloc[0]) == new_id

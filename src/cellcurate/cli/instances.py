@@ -14,8 +14,24 @@ import click
 @click.option("--predictions", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of predictions made by another tool: DIR/<image_id>.npy|.tif (instance map) or "
                    ".geojson (QuPath polygons), one per store image. Default: the built-in out-of-fold model.")
+@click.option("--predictor", type=click.Choice(["pixel", "student"]), default="pixel", show_default=True,
+              help="Out-of-fold model when no --predictions: `pixel` (gradient-boosted pixel classifier + "
+                   "watershed, about a minute) or `student` (the student network trained with grouped K-fold; "
+                   "minutes to tens of minutes on a CPU).")
 @click.option("--folds", type=click.IntRange(min=2), default=3, show_default=True,
-              help="Grouped folds of the built-in model (group = patient / slide / PanNuke fold).")
+              help="Grouped folds of the out-of-fold model (group = patient / slide / PanNuke fold).")
+@click.option("--student-epochs", type=click.IntRange(min=1), default=30, show_default=True,
+              help="--predictor student: training epochs per fold.")
+@click.option("--student-preset", type=click.Choice(["tiny", "default", "paper"]), default="tiny", show_default=True,
+              help="--predictor student: network widths (models.student.STUDENT_PRESETS).")
+@click.option("--extra-training", "extra_training", multiple=True,
+              type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="--predictor student: another store whose images join every fold's training set (repeatable; "
+                   "its images are in no fold of STORE, so predictions stay out of sample).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="--predictor student: where to train and predict.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--predictor student: torch CPU threads.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Run round K again (its earlier events stay in the history).")
 @click.option("--min-confidence", type=click.FloatRange(0.0, 1.0), default=None,
@@ -31,7 +47,8 @@ import click
 @click.option("--no-cleanlab", is_flag=True, help="Skip cleanlab's scores in the evidence (faster).")
 @click.option("--truth", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="instance_truth.parquet of a synthetic sample: print recall and precision per issue type.")
-def command(store_path: Path, round_: int, predictions: Path | None, folds: int, seed: int, overwrite: bool,
+def command(store_path: Path, round_: int, predictions: Path | None, predictor: str, folds: int, student_epochs: int,
+            student_preset: str, extra_training: tuple[Path, ...], device: str, threads: int, seed: int, overwrite: bool,
             min_confidence: float | None, bad_outline_iou: float | None, missing_max_overlap: float | None,
             spurious_min_background: float | None, part_cover: float | None, no_cleanlab: bool,
             truth: Path | None) -> None:
@@ -40,10 +57,13 @@ def command(store_path: Path, round_: int, predictions: Path | None, folds: int,
 
     import pandas as pd
 
+    from ..curation.geometry import store_geometry
     from ..curation.qupath import geometry_mask, read_geojson
     from ..datasets.store import Store
     from ..errors import InputFormatError
+    from ..errors import ConfigError
     from ..relabel.instance_predict import PixelModelConfig, get_predictions
+    from ._instance_student import StudentPredictorConfig, student_predictor
     from ..relabel.instances import InstanceConfig, planted_for_store, run_instance_round
 
     cfg = InstanceConfig(cleanlab=not no_cleanlab)
@@ -57,13 +77,24 @@ def command(store_path: Path, round_: int, predictions: Path | None, folds: int,
             truth_df = pd.read_parquet(truth)
         except (OSError, ValueError) as exc:
             raise InputFormatError(truth, f"cannot read the instance truth table ({exc})") from None
+    student = None
+    if predictor == "student":
+        if predictions is not None:
+            raise ConfigError("--predictions and --predictor student exclude each other")
+        student = StudentPredictorConfig(folds=folds, seed=seed, epochs=student_epochs, preset=student_preset,
+                                         device=device, threads=threads,
+                                         extra_stores=tuple(str(p) for p in extra_training)).validate()
+    elif extra_training:
+        raise ConfigError("--extra-training needs --predictor student")
     store = Store.open(store_path, mode="a")
     try:
+        custom = student_predictor(store, student) if student is not None else None
         cache, cached = get_predictions(store, folder=predictions, config=PixelModelConfig(folds=folds, seed=seed),
-                                        geojson_reader=read_geojson, rasterise=geometry_mask)
+                                        geojson_reader=read_geojson, rasterise=geometry_mask, custom=custom)
         planted = planted_for_store(store, truth_df) if truth_df is not None else None
+        # matched against the geometry as review left it (a nucleus added in review is annotated)
         result = run_instance_round(store, round_, predictions=cache, cached=cached, config=cfg, overwrite=overwrite,
-                                    planted=planted)
+                                    planted=planted, geometry=store_geometry(store))
     finally:
         store.close()
     click.echo(result.summary())

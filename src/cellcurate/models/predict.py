@@ -68,6 +68,9 @@ class Prediction:
         "#rrggbb" of classes 1..K-1.
     mpp
         Pixel size of ``instances`` (the image's).
+    nucleus_prob
+        (H, W) float32 nuclear probability at the image's pixels (the ``np`` map, resampled back
+        like ``instances``); only with ``predict_image(..., with_prob=True)``.
     """
 
     instances: np.ndarray
@@ -75,6 +78,7 @@ class Prediction:
     class_names: list[str]
     colors: list[str]
     mpp: float | None = None
+    nucleus_prob: np.ndarray | None = None
 
     def class_map(self) -> np.ndarray:
         """(H, W) uint8 pixel class map."""
@@ -303,6 +307,7 @@ def predict_image(
     device: str | None = None,
     config: PostprocessConfig | Any | None = None,
     with_polygons: bool = True,
+    with_prob: bool = False,
 ) -> Prediction:
     """Nuclei of one image: tiled inference, post-processing, the nucleus table.
 
@@ -316,6 +321,8 @@ def predict_image(
         The image's pixel size in µm/px; ``None`` means "the model's".
     with_polygons
         Add the ``polygon`` column to the table (skip it for metrics only).
+    with_prob
+        Keep the nuclear probability map (``Prediction.nucleus_prob``).
     """
     from skimage.transform import resize
 
@@ -337,7 +344,11 @@ def predict_image(
         raise ModelError(f"model has {maps['tp'].shape[0]} type channels but its metadata names {len(names)} classes")
     post = postprocess_outputs(maps["np"], maps["hv"], maps["tp"], head=str(meta.get("head", "hover")), config=config)
     instances, classes, probs = post.instances, post.classes, post.probs
+    nucleus_prob = np.asarray(maps["np"], np.float32) if with_prob else None
     if work is not image:
+        if nucleus_prob is not None:
+            nucleus_prob = resize(nucleus_prob, image.shape[:2], order=1, anti_aliasing=False,
+                                  preserve_range=True).astype(np.float32)
         back = resize(instances, image.shape[:2], order=0, anti_aliasing=False, preserve_range=True).astype(np.int32)
         present = np.unique(back[back > 0])
         lut = np.zeros(int(instances.max(initial=0)) + 1, np.int32)
@@ -345,7 +356,8 @@ def predict_image(
         instances = lut[back]
         classes, probs = classes[present - 1], probs[present - 1]
     table = instance_table(instances, classes, probs, class_names=names, with_polygons=with_polygons)
-    return Prediction(instances=instances, nuclei=table, class_names=names, colors=colors, mpp=mpp or model_mpp)
+    return Prediction(instances=instances, nuclei=table, class_names=names, colors=colors, mpp=mpp or model_mpp,
+                      nucleus_prob=nucleus_prob)
 
 
 # -- files ---------------------------------------------------------------------------------------

@@ -588,6 +588,20 @@ def save_predictions(store: "Store", predictor_id: str, config: dict[str, Any],
     return PredictionCache(folder, index, meta)
 
 
+@dataclass(frozen=True)
+class CustomPredictor:
+    """Out-of-sample predictions made by a caller's model (``relabel`` may not import ``models``:
+    the K-fold student comes in this way from ``cellcurate.cli._instance_student``).
+
+    ``predict(store, progress)`` yields ``(image_id, instances (H, W) int, probability (H, W)
+    float in [0, 1])`` for every store image, each by a model that never saw it; the cache is
+    ``predictor_id``'s and valid while ``config`` (JSON) and the store's ingest units are unchanged."""
+
+    predictor_id: str
+    config: dict[str, Any]
+    predict: Callable[["Store", bool | None], Iterator[tuple[str, np.ndarray, np.ndarray]]]
+
+
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -602,11 +616,18 @@ def predictor_for_folder(folder: str | os.PathLike[str]) -> tuple[str, dict[str,
 def get_predictions(store: "Store", *, folder: str | os.PathLike[str] | None = None,
                     config: PixelModelConfig | None = None, geojson_reader: Callable[[Path], "pd.DataFrame"] | None = None,
                     rasterise: Callable[..., np.ndarray] | None = None, use_cache: bool = True,
-                    progress: bool | None = None) -> tuple[PredictionCache, bool]:
+                    progress: bool | None = None, custom: "CustomPredictor | None" = None
+                    ) -> tuple[PredictionCache, bool]:
     """The predictions of every store image (cached, or computed/imported and cached), and
-    whether they came from the cache."""
+    whether they came from the cache: imported from ``folder``, else those of ``custom`` (e.g. the
+    K-fold student of ``curate instances --predictor student``, ``cellcurate.cli._instance_student``),
+    else the built-in pixel model of ``config``."""
+    if folder is not None and custom is not None:
+        raise ConfigError("--predictions and --predictor student exclude each other")
     if folder is not None:
         pid, cfg_doc = predictor_for_folder(folder)
+    elif custom is not None:
+        pid, cfg_doc = custom.predictor_id, custom.config
     else:
         cfg = (config or PixelModelConfig()).validate()
         pid, cfg_doc = cfg.id, {"kind": "oof-pixel-hgb", **asdict(cfg)}
@@ -620,6 +641,8 @@ def get_predictions(store: "Store", *, folder: str | os.PathLike[str] | None = N
     if folder is not None:
         items = import_predictions(store, folder, geojson_reader=geojson_reader, rasterise=rasterise,
                                    progress=progress)
+    elif custom is not None:
+        items = custom.predict(store, progress)
     else:
         items = oof_predictions(store, config=config, progress=progress)
     return save_predictions(store, pid, cfg_doc, items), False
