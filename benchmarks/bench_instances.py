@@ -2,7 +2,7 @@
 errors, and the round's speed on 200,000 nuclei with cached predictions.
 
 Run: ``python benchmarks/bench_instances.py [--parts demo,consep,monuseg,scale] [--nuclei 200000] [--out DIR]
-[--predictor pixel|student] [--student-epochs 30] [--extra-training] [--threads 1]``.
+[--predictor pixel|student] [--student-epochs 30] [--extra-training] [--threads 1] [--no-map-rules]``.
 
 Parts:
 
@@ -21,6 +21,10 @@ Parts:
   (the annotation perturbed: nuclei dropped, shifted, added, merged, split); the figure is the
   wall time of loading the cache (checksums verified) + the round (matching, evidence with
   cleanlab, proposals, flags.parquet, ledger commit), against the 60 s goal.
+
+``--no-map-rules``: the demo / consep / monuseg rounds with the instance-matching rules only
+(``InstanceConfig(registration=False, blob_missing=False)``, the rules before the probability-map
+ones), for the comparison in one run.
 
 Only the issue types that were planted have a recall; the others print "n/a". Beside the default
 thresholds, the table gives the best recall at precision >= 0.5 along each type's score ranking
@@ -74,7 +78,13 @@ def table(title: str, res, flags: pd.DataFrame, planted: pd.DataFrame, images) -
 
 
 # -- demo -----------------------------------------------------------------------------------------
-def part_demo(out: Path) -> dict:
+def round_config(map_rules: bool):
+    from cellcurate.relabel.instances import InstanceConfig
+
+    return InstanceConfig() if map_rules else InstanceConfig(registration=False, blob_missing=False)
+
+
+def part_demo(out: Path, map_rules: bool = True) -> dict:
     from cellcurate.cli.demo import real_sample_path
     from cellcurate.datasets.ingest import ingest_monusac, ingest_pannuke, ingest_source
     from cellcurate.datasets.store import Store
@@ -93,9 +103,11 @@ def part_demo(out: Path) -> dict:
         planted = planted_for_store(store, pd.read_parquet(info.instance_truth_path))
         images = store.images()
         synthetic = images.loc[images["source"].isin(["pannuke", "monusac"]), "image_id"]
-        res = run_instance_round(store, 1, predictions=cache, planted=planted, truth_images=synthetic, progress=False)
+        res = run_instance_round(store, 1, predictions=cache, planted=planted, truth_images=synthetic, progress=False,
+                                 config=round_config(map_rules))
     print(f"demo: {len(images)} images, {info.n_nuclei:,} nuclei; predictions {t_pred:.1f} s, round {res.seconds:.1f} s")
-    scores = table("demo sample (planted instance errors, synthetic images):", res, res.flags, planted, synthetic)
+    rules = "" if map_rules else ", matching rules only"
+    scores = table(f"demo sample (planted instance errors, synthetic images{rules}):", res, res.flags, planted, synthetic)
     return {"predictions_s": round(t_pred, 1), "round_s": round(res.seconds, 1), "scores": scores}
 
 
@@ -222,7 +234,7 @@ def extra_stores(name: str, out: Path) -> list[Path]:
 
 
 def part_real(name: str, out: Path, seed: int = 0, *, predictor: str = "pixel", epochs: int = 30,
-              extra: bool = False, threads: int = 1) -> dict:
+              extra: bool = False, threads: int = 1, map_rules: bool = True) -> dict:
     from cellcurate.datasets.ingest import ingest_source
     from cellcurate.datasets.store import Store
     from cellcurate.relabel.instance_predict import get_predictions
@@ -251,12 +263,15 @@ def part_real(name: str, out: Path, seed: int = 0, *, predictor: str = "pixel", 
         custom = student_predictor(store, student) if student is not None else None
         cache, _ = get_predictions(store, progress=False, custom=custom)
         t_pred, c_pred = time.perf_counter() - t, time.process_time() - c
-        res = run_instance_round(store, 1, predictions=cache, planted=planted, progress=False)
+        res = run_instance_round(store, 1, predictions=cache, planted=planted, progress=False,
+                                 config=round_config(map_rules))
         n_nuc = len(store.nuclei())
         images = store.images()["image_id"]
     print(f"{name}: {len(images)} images, {n_nuc:,} annotated nuclei after planting; predictions {t_pred:.1f} s wall, "
           f"{c_pred:.1f} s CPU ({what}), round {res.seconds:.1f} s")
-    scores = table(f"{name} (real annotations, 5 % deleted + 5 % shifted; {predictor}):", res, res.flags, planted, images)
+    rules = "" if map_rules else ", matching rules only"
+    scores = table(f"{name} (real annotations, 5 % deleted + 5 % shifted; {predictor}{rules}):", res, res.flags,
+                   planted, images)
     return {"predictor": predictor, "predictor_detail": what, "predictions_s": round(t_pred, 1),
             "predictions_cpu_s": round(c_pred, 1), "round_s": round(res.seconds, 1), "scores": scores,
             "flags_by_issue": res.counts}
@@ -377,6 +392,8 @@ def main() -> None:
     ap.add_argument("--extra-training", action="store_true",
                     help="--predictor student: every fold also trains on the other real fixtures.")
     ap.add_argument("--threads", type=int, default=1, help="--predictor student: torch threads.")
+    ap.add_argument("--no-map-rules", action="store_true",
+                    help="demo/consep/monuseg: the instance-matching rules only (no probability-map rules).")
     args = ap.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     base = Path(tempfile.mkdtemp(prefix="bench-instances-", dir=args.out))
@@ -387,10 +404,11 @@ def main() -> None:
             d.mkdir()
             t = time.perf_counter()
             if p == "demo":
-                results[p] = part_demo(d)
+                results[p] = part_demo(d, map_rules=not args.no_map_rules)
             elif p in ("consep", "monuseg"):
                 results[p] = part_real(p, d, predictor=args.predictor, epochs=args.student_epochs,
-                                       extra=args.extra_training, threads=args.threads)
+                                       extra=args.extra_training, threads=args.threads,
+                                       map_rules=not args.no_map_rules)
             elif p == "scale":
                 results[p] = part_scale(args.nuclei, d)
             else:

@@ -10,7 +10,9 @@ from cellcurate.errors import ConfigError
 from cellcurate.relabel.instances import (ISSUES, flag_hits, ImageFlag, InstanceConfig, cleanlab_evidence, match_image,
                                           proposed_polygons, score_flags)
 
-CFG = InstanceConfig(min_part_um2=1.0)
+#: The matching rules alone (their hand-computed scores); the probability-map rules, which also
+#: rescale the matching rules' scores, have their own tests (test_registration_*, test_blob_*).
+CFG = InstanceConfig(min_part_um2=1.0, registration=False, blob_missing=False)
 
 
 def _grid(h: int = 12, w: int = 16) -> np.ndarray:
@@ -113,7 +115,8 @@ def test_exact_match_has_no_flag_and_thresholds_are_options():
     assert _flags(ann, pred) == []
     pred2 = _grid()
     pred2[2:10, 3:9] = 1  # IoU 0.714
-    assert [f.issue for f in _flags(ann, pred2, config=InstanceConfig(bad_outline_iou=0.8, min_part_um2=1))] == \
+    assert [f.issue for f in _flags(ann, pred2, config=InstanceConfig(bad_outline_iou=0.8, min_part_um2=1, registration=False,
+                                                                     blob_missing=False))] == \
         ["bad_outline"]
 
 
@@ -264,3 +267,111 @@ def test_proposals_on_a_window_equal_the_full_image_ones():
     for f in flags:
         assert proposed_polygons(f, ann, pred, slices=slices) == proposed_polygons(f, ann, pred)
     assert proposed_polygons(flags[0], ann, pred, slices=slices)
+
+
+# -- the probability-map rules: registration (bad_outline) and blobs (missing_annotation) ----------
+def _disc(shape, cy, cx, r):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def test_registration_flags_a_shifted_disc_with_the_offset_back():
+    import shapely
+
+    from cellcurate.curation.qupath import geometry_mask
+
+    shape = (64, 64)
+    nucleus = _disc(shape, 32, 30, 8)  # where the model sees the nucleus
+    prob = np.where(nucleus, 0.9, 0.05)
+    ann = _disc(shape, 32, 35, 8).astype(np.int32)  # drawn 5 px to the right
+    pred = np.zeros(shape, np.int32)  # no predicted instances: the map alone is the evidence
+    (f,) = match_image(ann, pred, prob, config=InstanceConfig(min_part_um2=1.0))
+    assert f.issue == "bad_outline" and f.ann_ids == [1] and f.pred_ids == []
+    assert f.evidence["rule"] == "registration" and f.evidence["registration_shift"] == [-5, 0]
+    assert f.evidence["registration_mean_prob"] == pytest.approx(0.9)
+    assert 0.5 < f.score <= 1.0
+    (poly,) = proposed_polygons(f, ann, pred)  # the annotation moved back onto the nucleus
+    np.testing.assert_array_equal(geometry_mask(shapely.Polygon(poly), shape, window=(0, 0, *shape)), nucleus)
+    # the crescent the annotation left uncovered is that outline's nucleus, not a missing one
+    assert not [g for g in match_image(ann, pred, prob, config=InstanceConfig(min_part_um2=1.0))
+                if g.issue == "missing_annotation"]
+    off = InstanceConfig(min_part_um2=1.0, registration=False)
+    assert not [g for g in match_image(ann, pred, prob, config=off) if g.issue == "bad_outline"]
+
+
+def test_registration_leaves_a_well_drawn_disc_on_a_noisy_map_alone():
+    from cellcurate.relabel.instances import registration_gains
+
+    rng = np.random.default_rng(3)
+    shape = (64, 64)
+    ann = _disc(shape, 32, 32, 8).astype(np.int32)
+    prob = np.clip(np.where(ann > 0, 0.75, 0.1) + rng.uniform(-0.25, 0.25, shape), 0, 1)
+    gain, mean_p, dy, dx = registration_gains(ann, prob, [1], max_shift=0.8, force=[1])[1]
+    assert gain < 0.02  # noise moves the best offset by a pixel at most, for almost nothing
+    assert not [f for f in match_image(ann, np.zeros(shape, np.int32), prob, config=InstanceConfig())
+                if f.issue == "bad_outline"]
+
+
+def test_registration_gains_nothing_by_moving_onto_a_neighbour():
+    from cellcurate.relabel.instances import registration_gains
+
+    shape = (40, 60)
+    a, b = _disc(shape, 20, 20, 7), _disc(shape, 20, 35, 7)
+    ann = np.zeros(shape, np.int32)
+    ann[a], ann[b] = 1, 2
+    prob = np.where(a, 0.6, np.where(b, 0.95, 0.02))  # A is right but paler than its neighbour
+    gain, mean_p, dy, dx = registration_gains(ann, prob, [1], max_shift=1.0, force=[1])[1]
+    assert (gain, dy, dx) == (0.0, 0, 0) and mean_p == pytest.approx(0.6)
+    assert not [f for f in match_image(ann, np.zeros(shape, np.int32), prob) if f.issue == "bad_outline"]
+
+
+def test_registration_bound_skips_only_ids_that_cannot_reach_the_gain():
+    from cellcurate.relabel.instances import registration_gains
+
+    rng = np.random.default_rng(0)
+    shape = (96, 96)
+    ann = np.zeros(shape, np.int32)
+    prob = np.full(shape, 0.02)
+    for i, (cy, cx) in enumerate([(16, 16), (16, 60), (50, 30), (70, 75), (80, 20)], start=1):
+        ann[_disc(shape, cy, cx, 6)] = i
+        prob[_disc(shape, cy + int(rng.integers(-4, 5)), cx + int(rng.integers(-4, 5)), 6)] = 0.9
+    every = registration_gains(ann, prob, range(1, 6), max_shift=0.8, force=range(1, 6))
+    kept = registration_gains(ann, prob, range(1, 6), max_shift=0.8, min_gain=0.08)
+    assert {a for a, v in every.items() if v[0] >= 0.08} <= set(kept)
+    assert all(kept[a] == every[a] for a in kept)
+
+
+def test_blob_rule_flags_an_unannotated_nucleus_and_not_speckle_or_rims():
+    shape = (80, 80)
+    ann = np.zeros(shape, np.int32)
+    prob = np.full(shape, 0.05)
+    for i, (cy, cx) in enumerate([(15, 15), (15, 45), (45, 15)], start=1):
+        ann[_disc(shape, cy, cx, 6)] = i
+        prob[_disc(shape, cy, cx, 7)] = 0.9  # the model's nuclei 1 px wider than drawn: rims
+    prob[_disc(shape, 55, 60, 6)] = 0.85  # a nucleus nobody drew
+    prob[30:32, 70:72] = 0.95  # speckle
+    cfg = InstanceConfig(min_part_um2=1.0, registration=False)
+    flags = match_image(ann, np.zeros(shape, np.int32), prob, config=cfg)
+    (f,) = [g for g in flags if g.issue == "missing_annotation"]
+    assert f.evidence["rule"] == "probability_blob" and f.evidence["blob_mean_prob"] == pytest.approx(0.85)
+    (poly,) = proposed_polygons(f, ann, np.zeros(shape, np.int32))
+    cx, cy = np.asarray(poly).mean(axis=0)
+    assert abs(cx - 60.5) < 1.5 and abs(cy - 55.5) < 1.5
+    assert f.score == pytest.approx(0.5 + 0.5 * 0.85 * f.evidence["blob_solidity"], abs=1e-3)
+    off = InstanceConfig(min_part_um2=1.0, registration=False, blob_missing=False)
+    assert not [g for g in match_image(ann, np.zeros(shape, np.int32), prob, config=off)
+                if g.issue == "missing_annotation"]
+
+
+def test_blob_inside_a_missing_prediction_replaces_its_flag():
+    shape = (60, 60)
+    ann = np.zeros(shape, np.int32)
+    ann[_disc(shape, 15, 15, 6)] = 1
+    ann[_disc(shape, 15, 40, 6)] = 2
+    pred = np.zeros(shape, np.int32)
+    pred[_disc(shape, 42, 30, 7)] = 1
+    prob = np.where(pred > 0, 0.9, np.where(ann > 0, 0.9, 0.05))
+    (f,) = [g for g in match_image(ann, pred, prob, config=InstanceConfig(min_part_um2=1.0))
+            if g.issue == "missing_annotation"]
+    assert f.evidence["replaces_pred_id"] == 1 and f.evidence["pred_confidence"] == pytest.approx(0.9)
+    assert f.score > 0.5

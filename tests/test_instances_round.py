@@ -195,6 +195,14 @@ def test_geojson_predictions_are_read_with_the_qupath_reader(store_path: Path, t
     assert [list(v) for v in spur["nucleus_ids"]] == [[planted["nucleus_id"]]]
     miss = flags[flags["issue"] == "missing_annotation"]
     assert len(miss) == 1 and json.loads(miss["evidence"].iloc[0])["confidence"] == pytest.approx(0.9, abs=0.01)
+    r = _invoke("instances", str(store_path), "--round", "1", "--predictions", str(out), "--no-cleanlab",
+                "--no-map-rules", "--overwrite")
+    assert r.exit_code == 0, r.output
+    config = json.loads((store_path / "rounds" / "instances-1" / "config.json").read_text())
+    assert config["registration"] is False and config["blob_missing"] is False
+    flags = pd.read_parquet(store_path / "rounds" / "instances-1" / "flags.parquet")
+    (ev,) = [json.loads(e) for e, i in zip(flags["evidence"], flags["issue"]) if i == "missing_annotation"]
+    assert ev["confidence"] == pytest.approx(0.9, abs=0.01)
 
 
 def test_prediction_cache_is_reused_and_a_damaged_one_recomputed(store_path: Path, tmp_path: Path, caplog):

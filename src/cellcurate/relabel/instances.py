@@ -8,12 +8,16 @@ pixel-overlap table, and five issue types are flagged:
 issue                rule (thresholds: :class:`InstanceConfig`)                             proposal
 ==================== ===================================================================== ==========
 missing_annotation   a confident predicted nucleus of which at most ``missing_max_overlap``  add
-                     is annotated (and at most half lies in an ignore region)
+                     is annotated (and at most half lies in an ignore region); or an
+                     unannotated blob of the probability map, nucleus-sized and solid
+                     (``blob_*``, :func:`_blob_flags`)
 spurious_annotation  an annotated object overlapping no prediction (IoU < ``spurious_max_iou``) delete
                      whose pixels the model calls background (mean ≥ ``spurious_min_background``)
 bad_outline          a one-to-one match (mutual best IoU ≥ ``match_iou``) with IoU below          replace
                      ``bad_outline_iou``, or whose IoU rises by ≥ ``min_shift_gain`` when
-                     the outline is moved (``shift_gain``), while the model is confident
+                     the outline is moved (``shift_gain``), while the model is confident;
+                     or an annotation that gains probability mass when moved on the
+                     probability map (``registration*``, :func:`registration_gains`)
 merged               one annotation holding ≥ 2 confident predictions (each ≥ ``part_cover``     split
                      inside it, each ≥ ``min_part_um2``)
 split                one confident prediction holding ≥ 2 annotations (each ≥ ``part_cover``     merge
@@ -22,7 +26,10 @@ split                one confident prediction holding ≥ 2 annotations (each �
 
 "Confident" = the predicted object's mean nucleus probability ≥ ``min_confidence``. Scores lie in
 [0, 1], higher = more likely a real error (the model's confidence times how clear the geometric
-evidence is). Every flag carries its evidence (IoU, overlaps, confidence, areas) and, where it
+evidence is). The two probability-map rules (on by default) do not depend on the predicted
+instances, which merge and split touching real nuclei; their flags score in [0.5, 1] and, while
+they are on, the prediction rules' missing / bad-outline flags score half (unless a map rule
+backs them), so the map evidence ranks first. Every flag carries its evidence (IoU, overlaps, confidence, areas) and, where it
 applies, cleanlab's object-detection score of the annotated nucleus' box (``cleanlab_badloc``,
 computed on mask IoUs), cleanlab's pooled score of the image (``cleanlab_image_quality``) and
 cleanlab's segmentation label quality of the image (``cleanlab_pixel_quality``).
@@ -86,10 +93,20 @@ class InstanceConfig:
     part_cover: float = 0.6
     min_part_um2: float = 6.0
     cleanlab: bool = True
+    # evidence from the probability map alone (robust to the model's merged / split instances);
+    # defaults chosen on the CoNSeP fixture with planted errors (docs/INSTANCES.md)
+    registration: bool = True  # bad_outline by registering each annotation on the probability map
+    registration_max_shift: float = 0.8  # offsets tried, as a fraction of the nucleus' radius
+    min_registration_score: float = 0.08  # gain of the best offset × mean probability there
+    blob_missing: bool = True  # missing_annotation from unannotated blobs of the probability map
+    blob_threshold: float = 0.5  # probability of a blob pixel
+    blob_open: float = 0.4  # opening radius, as a fraction of the image's median annotated radius
+    min_blob_score: float = 0.5  # mean probability × size plausibility × solidity
 
     def validate(self) -> "InstanceConfig":
         for name in ("min_confidence", "missing_max_overlap", "spurious_min_background", "spurious_max_iou",
-                     "match_iou", "bad_outline_iou", "shift_check_iou", "min_shift_gain", "part_cover"):
+                     "match_iou", "bad_outline_iou", "shift_check_iou", "min_shift_gain", "part_cover",
+                     "min_registration_score", "blob_threshold", "blob_open", "min_blob_score"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
                 raise ConfigError(f"{name} must be a number in [0, 1], got {v!r}")
@@ -97,6 +114,9 @@ class InstanceConfig:
             raise ConfigError(f"match_iou ({self.match_iou}) must not exceed bad_outline_iou ({self.bad_outline_iou})")
         if not self.min_part_um2 >= 0:
             raise ConfigError(f"min_part_um2 must be >= 0, got {self.min_part_um2!r}")
+        v = self.registration_max_shift
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) <= 2.0:
+            raise ConfigError(f"registration_max_shift must be a number in (0, 2], got {v!r}")
         return self
 
 
@@ -109,6 +129,9 @@ class ImageFlag:
     ann_ids: list[int]
     pred_ids: list[int]
     evidence: dict[str, Any] = field(default_factory=dict)
+    #: The proposed geometry when it is not a predicted object: (y0, x0, boolean mask) placed at
+    #: row y0, column x0 of the image (a moved annotation, a probability blob); may reach outside.
+    region: tuple[int, int, np.ndarray] | None = None
 
 
 def _r(v: Any) -> float:
@@ -219,10 +242,10 @@ def match_image_tables(ann: np.ndarray, pred: np.ndarray, prob: np.ndarray, *, c
         taken[a] = True
     # bad outline: mutual best match, IoU low (or much higher once the outline is moved), model confident
     bad = []
+    objs = slices
     if n and m:
         best_p = iou.argmax(axis=1)
         best_a_of_p = iou.argmax(axis=0)
-        objs = slices
         for a in np.flatnonzero(real_a & ~taken):
             q = int(best_p[a])
             v = float(iou[a, q])
@@ -252,10 +275,214 @@ def match_image_tables(ann: np.ndarray, pred: np.ndarray, prob: np.ndarray, *, c
             score = float(conf[p + 1]) * (1.0 - float(annotated[p + 1]))
             missing.append(ImageFlag("missing_annotation", score, [], [int(p + 1)], {
                 "confidence": _r(conf[p + 1]), "annotated_share": _r(annotated[p + 1]), "area": int(P[p + 1])}))
+    if cfg.registration and n:
+        _registration_flags(bad, ann, pr.reshape(ann.shape), A, real_a, cfg, None if objs is None else objs[0])
+        moved = {f.ann_ids[0] for f in bad if f.region is not None}
+        spurious = [f for f in spurious if f.ann_ids[0] not in moved]  # a moved outline, not a spurious one
+    if cfg.blob_missing:
+        _blob_flags(missing, bad, ann, pred, pr.reshape(ann.shape), A, real_a, cfg)
     flags = missing + spurious + bad + merged + split
     for f in flags:
         f.score = float(min(1.0, max(0.0, f.score)))
     return flags, iou, conf[1:]
+
+
+def registration_gains(ann: np.ndarray, prob: np.ndarray, ids: Any, *, max_shift: float, min_gain: float = 0.0,
+                       force: Any = (), slices: list[Any] | None = None) -> dict[int, tuple[float, float, int, int]]:
+    """Register annotated nuclei on the probability map: for each id ``a`` of ``ids``, the
+    probability mass inside its mask moved by every integer offset (dy, dx) with |(dy, dx)| ≤
+    ``max_shift`` × its radius (at least 2 px), with the *other* annotated objects' pixels counted
+    as 0 (a move onto a neighbour gains nothing); FFT correlation on the object's window.
+
+    Returns ``{a: (gain, mean_prob, dy, dx)}``: the best offset's gain in mean probability over
+    offset 0, the mean probability of the moved mask, and the offset (0 gain and offset (0, 0)
+    when no move helps). Ids whose gain cannot reach ``min_gain`` are left out unless in
+    ``force``, by exact bounds (no FFT): a move that uncovers L of the mask's pixels covers L
+    others (free pixels, or 0 on other objects), so the gain is at most (a) the largest free
+    probability of the window (first the image's) less the mask's smallest, and (b) (mass of the
+    window's free pixels ≥ ρ) / area + ρ, with ρ = 0.75 × ``min_gain``.
+    """
+    from scipy.signal import fftconvolve
+
+    ann = np.asarray(ann)
+    H, W = ann.shape
+    n = int(ann.max(initial=0))
+    ids = [int(a) for a in ids if 0 < int(a) <= n]
+    force = {int(a) for a in force}
+    if not ids:
+        return {}
+    sl = object_slices(ann, n) if slices is None else slices
+    q = np.asarray(prob, np.float64)
+    area = np.bincount(ann.ravel(), minlength=n + 1)
+    rho = 0.75 * float(min_gain)
+    free_q = np.where(ann == 0, q, 0.0)
+    present = [a for a in ids if sl[a - 1] is not None and area[a] > 0]
+    if not present:
+        return {}
+    ida = np.asarray(present)
+    box = np.array([(sl[a - 1][0].start, sl[a - 1][0].stop, sl[a - 1][1].start, sl[a - 1][1].stop) for a in present])
+    ks = np.maximum(2, np.ceil(max_shift * np.sqrt(area[ida] / np.pi))).astype(np.int64)
+    wy0, wy1 = np.maximum(0, box[:, 0] - ks), np.minimum(H, box[:, 1] + ks)
+    wx0, wx1 = np.maximum(0, box[:, 2] - ks), np.minimum(W, box[:, 3] + ks)
+    forced = np.isin(ida, list(force)) if force else np.zeros(len(ida), bool)
+    lowest = np.full(n + 1, np.inf)  # smallest probability inside each object
+    np.minimum.at(lowest, ann.ravel(), q.ravel())
+    low = lowest[ida]
+    go = forced | (float(free_q.max()) - low >= min_gain)
+    out: dict[int, tuple[float, float, int, int]] = {}
+    for i in np.flatnonzero(go):
+        a, k = int(ida[i]), int(ks[i])
+        y0, y1, x0, x1 = (int(v) for v in box[i])
+        if not forced[i]:
+            w = free_q[wy0[i]:wy1[i], wx0[i]:wx1[i]]
+            if float(w.max()) - low[i] < min_gain or float(w[w >= rho].sum()) / area[a] + rho < min_gain:
+                continue
+        wy0_, wy1_, wx0_, wx1_ = int(wy0[i]), int(wy1[i]), int(wx0[i]), int(wx1[i])
+        mask = ann[y0:y1, x0:x1] == a
+        # the window padded to its full extent (outside the image: probability 0)
+        g = np.zeros((y1 - y0 + 2 * k, x1 - x0 + 2 * k))
+        aw = ann[wy0_:wy1_, wx0_:wx1_]
+        g[wy0_ - (y0 - k):wy1_ - (y0 - k), wx0_ - (x0 - k):wx1_ - (x0 - k)] = np.where((aw == 0) | (aw == a),
+                                                                                       q[wy0_:wy1_, wx0_:wx1_], 0.0)
+        c = fftconvolve(g, mask[::-1, ::-1].astype(np.float64), mode="valid")  # (2k + 1, 2k + 1)
+        yy, xx = np.mgrid[-k:k + 1, -k:k + 1]
+        c = np.where(yy * yy + xx * xx <= k * k, c, -np.inf)
+        j = np.unravel_index(int(np.argmax(c)), c.shape)
+        base = float(c[k, k])
+        best = float(c[j])
+        if best <= base + 1e-9:
+            out[a] = (0.0, base / area[a], 0, 0)
+        else:
+            out[a] = ((best - base) / area[a], best / area[a], int(j[0]) - k, int(j[1]) - k)
+    return out
+
+
+def _registration_flags(bad: list[ImageFlag], ann: np.ndarray, prob: np.ndarray, A: np.ndarray, cand: np.ndarray,
+                        cfg: InstanceConfig, slices: list[Any] | None) -> None:
+    """bad_outline by registration (:func:`registration_gains`), in place on ``bad``.
+
+    A nucleus whose best offset gains ``gain`` with mean probability ``p`` there has the evidence
+    ``s = gain × p``; ``s ≥ min_registration_score`` flags it (proposal: the annotation moved by
+    that offset) with score 0.5 + 0.5 × min(1, s / 0.2). Flags of the matching rule keep their
+    place but score half their score, or the registration score if that is higher: on real
+    images the registration ranks the displaced outlines above the model's own instance errors."""
+    old = {f.ann_ids[0]: f for f in bad}
+    sl = object_slices(ann, int(ann.max(initial=0))) if slices is None else slices
+    gains = registration_gains(ann, prob, np.flatnonzero(cand) + 1, max_shift=cfg.registration_max_shift,
+                               min_gain=cfg.min_registration_score, force=old, slices=sl)
+    for f in bad:
+        f.score *= 0.5
+    for a, (gain, mean_p, dy, dx) in sorted(gains.items()):
+        s = gain * mean_p
+        ev = {"registration_gain": _r(gain), "registration_mean_prob": _r(mean_p), "registration_shift": [dx, dy]}
+        score = 0.5 + 0.5 * min(1.0, s / 0.2)
+        known = old.get(a)
+        if known is not None:
+            known.evidence.update(ev)
+            if s >= cfg.min_registration_score:
+                known.score = max(known.score, score)
+        elif s >= cfg.min_registration_score and (dy or dx):
+            y, x = sl[a - 1]
+            bad.append(ImageFlag("bad_outline", score, [int(a)], [], {**ev, "area": int(A[a]), "rule": "registration"},
+                                 region=(y.start + dy, x.start + dx, ann[y, x] == a)))
+    bad.sort(key=lambda f: f.ann_ids[0])
+
+
+def _disk(r: float) -> np.ndarray:
+    k = max(int(round(r)), 0)
+    yy, xx = np.mgrid[-k:k + 1, -k:k + 1]
+    return np.asarray(yy * yy + xx * xx <= k * k)
+
+
+def _opening(m: np.ndarray, disk: np.ndarray) -> np.ndarray:
+    """Binary opening of ``m`` by ``disk``, one connected component at a time on its own window
+    (the same result: separate components' erosions never meet), skipping components smaller
+    than the disc (their erosion is empty)."""
+    from scipy import ndimage
+
+    lab, k = ndimage.label(m)
+    out = np.zeros(m.shape, bool)
+    if not k:
+        return out
+    sizes = np.bincount(lab.ravel(), minlength=k + 1)
+    need, R = int(disk.sum()), disk.shape[0] // 2
+    H, W = m.shape
+    for i, sl in enumerate(ndimage.find_objects(lab), start=1):
+        if sl is None or sizes[i] < need:
+            continue
+        y0, y1 = max(0, sl[0].start - R), min(H, sl[0].stop + R)
+        x0, x1 = max(0, sl[1].start - R), min(W, sl[1].stop + R)
+        out[y0:y1, x0:x1] |= ndimage.binary_opening(lab[y0:y1, x0:x1] == i, structure=disk)
+    return out
+
+
+def _blob_flags(missing: list[ImageFlag], bad: list[ImageFlag], ann: np.ndarray, pred: np.ndarray, prob: np.ndarray,
+                A: np.ndarray, real_a: np.ndarray, cfg: InstanceConfig) -> None:
+    """missing_annotation from the probability map, in place on ``missing``: connected blobs of
+    unannotated pixels with probability ≥ ``blob_threshold`` after an opening by a disc of
+    ``blob_open`` × the image's median annotated radius (rims along annotated outlines go), scored
+    ``s = mean probability × size × solidity`` (size: 1 between half and three times the image's
+    median annotated area, falling off outside), flagged when ``s ≥ min_blob_score`` with score
+    0.5 + 0.5 × s (proposal: the blob). A blob mostly inside a flagged missing prediction raises
+    that flag (the blob is the sharper proposal; its evidence names the prediction); one mostly
+    under a moved-outline proposal (:func:`_registration_flags`) is that outline's nucleus. Flags
+    of the prediction rule without a blob score half their score."""
+    from scipy import ndimage
+    from skimage.measure import regionprops
+
+    for f in missing:
+        f.score *= 0.5
+    areas = A[1:][real_a]
+    if not len(areas):
+        return
+    med = float(np.median(areas))
+    m = (prob >= cfg.blob_threshold) & (ann == 0)
+    if not m.any():
+        return
+    r = cfg.blob_open * np.sqrt(med / np.pi)
+    if r >= 0.5:
+        m = _opening(m, _disk(r))
+        if not m.any():
+            return
+    lab, k = ndimage.label(m)
+    if not k:
+        return
+    H, W = ann.shape
+    claimed = np.zeros(ann.shape, bool)  # where the bad_outline proposals put their nuclei
+    for f in bad:
+        if f.region is not None:
+            y0, x0, rm = f.region
+            ys, xs = np.nonzero(rm)
+            ys, xs = ys + y0, xs + x0
+            ok = (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
+            claimed[ys[ok], xs[ok]] = True
+    by_pred = {f.pred_ids[0]: f for f in missing if f.pred_ids}
+    replaced: set[int] = set()
+    for rp in regionprops(lab, intensity_image=prob):
+        ys, xs = rp.coords[:, 0], rp.coords[:, 1]
+        if claimed[ys, xs].mean() >= 0.5:
+            continue
+        rel = rp.area / med
+        size = min(1.0, rel / 0.5) * (3.0 / rel if rel > 3.0 else 1.0)
+        mean_p = float(prob[ys, xs].mean())
+        s = mean_p * size * float(rp.solidity)
+        if s < cfg.min_blob_score:
+            continue
+        score = 0.5 + 0.5 * s
+        ev: dict[str, Any] = {"blob_mean_prob": _r(mean_p), "blob_area": int(rp.area), "blob_relative_area": _r(rel),
+              "blob_solidity": _r(rp.solidity)}
+        under = pred[ys, xs]
+        ids, counts = np.unique(under[under > 0], return_counts=True)
+        host = by_pred.get(int(ids[np.argmax(counts)])) if len(ids) and counts.max() >= 0.5 * rp.area else None
+        if host is not None:  # the blob is the sharper proposal: it replaces the predicted object's flag
+            ev["replaces_pred_id"] = int(host.pred_ids[0])
+            ev["pred_confidence"] = host.evidence.get("confidence")
+            replaced.add(id(host))
+        y0, x0, y1, x1 = rp.bbox
+        missing.append(ImageFlag("missing_annotation", score, [], [], {**ev, "confidence": _r(mean_p),
+                                                                       "rule": "probability_blob"},
+                                 region=(int(y0), int(x0), lab[y0:y1, x0:x1] == rp.label)))
+    missing[:] = [f for f in missing if id(f) not in replaced]
 
 
 def _shift_gain(ann_mask: np.ndarray, pred_mask: np.ndarray, *, max_shift: int) -> tuple[float, tuple[int, int]]:
@@ -335,6 +562,18 @@ def proposed_polygons(flag: ImageFlag, ann: np.ndarray, pred: np.ndarray, *,
     action = PROPOSED_ACTION[flag.issue]
     if action == "delete":
         return []
+    if flag.region is not None:  # a moved annotation or a probability blob, on unannotated pixels
+        y0, x0, rm = flag.region
+        H, W = ann.shape
+        cy0, cx0 = max(0, y0), max(0, x0)
+        cy1, cx1 = min(H, y0 + rm.shape[0]), min(W, x0 + rm.shape[1])
+        if cy1 <= cy0 or cx1 <= cx0:
+            return []
+        part = rm[cy0 - y0:cy1 - y0, cx0 - x0:cx1 - x0]
+        aw = ann[cy0:cy1, cx0:cx1]
+        allowed = (aw == 0) | (aw == flag.ann_ids[0]) if flag.ann_ids else (aw == 0)
+        poly = _polygon(part & allowed)
+        return [] if poly is None else [[[x + cx0, y + cy0] for x, y in poly]]
     if slices is not None:
         parts = [slices[1][p - 1] for p in flag.pred_ids if 0 < p <= len(slices[1])]
         if action == "merge":
