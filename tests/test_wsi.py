@@ -150,7 +150,7 @@ def test_tissue_detection_on_a_synthetic_slide():
     assert tm.touches(0, 0, 1024, 768) and tm.fraction == pytest.approx(mask.mean())
 
 
-def test_fast_morphology_and_box_tests_equal_scipys_and_the_scalar_ones():
+def test_fast_morphology_and_box_tests_equal_scipys_and_a_brute_force_check():
     from scipy import ndimage as ndi
 
     from cellcurate.models import tissue as T
@@ -166,7 +166,12 @@ def test_fast_morphology_and_box_tests_equal_scipys_and_the_scalar_ones():
         xs, ys = rng.uniform(-20, w * 8, (30, 2)), rng.uniform(-20, h * 6, (30, 2))
         x0, x1, y0, y1 = xs.min(1), xs.max(1), ys.min(1), ys.max(1)
         got = tm.touches_boxes(x0, y0, x1, y1)
-        assert got.tolist() == [tm.touches(*b) for b in zip(x0, y0, x1, y1)]
+        # brute force: mask pixel (r, c) covers level-0 [c*7, (c+1)*7) x [r*5, (r+1)*5)
+        cols, rows = np.arange(w), np.arange(h)
+        want = [bool(m[np.ix_((rows * 5 < b1) & ((rows + 1) * 5 > b0), (cols * 7 < a1) & ((cols + 1) * 7 > a0))].any())
+                for a0, b0, a1, b1 in zip(x0, y0, x1, y1)]
+        assert got.tolist() == want
+        assert [tm.touches(*b) for b in zip(x0, y0, x1, y1)] == want
 
 
 def test_vectorised_planning_equals_the_scalar_one_and_windows_hug_their_tiles():

@@ -194,7 +194,8 @@ class TissueMap:
         return 1.0 if self.mask is None else float(self.mask.mean())
 
     def touches_boxes(self, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
-        """:meth:`touches` of many level-0 boxes at once (arrays of one shape; bool of that shape)."""
+        """Whether each level-0 box [x0, x1) × [y0, y1) touches a tissue pixel of the mask, by the
+        summed-area table (arrays of one shape; bool of that shape)."""
         x0, y0, x1, y1 = np.broadcast_arrays(*(np.asarray(v, np.float64) for v in (x0, y0, x1, y1)))
         if self.mask is None:
             return np.ones(x0.shape, bool)
@@ -208,15 +209,6 @@ class TissueMap:
         return hit & (c1 > c0) & (r1 > r0)
 
     def touches(self, x0: float, y0: float, x1: float, y1: float) -> bool:
-        """Whether level-0 box [x0, x1) × [y0, y1) touches a tissue pixel of the mask."""
-        if self.mask is None:
-            return True
-        h, w = self.mask.shape
-        c0 = int(np.clip(np.floor(x0 / self.down_x), 0, w))
-        c1 = int(np.clip(np.ceil(x1 / self.down_x), 0, w))
-        r0 = int(np.clip(np.floor(y0 / self.down_y), 0, h))
-        r1 = int(np.clip(np.ceil(y1 / self.down_y), 0, h))
-        if c1 <= c0 or r1 <= r0:
-            return False
-        s = self._sat
-        return bool(s[r1, c1] - s[r0, c1] - s[r1, c0] + s[r0, c0] > 0)
+        """Whether level-0 box [x0, x1) × [y0, y1) touches a tissue pixel of the mask
+        (:meth:`touches_boxes` of one box)."""
+        return bool(self.touches_boxes(np.asarray(x0), np.asarray(y0), np.asarray(x1), np.asarray(y1)))
