@@ -128,12 +128,13 @@ class NucleiGeoJSONWriter:
 
     def commit(self) -> None:
         """Close the collection, fsync and rename the file into place."""
+        from ..core.atomic import fsync_file
+
         try:
             self._fh.write("]}")
             self._fh.close()  # ends the gzip stream
             self._raw.close()
-            with open(self.tmp, "rb+") as fb:
-                os.fsync(fb.fileno())
+            fsync_file(self.tmp)
             os.replace(self.tmp, self.out_path)
         finally:
             self.abort()
