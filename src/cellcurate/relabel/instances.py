@@ -388,12 +388,6 @@ def _registration_flags(bad: list[ImageFlag], ann: np.ndarray, prob: np.ndarray,
     bad.sort(key=lambda f: f.ann_ids[0])
 
 
-def _disk(r: float) -> np.ndarray:
-    k = max(int(round(r)), 0)
-    yy, xx = np.mgrid[-k:k + 1, -k:k + 1]
-    return np.asarray(yy * yy + xx * xx <= k * k)
-
-
 def _opening(m: np.ndarray, disk: np.ndarray) -> np.ndarray:
     """Binary opening of ``m`` by ``disk``, one connected component at a time on its own window
     (the same result: separate components' erosions never meet), skipping components smaller
@@ -429,6 +423,7 @@ def _blob_flags(missing: list[ImageFlag], bad: list[ImageFlag], ann: np.ndarray,
     of the prediction rule without a blob score half their score."""
     from scipy import ndimage
     from skimage.measure import regionprops
+    from skimage.morphology import disk
 
     for f in missing:
         f.score *= 0.5
@@ -441,7 +436,7 @@ def _blob_flags(missing: list[ImageFlag], bad: list[ImageFlag], ann: np.ndarray,
         return
     r = cfg.blob_open * np.sqrt(med / np.pi)
     if r >= 0.5:
-        m = _opening(m, _disk(r))
+        m = _opening(m, disk(max(int(round(r)), 0)).astype(bool))
         if not m.any():
             return
     lab, k = ndimage.label(m)
