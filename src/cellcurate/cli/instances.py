@@ -63,8 +63,7 @@ def command(store_path: Path, round_: int, predictions: Path | None, predictor: 
     from ..curation.geometry import store_geometry
     from ..curation.qupath import geometry_mask, read_geojson
     from ..datasets.store import Store
-    from ..errors import InputFormatError
-    from ..errors import ConfigError
+    from ..errors import ConfigError, InputFormatError
     from ..relabel.instance_predict import PixelModelConfig, get_predictions
     from ._instance_student import StudentPredictorConfig, student_predictor
     from ..relabel.instances import InstanceConfig, planted_for_store, run_instance_round
@@ -81,9 +80,7 @@ def command(store_path: Path, round_: int, predictions: Path | None, predictor: 
         except (OSError, ValueError) as exc:
             raise InputFormatError(truth, f"cannot read the instance truth table ({exc})") from None
     student = None
-    if predictor == "student":
-        if predictions is not None:
-            raise ConfigError("--predictions and --predictor student exclude each other")
+    if predictor == "student":  # with --predictions too: get_predictions refuses the pair
         student = StudentPredictorConfig(folds=folds, seed=seed, epochs=student_epochs, preset=student_preset,
                                          device=device, threads=threads,
                                          extra_stores=tuple(str(p) for p in extra_training)).validate()
