@@ -396,6 +396,8 @@ def main() -> None:
                     help="demo/consep/monuseg: the instance-matching rules only (no probability-map rules).")
     args = ap.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if args.out is not None:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="bench-instances-", dir=args.out))
     results: dict = {}
     try:
