@@ -19,7 +19,11 @@ import click
                    "watershed, about a minute) or `student` (the student network trained with grouped K-fold; "
                    "minutes to tens of minutes on a CPU).")
 @click.option("--folds", type=click.IntRange(min=2), default=3, show_default=True,
-              help="Grouped folds of the out-of-fold model (group = patient / slide / PanNuke fold).")
+              help="Folds of the out-of-fold model (spatial blocks, or groups = patient / slide / PanNuke fold).")
+@click.option("--pixel-cv", "pixel_cv", type=click.Choice(["spatial", "grouped"]), default="spatial", show_default=True,
+              help="--predictor pixel: hold out square 32-µm blocks inside every image (each block predicted by a "
+                   "model that never saw its labels but learnt the image's stain from its other blocks), or whole "
+                   "images by patient/slide group.")
 @click.option("--student-epochs", type=click.IntRange(min=1), default=30, show_default=True,
               help="--predictor student: training epochs per fold.")
 @click.option("--student-preset", type=click.Choice(["tiny", "default", "paper"]), default="tiny", show_default=True,
@@ -50,8 +54,8 @@ import click
                    "on the probability map.")
 @click.option("--truth", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="instance_truth.parquet of a synthetic sample: print recall and precision per issue type.")
-def command(store_path: Path, round_: int, predictions: Path | None, predictor: str, folds: int, student_epochs: int,
-            student_preset: str, extra_training: tuple[Path, ...], device: str, threads: int, seed: int, overwrite: bool,
+def command(store_path: Path, round_: int, predictions: Path | None, predictor: str, folds: int, pixel_cv: str,
+            student_epochs: int, student_preset: str, extra_training: tuple[Path, ...], device: str, threads: int, seed: int, overwrite: bool,
             min_confidence: float | None, bad_outline_iou: float | None, missing_max_overlap: float | None,
             spurious_min_background: float | None, part_cover: float | None, no_cleanlab: bool,
             no_map_rules: bool, truth: Path | None) -> None:
@@ -89,7 +93,7 @@ def command(store_path: Path, round_: int, predictions: Path | None, predictor: 
     store = Store.open(store_path, mode="a")
     try:
         custom = student_predictor(store, student) if student is not None else None
-        cache, cached = get_predictions(store, folder=predictions, config=PixelModelConfig(folds=folds, seed=seed),
+        cache, cached = get_predictions(store, folder=predictions, config=PixelModelConfig(folds=folds, seed=seed, cv=pixel_cv),
                                         geojson_reader=read_geojson, rasterise=geometry_mask, custom=custom)
         planted = planted_for_store(store, truth_df) if truth_df is not None else None
         # matched against the geometry as review left it (a nucleus added in review is annotated)

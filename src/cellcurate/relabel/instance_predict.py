@@ -73,6 +73,14 @@ class PixelModelConfig:
     max_iter: int = 30
     pixels_per_image: int = 2000
     max_train_pixels: int = 200_000
+    #: "spatial": pixels are held out by square blocks of ``block_um`` inside every image (each
+    #: block's fold model never saw that block's labels, but learnt the image's own stain from its
+    #: other blocks); "grouped": whole images are held out by patient/slide/fold group.
+    cv: str = "spatial"
+    block_um: float = 32.0
+    #: with ``cv="spatial"``, sampled pixels per 1,000 µm² of tissue (an image's share grows with its
+    #: area; ``pixels_per_image`` is then a floor), the total capped by ``max_train_pixels``
+    pixels_per_kum2: float = 500.0
     threshold: float = 0.5  # nucleus probability that makes a pixel foreground
     min_area_um2: float = 4.0  # smaller predicted objects are dropped
     seed_um: float = 0.4  # h of the h-maxima seeds of the distance transform (µm)
@@ -86,6 +94,10 @@ class PixelModelConfig:
         for name in ("max_iter", "pixels_per_image", "max_train_pixels"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cv not in ("spatial", "grouped"):
+            raise ConfigError(f"the pixel model's cv must be 'spatial' or 'grouped', got {self.cv!r}")
+        if not float(self.block_um) > 0 or not float(self.pixels_per_kum2) > 0:
+            raise ConfigError(f"block_um and pixels_per_kum2 must be > 0, got {self.block_um}, {self.pixels_per_kum2}")
         return self
 
     @property
@@ -242,52 +254,122 @@ def _upscale(prob: np.ndarray, f: int, shape: tuple[int, int]) -> np.ndarray:
     return ndimage.map_coordinates(prob, grid, order=1, mode="nearest").astype(np.float32)
 
 
-def _sample_pixels(store: "Store", image_ids: list[str], nuclei: "pd.DataFrame", mpp: dict[str, float],
-                   cfg: PixelModelConfig, progress: bool | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per image, sampled (n, F) pixel features (on the working grid) and (n,) 0/1 targets (the
-    annotation at the block centre); ignore regions skipped."""
+def _image_seed(cfg: PixelModelConfig, image_id: str, stream: int) -> np.random.Generator:
+    return np.random.default_rng([cfg.seed, int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16), stream])
+
+
+def block_folds(shape: tuple[int, int], *, block_px: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """(H, W) int8 fold of every pixel of one image's working grid: square blocks of ``block_px``
+    pixels, the folds dealt evenly over the image's blocks in random order (so an image with at
+    least ``k`` blocks has every fold, and an image of one block is not always fold 0).
+
+    >>> f = block_folds((4, 6), block_px=2, k=3, rng=np.random.default_rng(0))
+    >>> f.shape, sorted(np.unique(f).tolist()), np.bincount(f[::2, ::2].ravel()).tolist()
+    ((4, 6), [0, 1, 2], [2, 2, 2])
+    """
+    b = max(1, int(block_px))
+    nby, nbx = -(-shape[0] // b), -(-shape[1] // b)
+    n = nby * nbx
+    dealt = rng.permutation((np.arange(n) + int(rng.integers(k))) % k).astype(np.int8)
+    return np.repeat(np.repeat(dealt.reshape(nby, nbx), b, axis=0), b, axis=1)[: shape[0], : shape[1]]
+
+
+def _sample_counts(images: "pd.DataFrame", cfg: PixelModelConfig) -> dict[str, int]:
+    """Sampled training pixels per image: ``pixels_per_image`` each (grouped CV), or in proportion
+    to the image's area in µm² with that floor (spatial CV); the total capped by ``max_train_pixels``."""
+    ids = images["image_id"].astype(str).to_numpy()
+    if cfg.cv == "grouped":
+        per = max(50, min(cfg.pixels_per_image, cfg.max_train_pixels // max(1, len(ids))))
+        return {i: per for i in ids}
+    area = (images["height"].astype(float) * images["width"].astype(float) * images["mpp"].astype(float) ** 2).to_numpy()
+    want = np.maximum(float(cfg.pixels_per_image), cfg.pixels_per_kum2 * area / 1000.0)
+    if want.sum() > cfg.max_train_pixels:
+        want *= cfg.max_train_pixels / want.sum()
+    return {i: max(50, int(n)) for i, n in zip(ids, want)}
+
+
+def _image_grid(img: np.ndarray, mpp: float, cfg: PixelModelConfig, image_id: str, k: int
+                ) -> tuple[int, np.ndarray, np.ndarray | None]:
+    """Block factor, (h, w, F) pixel features on the working grid, and (spatial CV) the (h, w) block folds."""
+    f = _factor(mpp, cfg.work_mpp)
+    feats = pixel_features(_downscale(img, f), mpp=mpp * f)
+    folds = None
+    if cfg.cv == "spatial":
+        block_px = int(round(cfg.block_um / (mpp * f)))
+        folds = block_folds(feats.shape[:2], block_px=block_px, k=k, rng=_image_seed(cfg, image_id, 1))
+    return f, feats, folds
+
+
+Samples = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+
+
+def _sample_pixels(store: "Store", images: "pd.DataFrame", nuclei: "pd.DataFrame", mpp: dict[str, float],
+                   cfg: PixelModelConfig, k: int, progress: bool | None) -> Samples:
+    """Per image, sampled (n, F) pixel features (on the working grid), (n,) 0/1 targets (the
+    annotation at the block centre) and, with spatial CV, (n,) block folds; ignore regions skipped."""
     from tqdm import tqdm
 
+    image_ids = images["image_id"].astype(str).tolist()
+    counts = _sample_counts(images, cfg)
     ignore = nuclei[nuclei["kind"] == "ignore"].groupby("image_id")["instance_id"].apply(list).to_dict()
-    per = max(50, min(cfg.pixels_per_image, cfg.max_train_pixels // max(1, len(image_ids))))
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    out: Samples = {}
     for image_id, img, ins in tqdm(store.iter_images(image_ids), total=len(image_ids), unit="image", leave=False,
                                    desc="pixel samples", disable=None if progress is None else not progress):
-        rng = np.random.default_rng([cfg.seed, int(hashlib.sha256(image_id.encode()).hexdigest()[:8], 16)])
-        f = _factor(mpp[image_id], cfg.work_mpp)
-        small = _downscale(img, f)
-        feats = pixel_features(small, mpp=mpp[image_id] * f).reshape(-1, len(PIXEL_FEATURES))
-        cy = np.minimum(np.arange(small.shape[0]) * f + f // 2, ins.shape[0] - 1)
-        cx = np.minimum(np.arange(small.shape[1]) * f + f // 2, ins.shape[1] - 1)
+        rng = _image_seed(cfg, image_id, 0)
+        f, grid, folds = _image_grid(img, mpp[image_id], cfg, image_id, k)
+        feats = grid.reshape(-1, len(PIXEL_FEATURES))
+        cy = np.minimum(np.arange(grid.shape[0]) * f + f // 2, ins.shape[0] - 1)
+        cx = np.minimum(np.arange(grid.shape[1]) * f + f // 2, ins.shape[1] - 1)
         lab = ins[np.ix_(cy, cx)].reshape(-1)
         cand = np.flatnonzero(~np.isin(lab, ignore[image_id])) if image_id in ignore else np.arange(lab.size)
         if not len(cand):
             continue
-        pick = rng.choice(cand, size=min(per, len(cand)), replace=False)
-        out[image_id] = (feats[pick], (lab[pick] > 0).astype(np.int8))
+        pick = rng.choice(cand, size=min(counts[image_id], len(cand)), replace=False)
+        out[image_id] = (feats[pick], (lab[pick] > 0).astype(np.int8),
+                         None if folds is None else folds.reshape(-1)[pick])
     return out
+
+
+def _fit(X: np.ndarray, y: np.ndarray, cfg: PixelModelConfig, what: str) -> Any:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    if len(np.unique(y)) < 2:
+        raise StateError(f"{what} of the instance model has no annotated nucleus pixels (or no background) to train on")
+    model = HistGradientBoostingClassifier(max_iter=cfg.max_iter, learning_rate=0.2, max_leaf_nodes=31,
+                                           early_stopping=False, random_state=cfg.seed)
+    return model.fit(X, y)
+
+
+def _nucleus_proba(model: Any, feats: np.ndarray) -> np.ndarray:
+    p = model.predict_proba(feats)
+    col = list(model.classes_).index(1) if 1 in model.classes_ else None
+    return (p[:, col] if col is not None else np.zeros(len(p))).astype(np.float32)
 
 
 def _predict_prob(model: Any, image: np.ndarray, mpp: float, work_mpp: float = 0.5) -> np.ndarray:
     """(H, W) float32 nucleus probability of one image (classifier on the working grid, upsampled)."""
     f = _factor(mpp, work_mpp)
     feats = pixel_features(_downscale(image, f), mpp=mpp * f)
-    p = model.predict_proba(feats.reshape(-1, feats.shape[-1]))
-    col = list(model.classes_).index(1) if 1 in model.classes_ else None
-    out = (p[:, col] if col is not None else np.zeros(len(p))).reshape(feats.shape[:2]).astype(np.float32)
+    out = _nucleus_proba(model, feats.reshape(-1, feats.shape[-1])).reshape(feats.shape[:2])
     return _upscale(out, f, image.shape[:2])
 
 
 def oof_predictions(store: "Store", *, config: PixelModelConfig | None = None, progress: bool | None = None
                     ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield ``(image_id, instances (H, W) int32, probability (H, W) float32)`` for every store
-    image, each predicted by the fold model that did not see its group.
+    image, every pixel predicted by a fold model that never saw its label.
+
+    ``cv="spatial"`` (the default): the folds are square blocks of ``block_um`` dealt over every
+    image; the model of fold f learns from the other folds' blocks of every image (the image's own
+    stain among them) and predicts fold f's blocks. ``cv="grouped"``: the folds are patient /
+    slide / fold groups of whole images (:func:`image_folds`), so an image is predicted by a model
+    that saw no image of its group; on real tissue of a few patients this is the weaker model (a
+    new patient's stain is far from the training ones: ``docs/INSTANCES.md``).
 
     Pixel features are computed twice per image (sampling, then prediction), never held for the
     whole store; the trees run on one thread (``threadpoolctl``), which on a shared 2-core machine
     was 30× faster than OpenMP's default.
     """
-    from sklearn.ensemble import HistGradientBoostingClassifier
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
@@ -296,31 +378,51 @@ def oof_predictions(store: "Store", *, config: PixelModelConfig | None = None, p
     if images.empty:
         raise StoreError("the store has no images; run `curate ingest` first", path=store.path)
     nuclei = store.nuclei()
-    fold, k, _note = image_folds(images, cfg.folds, cfg.seed)
     mpp = dict(zip(images["image_id"].astype(str), images["mpp"].astype(float)))
     ids = images["image_id"].astype(str).to_numpy()
-    samples = _sample_pixels(store, list(ids), nuclei, mpp, cfg, progress)
+    if cfg.cv == "grouped":
+        fold, k, _note = image_folds(images, cfg.folds, cfg.seed)
+    else:
+        fold, k = np.zeros(len(ids), np.int64), int(cfg.folds)
+    samples = _sample_pixels(store, images, nuclei, mpp, cfg, k, progress)
     bar = tqdm(total=len(ids), desc="instance predictions (out of fold)", unit="image",
                disable=None if progress is None else not progress, leave=False)
+
+    def finish(image_id: str, img: np.ndarray, prob_small: np.ndarray, f: int) -> tuple[str, np.ndarray, np.ndarray]:
+        prob = _upscale(prob_small, f, img.shape[:2])
+        lab = instances_from_prob(prob, mpp=mpp[image_id], threshold=cfg.threshold, min_area_um2=cfg.min_area_um2,
+                                  seed_um=cfg.seed_um, seed_step=f)
+        bar.update(1)
+        return image_id, lab, prob
+
     try:
         with threadpool_limits(1):
-            for f in range(k):
-                train = [samples[i] for i in ids[fold != f] if i in samples]
+            if cfg.cv == "spatial":
+                X = np.concatenate([t[0] for t in samples.values()]) if samples else np.zeros((0, len(PIXEL_FEATURES)))
+                y = np.concatenate([t[1] for t in samples.values()]) if samples else np.zeros(0, np.int8)
+                fo = np.concatenate([t[2] for t in samples.values()]) if samples else np.zeros(0, np.int8)
+                models = [_fit(X[fo != f], y[fo != f], cfg, f"{store.path}: spatial fold {f}") for f in range(k)]
+                for image_id, img, _ins in store.iter_images(list(ids)):
+                    f, grid, folds = _image_grid(img, mpp[image_id], cfg, image_id, k)
+                    assert folds is not None
+                    flat, fl = grid.reshape(-1, grid.shape[-1]), folds.reshape(-1)
+                    prob_small = np.zeros(fl.size, np.float32)
+                    for j, model in enumerate(models):
+                        rows = fl == j
+                        if rows.any():
+                            prob_small[rows] = _nucleus_proba(model, flat[rows])
+                    yield finish(image_id, img, prob_small.reshape(grid.shape[:2]), f)
+                return
+            for j in range(k):
+                train = [samples[i] for i in ids[fold != j] if i in samples]
                 X = np.concatenate([t[0] for t in train]) if train else np.zeros((0, len(PIXEL_FEATURES)))
                 y = np.concatenate([t[1] for t in train]) if train else np.zeros(0, np.int8)
-                if len(np.unique(y)) < 2:
-                    raise StateError(f"{store.path}: fold {f} of the instance model has no annotated nucleus "
-                                     "pixels (or no background) to train on")
-                model = HistGradientBoostingClassifier(max_iter=cfg.max_iter, learning_rate=0.2, max_leaf_nodes=31,
-                                                       early_stopping=False, random_state=cfg.seed)
-                model.fit(X, y)
-                for image_id, img, _ins in store.iter_images(list(ids[fold == f])):
-                    prob = _predict_prob(model, img, mpp[image_id], cfg.work_mpp)
-                    lab = instances_from_prob(prob, mpp=mpp[image_id], threshold=cfg.threshold,
-                                              min_area_um2=cfg.min_area_um2, seed_um=cfg.seed_um,
-                                              seed_step=_factor(mpp[image_id], cfg.work_mpp))
-                    bar.update(1)
-                    yield image_id, lab, prob
+                model = _fit(X, y, cfg, f"{store.path}: fold {j}")
+                for image_id, img, _ins in store.iter_images(list(ids[fold == j])):
+                    f = _factor(mpp[image_id], cfg.work_mpp)
+                    grid = pixel_features(_downscale(img, f), mpp=mpp[image_id] * f)
+                    whole = _nucleus_proba(model, grid.reshape(-1, grid.shape[-1])).reshape(grid.shape[:2])
+                    yield finish(image_id, img, whole, f)
     finally:
         bar.close()
 
