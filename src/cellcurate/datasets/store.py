@@ -214,6 +214,30 @@ def encode_converted(conv: ConvertedImage) -> ConvertedImage:
                                chunks=(img_codec.encode(conv.image), ins_codec.encode(conv.instances)))
 
 
+def label_candidates(labels: np.ndarray, *, source: str, taxonomy: Taxonomy, cache: dict[str, tuple[int, ...]],
+                     annotation_file: str) -> tuple[np.ndarray, np.ndarray]:
+    """The unified label ((n,) int16; 0 while several candidates remain) and the ``"|"``-joined
+    candidate class ids ((n,) object) of nuclei with source labels ``labels`` ((n,) str), from
+    ``taxonomy`` (memoised per label in ``cache``); a label the taxonomy does not map is a
+    :class:`~cellcurate.errors.StoreError` naming ``annotation_file``."""
+    n = len(labels)
+    unified = np.zeros(n, np.int16)
+    cand_text = np.empty(n, dtype=object)
+    for lab in np.unique(labels):
+        name = str(lab)
+        cands = cache.get(name)
+        if cands is None:
+            try:
+                cands = taxonomy.candidates(source, name)
+            except ConfigError as exc:
+                raise StoreError(f"{annotation_file}: {exc}") from None
+            cache[name] = cands
+        sel = labels == lab
+        unified[sel] = cands[0] if len(cands) == 1 else 0
+        cand_text[sel] = "|".join(map(str, cands))
+    return unified, cand_text
+
+
 def convert_image(item: SourceImage, *, source: str, taxonomy: Taxonomy,
                   cache: dict[str, tuple[int, ...]] | None = None) -> ConvertedImage:
     """Validate one source image and compute what the store keeps of its nuclei: geometry (bbox,
@@ -245,20 +269,8 @@ def convert_image(item: SourceImage, *, source: str, taxonomy: Taxonomy,
         ann = np.asarray(nuc["origin_annotation"].fillna("").to_numpy())[order].astype(str)
     else:
         ann = np.full(n, "", dtype=str)
-    unified = np.zeros(n, np.int16)
-    cand_text = np.empty(n, dtype=object)
-    for lab in np.unique(labels):
-        name = str(lab)
-        cands = cache.get(name)
-        if cands is None:
-            try:
-                cands = taxonomy.candidates(source, name)
-            except ConfigError as exc:
-                raise StoreError(f"{annotation_file}: {exc}") from None
-            cache[name] = cands
-        sel = labels == lab
-        unified[sel] = cands[0] if len(cands) == 1 else 0
-        cand_text[sel] = "|".join(map(str, cands))
+    unified, cand_text = label_candidates(labels, source=source, taxonomy=taxonomy, cache=cache,
+                                          annotation_file=annotation_file)
     ids = np.fromiter(
         (nucleus_id(source, annotation_file, item.origin_index, int(c), int(o), r, a)
          for c, o, r, a in zip(ch, oi, reg, ann)), dtype=np.int64, count=n)

@@ -63,7 +63,10 @@ def convert_part(part: UnitPart, *, source: str, taxonomy: Taxonomy, cache: dict
     bytes go back to the writer."""
     report = IngestReport()
     try:
-        out = [convert_image(item, source=source, taxonomy=taxonomy, cache=cache) for item in part.read(report)]
+        if part.convert is not None:  # the reader's block path: the same result, no per-image table
+            out = part.convert(report, source=source, taxonomy=taxonomy, cache=cache)
+        else:
+            out = [convert_image(item, source=source, taxonomy=taxonomy, cache=cache) for item in part.read(report)]
         if encode:
             out = [encode_converted(conv) for conv in out]
     except CellcurateError:
