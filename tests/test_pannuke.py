@@ -604,3 +604,157 @@ def test_copying_reader_matches_mapped_reader(tmp_path, monkeypatch):
         np.testing.assert_array_equal(a.instances, b.instances)
         pd.testing.assert_frame_equal(a.nuclei, b.nuclei)
     assert copied[2].nuclei["origin_instance"].tolist() == [17]
+
+
+# -- the block path of ingest (convert_pannuke_tiles) against the tile-by-tile path -------------
+def _tile_by_tile(arrays, start, stop, overlap="highest"):
+    from cellcurate.datasets.store import convert_image
+    from cellcurate.datasets.taxonomy import Taxonomy
+
+    report, blocks = IngestReport(), []
+    out = [convert_image(item, source="pannuke", taxonomy=Taxonomy.default())
+           for item in iter_pannuke_fold(arrays, start=start, stop=stop, overlap=overlap, report=report,
+                                         fold_warnings=False, blocks=blocks)]
+    return out, report, blocks
+
+
+def _by_block(arrays, start, stop, overlap="highest"):
+    from cellcurate.datasets.taxonomy import Taxonomy
+
+    report, blocks = IngestReport(), []
+    out = pn.convert_pannuke_tiles(arrays, start, stop, source="pannuke", taxonomy=Taxonomy.default(),
+                                   overlap=overlap, report=report, blocks=blocks)
+    return out, report, blocks
+
+
+def _assert_same_conversion(a, b):
+    (xs, rx, bx), (ys, ry, by) = a, b
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert (x.key, x.row) == (y.key, y.row)
+        for arr in ("image", "instances"):
+            u, v = getattr(x, arr), getattr(y, arr)
+            assert u.dtype == v.dtype and u.shape == v.shape and np.array_equal(u, v), arr
+        assert list(x.cols) == list(y.cols)
+        for name in x.cols:
+            u, v = x.cols[name], y.cols[name]
+            assert u.shape == v.shape and u.dtype.kind == v.dtype.kind and np.array_equal(u, v), name
+            if u.dtype.kind == "f":
+                assert u.dtype == v.dtype and u.tobytes() == v.tobytes(), name  # centroids bit for bit
+    assert rx.as_dict() == ry.as_dict() and rx.warnings == ry.warnings
+    assert bx == by
+
+
+def _hand_made_block(tmp_path):
+    """Seven tiles with every case the conversion has: overlaps (a pixel claimed by three
+    channels), an instance that loses every pixel, one raw id in two channels, an empty tile,
+    fractional image values, background disagreement, nuclei touching the tile's edges and
+    holes (several runs per row), and a tile of ids past the lookup table."""
+    images, masks = blank(7)
+    rng = np.random.default_rng(3)
+    images[:] = rng.integers(0, 256, images.shape)
+    images[1, 0, 0, 0] = 10.5  # rounded half to even, counted
+    images[1, 5, 5, 1] = 254.7
+    draw(masks, 0, 0, 4, slice(0, 20), slice(0, 20))  # Neoplastic 4 ...
+    draw(masks, 0, 2, 4, slice(10, 30), slice(10, 30))  # ... under Connective 4 (the same raw id)
+    draw(masks, 0, 4, 9, slice(15, 18), slice(0, 40))  # Epithelial over both: a pixel claimed three times
+    draw(masks, 0, 1, 7, slice(200, 256), slice(230, 256))  # touches the bottom-right corner
+    draw(masks, 1, 1, 3, slice(50, 60), slice(50, 60))  # Inflammatory 3, lost under Dead 2 entirely
+    draw(masks, 1, 3, 2, slice(48, 62), slice(48, 62))
+    draw(masks, 1, 0, 12, slice(100, 140), slice(100, 140))
+    masks[1, 110:130, 110:130, 0] = 0  # a hole: two runs on the rows through it
+    masks[1, 110:130, 118:121, 0] = 12  # and a bar inside it: three runs
+    masks[1, 0, 0, 5] = 0.0  # background flag off on a background pixel
+    masks[1, 100, 100, 5] = 1.0  # and on on a nucleus pixel
+    # tile 2: empty
+    for k in range(12):  # tile 3: many small nuclei in every channel, ids not in order
+        draw(masks, 3, k % 5, 40 - k, slice(10 * k, 10 * k + 6), slice(3 * k, 3 * k + 8))
+    draw(masks, 4, 2, 2**40, slice(0, 5), slice(0, 5))  # tile 4: ids past the lookup table
+    draw(masks, 4, 2, 2**40 + 1, slice(3, 9), slice(3, 9))
+    draw(masks, 4, 0, 1, slice(250, 256), slice(0, 256))  # a full-width band: one run per row
+    draw(masks, 5, 4, 1, slice(0, 256), slice(0, 256))  # tile 5: one nucleus over the whole tile
+    draw(masks, 6, 3, 5, slice(128, 129), slice(7, 8))  # tile 6: a one-pixel nucleus
+    return write_fold(tmp_path, 1, images, masks)
+
+
+@pytest.mark.parametrize("overlap", ["highest", "lowest"])
+def test_block_path_matches_tile_by_tile_on_hand_made_tiles(tmp_path, overlap):
+    _hand_made_block(tmp_path)
+    arrays = open_fold(discover_pannuke(tmp_path)[0])
+    tiles = _tile_by_tile(arrays, 0, 7, overlap)
+    _assert_same_conversion(tiles, _by_block(arrays, 0, 7, overlap))
+    _assert_same_conversion(_tile_by_tile(arrays, 2, 5, overlap), _by_block(arrays, 2, 5, overlap))
+    counts = tiles[1].counts
+    assert counts["overlap_pixels"] > 0 and counts["image_values_rounded"] == 2
+    assert counts["background_channel_disagreement_pixels"] >= 2 and counts["images_without_nuclei"] == 1
+    if overlap == "highest":
+        assert counts["instances_lost_to_overlap"] == 1 and "Inflammatory id 3" in tiles[1].warnings[0]
+
+
+def test_block_path_matches_tile_by_tile_on_random_tiles(tmp_path):
+    from cellcurate.datasets.synthetic import write_pannuke
+
+    write_pannuke(tmp_path, tiles_per_fold=(70, 0, 0), seed=4, unique_tiles=9)
+    arrays = open_fold(discover_pannuke(tmp_path / "Fold 1")[0])
+    for start, stop in ((0, 64), (64, 70)):
+        _assert_same_conversion(_tile_by_tile(arrays, start, stop), _by_block(arrays, start, stop))
+
+
+def test_block_path_geometry_is_instance_geometrys():
+    from cellcurate.datasets.store import instance_geometry
+
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        tile = np.zeros((T, T, 6))
+        for _ in range(int(rng.integers(0, 30))):
+            y, x = rng.integers(0, T, 2)
+            hh, ww = rng.integers(1, 40, 2)
+            tile[y : y + hh, x : x + ww, int(rng.integers(0, 5))] = rng.integers(1, 9)
+        res = pn._convert_mask(tile)
+        geo = pn._runs_geometry([pn._tile_runs(res, T)], np.array([res.channels.size]), (T, T))
+        want = instance_geometry(res.instances, res.channels.size)
+        for key in ("area", "cy", "cx", "bbox"):
+            assert geo[key].dtype == want[key].dtype and geo[key].tobytes() == want[key].tobytes(), key
+
+
+BAD_BLOCKS = [  # (tile, channel or "image", value): each block path error is the tile-by-tile one
+    [(1, 1, 2.5)], [(1, 4, -3.0)], [(1, 0, np.nan)], [(1, 2, np.inf)], [(1, 3, 2.0**53)],
+    [(1, "image", 256.0)], [(1, "image", -1.0)], [(1, "image", np.nan)],
+    [(3, 1, 0.5), (5, "image", 300.0)],  # one batch: its images are checked before its masks
+    [(5, 1, 0.5), (3, "image", 300.0)],
+    [(3, 1, 0.5), (40, "image", 300.0)],  # a later batch's image: the mask comes first
+    [(40, 1, 0.5), (3, "image", 300.0)],
+]
+
+
+@pytest.mark.parametrize("edits", BAD_BLOCKS, ids=[str(e) for e in BAD_BLOCKS])
+def test_block_path_refuses_what_tile_by_tile_refuses_with_the_same_message(tmp_path, edits):
+    images, masks = blank(48)
+    draw(masks, 1, 0, 1, slice(0, 20), slice(0, 20))
+    for tile, where, value in edits:
+        if where == "image":
+            images[tile, 3, 4, 2] = value
+        else:
+            masks[tile, 9, 9, where] = value
+    write_fold(tmp_path, 1, images, masks)
+    arrays = open_fold(discover_pannuke(tmp_path)[0])
+    with pytest.raises(InputFormatError) as want:
+        _tile_by_tile(arrays, 0, 48)
+    with pytest.raises(InputFormatError) as got:
+        _by_block(arrays, 0, 48)
+    assert str(got.value) == str(want.value)
+    assert f"tile {min(t for t, *_ in edits) if len(edits) == 1 else ''}" in str(got.value)
+
+
+def test_block_path_is_what_ingest_runs(tmp_path):
+    _hand_made_block(tmp_path)
+    (plan,) = pn.plan_units(tmp_path)
+    (part,) = plan.parts
+    assert part.convert is not None
+    arrays = open_fold(discover_pannuke(tmp_path)[0])
+    from cellcurate.datasets.taxonomy import Taxonomy
+    from cellcurate.datasets.workers import convert_part
+
+    images, report = convert_part(part, source="pannuke", taxonomy=Taxonomy.default())
+    xs, rx, bx = _tile_by_tile(arrays, 0, 7)
+    _assert_same_conversion((xs, rx, bx), (images, report, report.blocks))

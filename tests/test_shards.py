@@ -115,3 +115,66 @@ def test_a_layout_it_does_not_know_is_written_by_zarr(tmp_path, tiny_sample, mon
     with Store.create(tmp_path / "b") as s:
         ingest_pannuke(s, tiny_sample.pannuke_root, progress=False, jobs=2)  # tiles come back as arrays
     assert_same_content(tmp_path / "a", tmp_path / "b")  # file bytes included
+
+
+# -- native-size images (MoNuSAC): one shard per image, compressed in the ingest workers ----------
+def _native_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("h,w", [(600, 1200), (1200, 1200), (512, 512), (300, 77), (1030, 1540), (1600, 513)])
+def test_native_shard_files_are_the_bytes_zarr_writes(tmp_path, h, w):
+    from cellcurate.datasets.shards import native_shard, write_file
+    from cellcurate.datasets.store import _chunk_codecs, native_chunks
+
+    rng = np.random.default_rng(h + w)
+    image = rng.integers(0, 256, (h, w, 3)).astype(np.uint8)
+    image[: h // 3, : w // 4] = 0  # whole chunks of fill value inside the shard (left out)
+    instances = np.zeros((h, w), np.int32)
+    instances[h - 5 :, w - 9 :] = 7  # only the bottom-right (edge) chunk holds anything
+    if h == 512:
+        instances[:] = 0  # every chunk empty: no file
+    chunks, shards = native_chunks(h, w)
+    img_codec, ins_codec = _chunk_codecs()
+    for root, ours in ((tmp_path / "zarr", False), (tmp_path / "ours", True)):
+        g = zarr.open_group(str(root), mode="w", zarr_format=3)
+        for arr, data, chunk, shard, comp, codec in (
+                ("img/0", image, (*chunks, 3), (*shards, 3), IMAGES_BLOSC, img_codec),
+                ("ins/0", instances, chunks, shards, INSTANCES_BLOSC, ins_codec)):
+            if not ours:
+                g.create_array(arr, data=data, chunks=chunk, shards=shard, compressors=[BloscCodec(**comp)],
+                               fill_value=0)
+                continue
+            a = g.create_array(arr, shape=data.shape, dtype=data.dtype, chunks=chunk, shards=shard,
+                               compressors=[BloscCodec(**comp)], fill_value=0)
+            layout = shard_layout(a, root / arr, native=True)
+            assert layout is not None and layout.chunk == chunk
+            write_file(layout.path(0), native_shard(data, chunk, codec))
+    assert _native_files(tmp_path / "ours") == _native_files(tmp_path / "zarr")
+    assert ("ins/0/c/0/0" in _native_files(tmp_path / "ours")) == (h != 512)
+    back = zarr.open_group(str(tmp_path / "ours"), mode="r")
+    np.testing.assert_array_equal(back["img/0"][...], image)
+    np.testing.assert_array_equal(back["ins/0"][...], instances)
+
+
+def test_native_layout_refuses_arrays_of_several_shards(tmp_path):
+    g = zarr.open_group(str(tmp_path), mode="w", zarr_format=3)
+    two = g.create_array("x", shape=(600, 600), dtype="int32", chunks=(100, 100), shards=(300, 600),
+                         compressors=[BloscCodec(**INSTANCES_BLOSC)], fill_value=0)
+    assert shard_layout(two, tmp_path / "x", native=True) is None
+    one = g.create_array("y", shape=(600, 600), dtype="int32", chunks=(100, 100), shards=(600, 600),
+                         compressors=[BloscCodec(**INSTANCES_BLOSC)], fill_value=0)
+    assert shard_layout(one, tmp_path / "y", native=True) is not None
+    assert shard_layout(one, tmp_path / "y") is None  # not a stacked array
+
+
+def test_native_images_compressed_in_workers_are_the_store_the_writer_makes(tmp_path, tiny_sample):
+    from store_readback import assert_same_content
+
+    from cellcurate.datasets.ingest import ingest_monusac
+    from cellcurate.datasets.store import Store
+
+    for name, jobs in (("a", 1), ("b", 2)):
+        with Store.create(tmp_path / name) as s:
+            ingest_monusac(s, tiny_sample.monusac_root, progress=False, jobs=jobs)
+    assert_same_content(tmp_path / "a", tmp_path / "b")  # file bytes included

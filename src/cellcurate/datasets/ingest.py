@@ -15,7 +15,7 @@ leaves the store exactly as it was.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,10 +70,12 @@ def _check_unit(store: Store, unit: str, fingerprint: str, overwrite: bool) -> s
 
 
 def _write_unit(store: Store, plan: UnitPlan, source: str, *, overwrite: bool, report: IngestReport, bar: Any,
-                pool: ConversionPool | None) -> PreparedUnit:
-    """Convert and write one unit: its parts in ``pool``'s workers (in order) or, without a pool, in
-    this process through the same :func:`~.workers.convert_part`; a reader without parts streams
-    its ``read`` here. A deferred fingerprint is computed beside the conversion."""
+                pool: ConversionPool | None, results: Iterator[tuple[list[ConvertedImage], IngestReport]] | None = None
+                ) -> PreparedUnit:
+    """Convert and write one unit: its parts in ``pool``'s workers (in order; ``results``, the stream
+    over every unit's parts, :func:`_part_results`) or, without a pool, in this process through the
+    same :func:`~.workers.convert_part`; a reader without parts streams its ``read`` here. A
+    deferred fingerprint is computed beside the conversion."""
     from .workers import convert_part
 
     fp_future = None
@@ -95,8 +97,10 @@ def _write_unit(store: Store, plan: UnitPlan, source: str, *, overwrite: bool, r
                 bar.set_postfix_str(plan.unit, refresh=False)
 
         if pool is not None and plan.parts:
-            for images, part_report in pool.convert(plan.parts, encode=writer.accepts_encoded):
-                add(images, part_report)
+            if results is None:
+                results = pool.convert(plan.parts, encode=writer.encoding)
+            for _ in plan.parts:
+                add(*next(results))
         elif plan.parts:
             cache: dict[str, tuple[int, ...]] = {}
             for part in plan.parts:
@@ -170,13 +174,34 @@ def ingest_source(store: Store, source: str, path: str | Path, *, overwrite: boo
             pool = stack.enter_context(ConversionPool(n_jobs, source=spec.name, taxonomy=store.taxonomy))
         with _transaction(store, result) as prepared:
             total = sum(p.n_images for p in plan)
+            results = stack.enter_context(contextlib.closing(_part_results(pool, plan))) if pool is not None else None
             with _progress(progress, total=total, unit=spec.progress_unit, desc=spec.title) as bar:
                 for p in plan:
                     report = IngestReport(settings=dict(p.settings))
                     prepared.append(_write_unit(store, p, spec.name, overwrite=overwrite, report=report, bar=bar,
-                                                pool=pool))
+                                                pool=pool, results=results))
                     result.report.merge(report)
     return result
+
+
+def _part_results(pool: ConversionPool, plans: list[UnitPlan]
+                  ) -> Generator[tuple[list[ConvertedImage], IngestReport], None, None]:
+    """The converted parts of every unit in ``plans``, in order, from one stream of the pool: the
+    workers go on to the next unit's parts while the writer finishes a unit (its tables, its
+    fsync), instead of idling at each unit's end. Each unit's images come compressed as its
+    writer will store them (:func:`~.store.unit_encoding`, one probe per kind of unit)."""
+    from .store import unit_encoding
+
+    encodings: dict[tuple[int, int, int] | None, Any] = {}
+
+    def tagged() -> Iterator[tuple[Any, Any]]:
+        for p in plans:
+            if p.stacked not in encodings:
+                encodings[p.stacked] = unit_encoding(p.stacked)
+            for part in p.parts:
+                yield part, encodings[p.stacked]
+
+    return pool.convert_each(tagged())
 
 
 def ingest_pannuke(store: Store, path: str | Path, *, overwrite: bool = False,

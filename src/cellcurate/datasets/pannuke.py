@@ -62,6 +62,8 @@ import xxhash
 
 from ..errors import ConfigError, InputFormatError, InputNotFoundError
 from .records import OPTIONAL_SOURCE_COLUMNS, SOURCE_NUCLEI_COLUMNS, IngestReport, SourceImage, UnitPart, UnitPlan
+from .store import ConvertedImage, label_candidates, nucleus_id
+from .taxonomy import Taxonomy
 
 __all__ = [
     "PANNUKE_CHANNELS",
@@ -74,6 +76,7 @@ __all__ = [
     "PannukeFold",
     "discover_pannuke",
     "combine_fold_fingerprint",
+    "convert_pannuke_tiles",
     "fingerprint_like",
     "fold_fingerprint",
     "fold_fingerprint_v2",
@@ -526,6 +529,8 @@ class _TileResult:
     overlap_pixels: int
     lost: list[tuple[int, int]]  # (channel, raw id) of instances that lost all their pixels
     bg_disagreement: int
+    win_pix: np.ndarray  # (k,) int64: the labelled pixels (flat index y * W + x), ascending
+    win_label: np.ndarray  # (k,) int32: their instance ids
 
 
 def _convert_mask(tile: np.ndarray, overlap: OverlapRule = DEFAULT_OVERLAP) -> _TileResult | None:
@@ -544,7 +549,7 @@ def _convert_mask(tile: np.ndarray, overlap: OverlapRule = DEFAULT_OVERLAP) -> _
     bg = flat[c6 - 1 :: c6] != 0
     if idx.size == 0:
         return _TileResult(np.zeros((h, w), np.int32), np.zeros(0, np.int16), np.zeros(0, np.int64), 0, [],
-                           int(h * w - np.count_nonzero(bg)))
+                           int(h * w - np.count_nonzero(bg)), np.zeros(0, np.int64), np.zeros(0, np.int32))
     vals = flat[idx]
     with np.errstate(invalid="ignore"):
         ints = vals.astype(np.int64)
@@ -552,7 +557,8 @@ def _convert_mask(tile: np.ndarray, overlap: OverlapRule = DEFAULT_OVERLAP) -> _
         return None
     if ints.min() <= 0 or vals.max() >= _MAX_ID:
         return None
-    pix, chan = np.divmod(idx, c6)
+    pix = idx // c6
+    chan = idx - pix * c6
     first = np.empty(idx.size, dtype=bool)
     first[0] = True
     np.not_equal(pix[1:], pix[:-1], out=first[1:])
@@ -584,14 +590,16 @@ def _convert_mask(tile: np.ndarray, overlap: OverlapRule = DEFAULT_OVERLAP) -> _
     if size <= _TABLE_LIMIT:
         lut = np.zeros(size, dtype=np.int32)
         lut[present] = labels
-        instances[win_pix] = lut[win_keys]
+        win_label = lut[win_keys]
     else:
         by_key = np.argsort(present)
-        instances[win_pix] = labels[by_key][np.searchsorted(present[by_key], win_keys)]
+        win_label = labels[by_key][np.searchsorted(present[by_key], win_keys)]
+    instances[win_pix] = win_label
     n_fg = win_pix.size
     bg_on_fg = int(np.count_nonzero(bg[win_pix]))
     bg_dis = bg_on_fg + (h * w - n_fg) - (int(np.count_nonzero(bg)) - bg_on_fg)
-    return _TileResult(instances.reshape(h, w), p_chan.astype(np.int16), p_id, n_overlap, lost, bg_dis)
+    return _TileResult(instances.reshape(h, w), p_chan.astype(np.int16), p_id, n_overlap, lost, bg_dis,
+                       win_pix, win_label)
 
 
 def _bad_id_detail(tile: np.ndarray) -> str:
@@ -728,22 +736,8 @@ def iter_pannuke_fold(
                     image = rounded.astype(np.uint8)
                 else:
                     image = tile.astype(np.uint8)
-                if res.overlap_pixels:
-                    report.count("overlap_pixels", res.overlap_pixels)
-                if res.lost:
-                    report.count("instances_lost_to_overlap", len(res.lost))
-                    lost = ", ".join(f"{PANNUKE_CHANNELS[c]} id {r}" for c, r in res.lost[:5])
-                    report.warn(
-                        f"{masks_rel}: tile {i}: {len(res.lost)} instance(s) lost all pixels "
-                        f"to a lower channel and were dropped ({lost})"
-                    )
-                if res.bg_disagreement:
-                    report.count("background_channel_disagreement_pixels", res.bg_disagreement)
+                _count_tile(res, report, masks_rel, i)
                 nuclei = _nuclei_table(res)
-                report.count("images")
-                report.count("nuclei", len(nuclei))
-                if not len(nuclei):
-                    report.count("images_without_nuclei")
                 tissue = arrays.types[i]
                 yield SourceImage(
                     key=f"{split}/{i:05d}",
@@ -787,6 +781,216 @@ def iter_pannuke(path: str | os.PathLike[str], *, report: IngestReport | None = 
         yield from iter_pannuke_fold(a, report=report, overlap=overlap)
 
 
+# -- block conversion (ingest's path) ---------------------------------------------------------
+_LABELS_U = np.array(PANNUKE_CHANNELS)  # (5,) <U12: the source_label column as convert_image makes it
+BLOCK_TILES = 64  # tiles converted together by convert_pannuke_tiles (one part, one shard)
+
+
+@dataclass
+class _Runs:
+    """The runs of one tile's instance map: maximal stretches of one instance along one row.
+    R runs; ``label`` 1..n, ``y`` the row, ``x0``..``x1`` the columns (inclusive)."""
+
+    label: np.ndarray  # (R,) int64
+    y: np.ndarray  # (R,) int64
+    x0: np.ndarray  # (R,) int64
+    x1: np.ndarray  # (R,) int64
+
+
+def _tile_runs(res: _TileResult, w: int) -> _Runs:
+    """The runs of ``res``'s instance map from its winning pixels (which come in pixel order),
+    without a scan of the map."""
+    wp, lab = res.win_pix, res.win_label
+    if not wp.size:
+        z = np.zeros(0, np.int64)
+        return _Runs(z, z, z, z)
+    brk = np.empty(wp.size, dtype=bool)
+    brk[0] = True
+    np.not_equal(wp[1:], wp[:-1] + 1, out=brk[1:])
+    brk[1:] |= lab[1:] != lab[:-1]
+    y_all = wp // w
+    brk[1:] |= y_all[1:] != y_all[:-1]
+    rs = np.flatnonzero(brk)
+    re = np.empty_like(rs)
+    re[:-1] = rs[1:] - 1
+    re[-1] = wp.size - 1
+    y = y_all[rs].astype(np.int64)
+    return _Runs(lab[rs].astype(np.int64), y, wp[rs] - y * w, wp[re] - y * w)
+
+
+def _runs_geometry(runs: list[_Runs], counts: np.ndarray, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    """:func:`~.store.instance_geometry` of every tile of a block at once, from their runs: ``area``,
+    ``cy``, ``cx`` ((n,) for the n instances of all tiles, tile after tile) and ``bbox`` ((n, 4)
+    int32). ``counts``: (B,) instances per tile. A few bincounts over the block's runs; the sums
+    are of integers, exact in float64, so the centroids are bit for bit the same."""
+    h, w = shape
+    n = int(counts.sum())
+    offsets = np.r_[0, np.cumsum(counts)[:-1]]
+    row = np.concatenate([r.label - 1 + o for r, o in zip(runs, offsets.tolist())]) if runs else np.zeros(0, np.int64)
+    y = np.concatenate([r.y for r in runs]) if runs else row
+    x0 = np.concatenate([r.x0 for r in runs]) if runs else row
+    x1 = np.concatenate([r.x1 for r in runs]) if runs else row
+    length = x1 - x0 + 1
+    area = np.bincount(row, weights=length, minlength=n)
+    sy = np.bincount(row, weights=length * y, minlength=n)
+    sx = np.bincount(row, weights=(x0 + x1) * length // 2, minlength=n)
+    lo = np.full((2, n), max(h, w), dtype=np.int64)
+    hi = np.zeros((2, n), dtype=np.int64)
+    np.minimum.at(lo[0], row, y)
+    np.minimum.at(lo[1], row, x0)
+    np.maximum.at(hi[0], row, y + 1)
+    np.maximum.at(hi[1], row, x1 + 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cy, cx = sy / area, sx / area
+    bbox = np.stack([lo[0], lo[1], hi[0], hi[1]], axis=1).astype(np.int32)
+    return {"area": area.astype(np.int32), "cy": cy.astype(np.float32), "cx": cx.astype(np.float32), "bbox": bbox}
+
+
+def convert_pannuke_tiles(arrays: FoldArrays, start: int, stop: int, *, source: str, taxonomy: Taxonomy,
+                          report: IngestReport | None = None, cache: dict[str, tuple[int, ...]] | None = None,
+                          overlap: OverlapRule = DEFAULT_OVERLAP, blocks: list[str] | None = None,
+                          batch_size: int = 32) -> list[ConvertedImage]:
+    """The tiles ``start:stop`` (one block, at most :data:`BLOCK_TILES`) of an opened fold, converted.
+
+    Exactly ``[convert_image(item, ...) for item in iter_pannuke_fold(arrays, start=start, stop=stop,
+    ...)]``: the same nucleus ids, columns, geometry, counters, warnings, and the same first error
+    (``batch_size`` is that path's: which of a bad image and a bad mask it meets first), without a
+    :class:`~.records.SourceImage` and its table per tile, nor a scan of each instance map for the
+    geometry: each tile is read, hashed, checked and converted (:func:`_convert_mask`) once while in
+    cache, its pages released at once, and the geometry of the whole block comes from the
+    instances' runs (:func:`_runs_geometry`).
+
+    ``blocks``: as in :func:`iter_pannuke_fold`, the block digest is appended to it.
+    """
+    _check_overlap(overlap)
+    report = report if report is not None else IngestReport()
+    cache = {} if cache is None else cache
+    pf = arrays.fold
+    stop = min(stop, arrays.n)
+    if start < 0 or start > stop:
+        raise ValueError(f"start must be in 0..{stop}, got {start}")
+    b = stop - start
+    if b > BLOCK_TILES:
+        raise ValueError(f"a block holds at most {BLOCK_TILES} tiles, got {b}")
+    images_rel, masks_rel = pf.rel(pf.images), pf.rel(pf.masks)
+    split = f"fold{pf.fold}"
+    hashers = _new_block_hashers() if blocks is not None else None
+    img_reader = _BatchReader(arrays.images, pf.images, max(b, 1))
+    msk_reader = _BatchReader(arrays.masks, pf.masks, max(b, 1))
+    check_range = arrays.images.dtype != np.uint8
+    img_float = arrays.images.dtype.kind == "f"
+
+    def image_error(j: int) -> InputFormatError | None:
+        tile = imgs[j]
+        lo, hi = tile.min(), tile.max()
+        with np.errstate(invalid="ignore"):
+            if lo >= 0 and hi <= 255:  # False for NaN
+                return None
+        return InputFormatError(pf.images, f"images.npy tile {start + j} holds values outside 0..255 "
+                                           f"(min {lo}, max {hi})")
+
+    try:
+        imgs = img_reader.read(start, stop)
+        masks = msk_reader.read(start, stop)
+        w = masks.shape[2]
+        images, results, runs = [], [], []
+        for j in range(b):
+            i = start + j
+            tile, mtile = imgs[j], masks[j]
+            if hashers is not None:
+                hashers[0].update(tile)
+                hashers[1].update(mtile)
+            if img_float:  # one cast and one comparison where every value is an integer in 0..255
+                with np.errstate(invalid="ignore"):
+                    image = tile.astype(np.uint8)
+                if np.count_nonzero(image != tile):  # out of range, NaN, or to round: as tile by tile
+                    if (err := image_error(j)) is not None:
+                        raise err
+                    rounded = np.rint(tile)
+                    report.count("image_values_rounded", int(np.count_nonzero(rounded != tile)))
+                    image = rounded.astype(np.uint8)
+            else:
+                if check_range and (err := image_error(j)) is not None:
+                    raise err
+                image = tile.astype(np.uint8)
+            res = _convert_mask(mtile, overlap)
+            if res is None:  # the tile-by-tile path checks a batch's images before its masks
+                for k in range(j + 1, min(b, (j // batch_size + 1) * batch_size)) if check_range else ():
+                    if (err := image_error(k)) is not None:
+                        raise err
+                raise InputFormatError(pf.masks, f"masks.npy tile {i} {_bad_id_detail(mtile)}")
+            _count_tile(res, report, masks_rel, i)
+            images.append(image)
+            results.append(res)
+            runs.append(_tile_runs(res, w))
+            img_reader.release(i, i + 1)
+            msk_reader.release(i, i + 1)
+        counts = np.array([r.channels.size for r in results], dtype=np.int64)
+        geo = _runs_geometry(runs, counts, masks.shape[1:3])
+        out = []
+        s = 0
+        for j, res in enumerate(results):
+            i = start + j
+            e = s + int(counts[j])
+            out.append(_converted_tile(res, {k: v[s:e] for k, v in geo.items()}, images[j], key=f"{split}/{i:05d}",
+                                       index=i, split=split, tissue=arrays.types[i], images_rel=images_rel,
+                                       masks_rel=masks_rel, source=source, taxonomy=taxonomy, cache=cache))
+            s = e
+        if hashers is not None and blocks is not None:
+            blocks.append(_block_digest(*hashers))
+        return out
+    finally:
+        img_reader.close()
+        msk_reader.close()
+
+
+def _count_tile(res: _TileResult, report: IngestReport, masks_rel: str, i: int) -> None:
+    """A converted mask tile's counters and warnings (both paths: the same report)."""
+    if res.overlap_pixels:
+        report.count("overlap_pixels", res.overlap_pixels)
+    if res.lost:
+        report.count("instances_lost_to_overlap", len(res.lost))
+        lost = ", ".join(f"{PANNUKE_CHANNELS[c]} id {r}" for c, r in res.lost[:5])
+        report.warn(f"{masks_rel}: tile {i}: {len(res.lost)} instance(s) lost all pixels "
+                    f"to a lower channel and were dropped ({lost})")
+    if res.bg_disagreement:
+        report.count("background_channel_disagreement_pixels", res.bg_disagreement)
+    n = res.channels.size
+    report.count("images")
+    report.count("nuclei", n)
+    if not n:
+        report.count("images_without_nuclei")
+
+
+def _converted_tile(res: _TileResult, geo: dict[str, np.ndarray], image: np.ndarray, *, key: str, index: int,
+                    split: str, tissue: str, images_rel: str, masks_rel: str, source: str, taxonomy: Taxonomy,
+                    cache: dict[str, tuple[int, ...]]) -> ConvertedImage:
+    """One converted mask tile and its geometry as :func:`~.store.convert_image` makes them."""
+    n = res.channels.size
+    ch, oi = res.channels, res.raw_ids
+    labels = _LABELS_U[ch] if n else np.zeros(0, dtype="<U1")
+    unified, cand_text = label_candidates(labels, source=source, taxonomy=taxonomy, cache=cache,
+                                          annotation_file=masks_rel)
+    ids = np.fromiter((nucleus_id(source, masks_rel, index, c, o, "") for c, o in zip(ch.tolist(), oi.tolist())),
+                      dtype=np.int64, count=n)
+    image_id = f"{source}/{key}"
+    blank = np.full(n, "")
+    cols = {
+        "nucleus_id": ids, "image_id": np.full(n, image_id, dtype=object), "kind": np.full(n, "nucleus"),
+        "instance_id": np.arange(1, n + 1, dtype=np.int32), "bbox": geo["bbox"], "centroid_y": geo["cy"],
+        "centroid_x": geo["cx"], "area": geo["area"], "source_label": labels, "unified_label": unified,
+        "candidates": cand_text, "origin_file": np.full(n, masks_rel, dtype=object),
+        "origin_index": np.full(n, index, dtype=np.int32), "origin_channel": ch, "origin_instance": oi,
+        "origin_region": blank, "origin_annotation": blank,
+    }
+    h, w = image.shape[:2]
+    row = {
+        "image_id": image_id, "source": source, "split": split, "patient_id": None, "tissue": tissue or None,
+        "mpp": float(PANNUKE_MPP), "height": h, "width": w, "n_nuclei": n, "origin_file": images_rel,
+        "origin_index": index, "annotation_file": masks_rel,
+    }
+    return ConvertedImage(key, image, res.instances, cols, row)
+
 # -- registry hooks (cellcurate.datasets.sources) ---------------------------------------------
 looks_like = looks_like_pannuke
 
@@ -804,7 +1008,7 @@ def plan_units(path: Path, *, overlap: str | None = None) -> list[UnitPlan]:
         arrays = open_fold(fold)  # validates headers, shapes and types.npy before any write
         h, w = arrays.images.shape[1:3]
         parts = tuple(
-            UnitPart(_TileRange(fold, rule, s, min(s + PART_TILES, arrays.n), arrays), f"{fold.images}, {fold.masks}")
+            _tile_part(_TileRange(fold, rule, s, min(s + PART_TILES, arrays.n), arrays), f"{fold.images}, {fold.masks}")
             for s in (range(0, arrays.n, PART_TILES) or [0]))  # an empty fold: one part, for its warning
         plans.append(UnitPlan(unit=f"pannuke-fold{fold.fold}", n_images=arrays.n, fingerprint="",
                               fingerprint_fn=partial(fold_fingerprint, fold, overlap=rule),
@@ -847,6 +1051,20 @@ class _TileRange:
             _warn_fold(arrays, report, 0, arrays.n)
         return iter_pannuke_fold(arrays, report=report, start=self.start, stop=self.stop, overlap=self.overlap,  # type: ignore[arg-type]
                                  fold_warnings=False, blocks=report.blocks)
+
+    def convert(self, report: IngestReport, *, source: str, taxonomy: Taxonomy,
+                cache: dict[str, tuple[int, ...]] | None = None) -> list[ConvertedImage]:
+        """The part's tiles converted at once (:func:`convert_pannuke_tiles`): what
+        ``convert_image`` makes of what ``self(report)`` yields."""
+        arrays = self.arrays if self.arrays is not None else _open_fold_cached(self.fold)
+        if self.start == 0:
+            _warn_fold(arrays, report, 0, arrays.n)
+        return convert_pannuke_tiles(arrays, self.start, self.stop, source=source, taxonomy=taxonomy, report=report,
+                                     cache=cache, overlap=self.overlap, blocks=report.blocks)  # type: ignore[arg-type]
+
+
+def _tile_part(tiles: _TileRange, files: str) -> UnitPart:
+    return UnitPart(tiles, files, convert=tiles.convert)
 
 
 def _one_line(exc: BaseException) -> str:

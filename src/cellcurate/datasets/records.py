@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -106,10 +106,18 @@ class UnitPart:
         never over open arrays), because it is sent to a worker process.
     files
         The file(s) it reads, named in the one-line error when the part fails in a worker.
+    convert
+        Optional fast path of the reader: ``convert(report, source=, taxonomy=, cache=)`` returns the
+        part's images already converted (:class:`~cellcurate.datasets.store.ConvertedImage`, in
+        order): exactly what :func:`~cellcurate.datasets.store.convert_image` makes of the records
+        ``read`` yields (same ids, columns, counters, warnings and errors), without a
+        :class:`SourceImage` and its table per image (PanNuke converts a block of 64 tiles at
+        once). Must pickle, like ``read``.
     """
 
     read: Callable[["IngestReport"], Iterable[SourceImage]]
     files: str
+    convert: Callable[..., list[Any]] | None = None
 
 
 @dataclass

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ChunkCodec", "ShardLayout", "assemble_shard", "shard_layout", "write_shard"]
+__all__ = ["ChunkCodec", "ShardLayout", "assemble_shard", "native_shard", "shard_layout", "write_file", "write_shard"]
 
 _EMPTY = 2**64 - 1
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
@@ -74,15 +74,19 @@ class ShardLayout:
     codec: ChunkCodec
     tiles_per_shard: int
     ndim: int
+    chunk: tuple[int, ...] = ()  # the inner chunk shape (native arrays: :func:`native_shard`)
 
     def path(self, k: int) -> Path:
         return self.folder.joinpath("c", str(k), *(["0"] * (self.ndim - 1)))
 
 
-def shard_layout(array: Any, folder: Path) -> ShardLayout | None:
+def shard_layout(array: Any, folder: Path, *, native: bool = False) -> ShardLayout | None:
     """The :class:`ShardLayout` of a zarr v3 array written by ``UnitWriter`` (one tile per chunk,
     blosc inside a ``sharding_indexed`` codec with a CRC32C index at the end, default chunk keys,
-    fill value 0, empty chunks not written), or None when its metadata is anything else."""
+    fill value 0, empty chunks not written), or None when its metadata is anything else.
+
+    ``native``: the layout of a native-size image instead (``img/<i>``, ``ins/<i>``): chunks of any
+    shape inside one shard that covers the whole array (:func:`native_shard`)."""
     try:
         import zarr
 
@@ -100,7 +104,11 @@ def shard_layout(array: Any, folder: Path) -> ShardLayout | None:
         conf = shard["configuration"]
         shape = tuple(meta["shape"])
         shard_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-        if tuple(conf["chunk_shape"]) != (1, *shape[1:]) or shard_shape[1:] != shape[1:]:
+        chunk = tuple(int(c) for c in conf["chunk_shape"])
+        if native:
+            if len(chunk) != len(shape) or any(not s <= sh < s + c or sh % c for s, sh, c in zip(shape, shard_shape, chunk)):
+                return None  # one shard, a whole number of chunks, no chunk wholly outside the array
+        elif chunk != (1, *shape[1:]) or shard_shape[1:] != shape[1:]:
             return None
         if conf.get("index_location", "end") != "end":
             return None
@@ -118,7 +126,7 @@ def shard_layout(array: Any, folder: Path) -> ShardLayout | None:
             return None
         c = blosc["configuration"]
         return ShardLayout(folder, ChunkCodec(c["cname"], int(c["clevel"]), c["shuffle"], int(c["typesize"])),
-                           int(shard_shape[0]), len(shape))
+                           int(shard_shape[0]), len(shape), chunk)
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
@@ -155,8 +163,54 @@ def assemble_shard(chunks: list[bytes | None], tiles_per_shard: int) -> bytes | 
 def write_shard(layout: ShardLayout, k: int, chunks: list[bytes | None]) -> None:
     """Write shard ``k`` of an array (nothing when all its chunks are empty, as zarr does). Not
     fsynced here: the unit writer syncs the whole unit folder before it renames it into place."""
-    data = assemble_shard(chunks, layout.tiles_per_shard)
-    path = layout.path(k)
+    write_file(layout.path(k), assemble_shard(chunks, layout.tiles_per_shard))
+
+
+def native_shard(array: np.ndarray, chunk: tuple[int, ...], codec: ChunkCodec) -> bytes | None:
+    """The bytes of the one shard file of a native-size array (a MoNuSAC image ``img/<i>`` (H, W, 3)
+    or instance map ``ins/<i>`` (H, W)) written whole, as zarr writes it: chunks of shape ``chunk``
+    (edge chunks padded with the fill value 0, all-0 chunks left out), concatenated in Morton
+    order over the shard's chunk grid, then the index (C order of the chunk coordinates) and
+    its CRC32C. None when every chunk is empty (zarr writes no file). What the ingest workers
+    send back for such an image instead of its arrays (:func:`~.store.encode_converted`)."""
+    from zarr.core.indexing import morton_order_iter
+
+    shape = array.shape
+    if len(chunk) != len(shape):
+        raise ValueError(f"chunk {chunk} for an array of shape {shape}")
+    grid = tuple(-(-s // c) for s, c in zip(shape, chunk))
+    array = np.ascontiguousarray(array)
+    chunks: dict[tuple[int, ...], bytes] = {}
+    for coords in morton_order_iter(grid):
+        sel = tuple(slice(k * c, min((k + 1) * c, s)) for k, c, s in zip(coords, chunk, shape))
+        block = array[sel]
+        if block.shape != chunk:  # an edge chunk: zarr encodes it padded to the full chunk shape
+            padded = np.zeros(chunk, dtype=array.dtype)
+            padded[tuple(slice(0, n) for n in block.shape)] = block
+            block = padded
+        data = codec.encode(block)
+        if data is not None:
+            chunks[coords] = data
+    return _shard_bytes(chunks, grid)
+
+
+def _shard_bytes(chunks: dict[tuple[int, ...], bytes], grid: tuple[int, ...]) -> bytes | None:
+    """Chunks (in the order given: the file order) + index over ``grid`` + CRC32C; None if none."""
+    import google_crc32c
+
+    if not chunks:
+        return None
+    index = np.full((*grid, 2), _EMPTY, dtype="<u8")
+    offset = 0
+    for coords, data in chunks.items():
+        index[coords] = (offset, len(data))
+        offset += len(data)
+    index_bytes = index.tobytes()
+    return b"".join([*chunks.values(), index_bytes, np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()])
+
+
+def write_file(path: Path, data: bytes | None) -> None:
+    """Write one shard file (nothing when ``data`` is None: an all-empty shard); not fsynced."""
     if data is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)

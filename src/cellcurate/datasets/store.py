@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -190,6 +190,9 @@ class ConvertedImage:
     #: the image's and instance map's stored chunks (:mod:`.shards`; None: an empty chunk), when a
     #: worker compressed them for a stacked unit (:func:`encode_converted`)
     chunks: tuple[bytes | None, bytes | None] | None = None
+    #: a native-size image's (``img/<i>``) and instance map's (``ins/<i>``) shard files (None: all
+    #: empty, no file), when a worker compressed them (:func:`encode_converted` with ``native``)
+    shards: tuple[bytes | None, bytes | None] | None = None
 
 
 #: blosc settings of the stored images (uint8) and instance maps (int32), docs/STORE.md
@@ -203,15 +206,106 @@ def _chunk_codecs() -> tuple[Any, Any]:
     return ChunkCodec(typesize=1, **IMAGES_BLOSC), ChunkCodec(typesize=4, **INSTANCES_BLOSC)  # type: ignore[arg-type]
 
 
-def encode_converted(conv: ConvertedImage) -> ConvertedImage:
+#: how ingest workers compress images for the writer (:attr:`UnitWriter.encoding`): ``"tiles"``, the
+#: chunks of a stacked unit; ``"native"``, the shard files of a native-size image
+Encoding = Literal["tiles", "native"]
+
+
+def native_chunks(h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Chunk and shard shape (rows, columns) of a native-size H×W image: chunks of
+    :data:`NATIVE_CHUNK` pixels (smaller for a small image) in one shard file covering it."""
+    chunks = (min(NATIVE_CHUNK, h), min(NATIVE_CHUNK, w))
+    return chunks, (-(-h // chunks[0]) * chunks[0], -(-w // chunks[1]) * chunks[1])
+
+
+def encode_converted(conv: ConvertedImage, *, native: bool = False) -> ConvertedImage:
     """``conv`` with its image and instance map compressed into the chunks a stacked unit stores
     (what the writer would compress itself; same bytes), the arrays dropped: what an ingest worker
-    sends back for a PanNuke or CoNIC tile, a third of the raw size."""
-    if conv.chunks is not None or conv.image is None or conv.instances is None:
+    sends back for a PanNuke or CoNIC tile, a third of the raw size. ``native``: into the shard
+    files of a native-size image instead (:func:`~.shards.native_shard`; MoNuSAC and the other
+    sources whose images keep their own size)."""
+    if conv.chunks is not None or conv.shards is not None or conv.image is None or conv.instances is None:
         return conv
     img_codec, ins_codec = _chunk_codecs()
+    if native:
+        from .shards import native_shard
+
+        chunks, _ = native_chunks(*conv.instances.shape)
+        return replace(conv, image=None, instances=None,
+                       shards=(native_shard(conv.image, (*chunks, 3), img_codec),
+                               native_shard(conv.instances, chunks, ins_codec)))
     return replace(conv, image=None, instances=None,
-                               chunks=(img_codec.encode(conv.image), ins_codec.encode(conv.instances)))
+                   chunks=(img_codec.encode(conv.image), ins_codec.encode(conv.instances)))
+
+
+def _create_stacked(group: Any, stacked: tuple[int, int, int]) -> tuple[Any, Any]:
+    """The ``images`` and ``instances`` arrays of a stacked unit of (N, H, W) in ``group``."""
+    from zarr.codecs import BloscCodec
+
+    n, h, w = stacked
+    shard = min(TILES_PER_SHARD, max(n, 1))
+    img = group.create_array("images", shape=(n, h, w, 3), dtype="uint8", chunks=(1, h, w, 3), shards=(shard, h, w, 3),
+                             compressors=[BloscCodec(**IMAGES_BLOSC)], fill_value=0)  # type: ignore[arg-type]
+    ins = group.create_array("instances", shape=(n, h, w), dtype="int32", chunks=(1, h, w), shards=(shard, h, w),
+                             compressors=[BloscCodec(**INSTANCES_BLOSC)], fill_value=0)  # type: ignore[arg-type]
+    return img, ins
+
+
+def _create_native(group: Any, i: int, h: int, w: int) -> tuple[Any, Any]:
+    """The (metadata of the) ``img/<i>`` and ``ins/<i>`` arrays of a native-size H×W image."""
+    from zarr.codecs import BloscCodec
+
+    chunks, shards = native_chunks(h, w)
+    img = group.create_array(f"img/{i}", shape=(h, w, 3), dtype="uint8", chunks=(*chunks, 3), shards=(*shards, 3),
+                             compressors=[BloscCodec(**IMAGES_BLOSC)], fill_value=0)  # type: ignore[arg-type]
+    ins = group.create_array(f"ins/{i}", shape=(h, w), dtype="int32", chunks=chunks, shards=shards,
+                             compressors=[BloscCodec(**INSTANCES_BLOSC)], fill_value=0)  # type: ignore[arg-type]
+    return img, ins
+
+
+def unit_encoding(stacked: tuple[int, int, int] | None) -> Encoding | None:
+    """How ingest workers may compress the images of a unit (:func:`encode_converted`), decided
+    before its writer exists (workers convert the next unit while the writer finishes this one):
+    the layout the unit's arrays will have, probed on in-memory arrays made as
+    :class:`UnitWriter` makes them (a native image with two chunks per axis and edge chunks).
+    The writer checks its real arrays again (:attr:`UnitWriter.encoding`)."""
+    import zarr
+    from zarr.storage import MemoryStore
+
+    from .shards import shard_layout
+
+    group = zarr.open_group(MemoryStore(), mode="w", zarr_format=3)
+    if stacked is not None:
+        img, ins = _create_stacked(group, stacked)
+        ok = shard_layout(img, Path("images")) is not None and shard_layout(ins, Path("instances")) is not None
+        return "tiles" if ok else None
+    img, ins = _create_native(group, 0, NATIVE_CHUNK + 88, 2 * NATIVE_CHUNK + 76)
+    ok = shard_layout(img, Path("img"), native=True) is not None and shard_layout(ins, Path("ins"), native=True) is not None
+    return "native" if ok else None
+
+
+def label_candidates(labels: np.ndarray, *, source: str, taxonomy: Taxonomy, cache: dict[str, tuple[int, ...]],
+                     annotation_file: str) -> tuple[np.ndarray, np.ndarray]:
+    """The unified label ((n,) int16; 0 while several candidates remain) and the ``"|"``-joined
+    candidate class ids ((n,) object) of nuclei with source labels ``labels`` ((n,) str), from
+    ``taxonomy`` (memoised per label in ``cache``); a label the taxonomy does not map is a
+    :class:`~cellcurate.errors.StoreError` naming ``annotation_file``."""
+    n = len(labels)
+    unified = np.zeros(n, np.int16)
+    cand_text = np.empty(n, dtype=object)
+    for lab in np.unique(labels):
+        name = str(lab)
+        cands = cache.get(name)
+        if cands is None:
+            try:
+                cands = taxonomy.candidates(source, name)
+            except ConfigError as exc:
+                raise StoreError(f"{annotation_file}: {exc}") from None
+            cache[name] = cands
+        sel = labels == lab
+        unified[sel] = cands[0] if len(cands) == 1 else 0
+        cand_text[sel] = "|".join(map(str, cands))
+    return unified, cand_text
 
 
 def convert_image(item: SourceImage, *, source: str, taxonomy: Taxonomy,
@@ -245,20 +339,8 @@ def convert_image(item: SourceImage, *, source: str, taxonomy: Taxonomy,
         ann = np.asarray(nuc["origin_annotation"].fillna("").to_numpy())[order].astype(str)
     else:
         ann = np.full(n, "", dtype=str)
-    unified = np.zeros(n, np.int16)
-    cand_text = np.empty(n, dtype=object)
-    for lab in np.unique(labels):
-        name = str(lab)
-        cands = cache.get(name)
-        if cands is None:
-            try:
-                cands = taxonomy.candidates(source, name)
-            except ConfigError as exc:
-                raise StoreError(f"{annotation_file}: {exc}") from None
-            cache[name] = cands
-        sel = labels == lab
-        unified[sel] = cands[0] if len(cands) == 1 else 0
-        cand_text[sel] = "|".join(map(str, cands))
+    unified, cand_text = label_candidates(labels, source=source, taxonomy=taxonomy, cache=cache,
+                                          annotation_file=annotation_file)
     ids = np.fromiter(
         (nucleus_id(source, annotation_file, item.origin_index, int(c), int(o), r, a)
          for c, o, r, a in zip(ch, oi, reg, ann)), dtype=np.int64, count=n)
@@ -700,17 +782,9 @@ class UnitWriter:
         self._stack_ins: Any = None
         self._pool: Any = None
         self._pending: Any = None
+        self._native_ok: bool | None = None
         if stacked is not None:
-            n, h, w = stacked
-            shard = min(TILES_PER_SHARD, max(n, 1))
-            self._stack_img = self.group.create_array(
-                "images", shape=(n, h, w, 3), dtype="uint8", chunks=(1, h, w, 3),
-                shards=(shard, h, w, 3), compressors=self._img_codec, fill_value=0,
-            )
-            self._stack_ins = self.group.create_array(
-                "instances", shape=(n, h, w), dtype="int32", chunks=(1, h, w),
-                shards=(shard, h, w), compressors=self._ins_codec, fill_value=0,
-            )
+            self._stack_img, self._stack_ins = _create_stacked(self.group, stacked)
             self._buf: list[ConvertedImage] = []
             self._buf_start = 0
             from .shards import shard_layout
@@ -746,6 +820,18 @@ class UnitWriter:
         unit whose arrays have the layout :mod:`.shards` writes."""
         return self.stacked is not None and None not in self._layouts
 
+    @property
+    def encoding(self) -> Encoding | None:
+        """How ingest workers may compress this unit's images (:func:`encode_converted`):
+        ``"tiles"`` for a stacked unit with the layout of :mod:`.shards`, ``"native"`` for
+        native-size images where this zarr writes the layout :func:`~.shards.native_shard`
+        reproduces; None: they send arrays, and the writer compresses them itself."""
+        if self.stacked is not None:
+            return "tiles" if self.accepts_encoded else None
+        if self._native_ok is None:
+            self._native_ok = unit_encoding(None) == "native"
+        return "native" if self._native_ok else None
+
     def add_converted(self, conv: "ConvertedImage") -> None:
         """Add one image already through :func:`convert_image` (in this process or a worker's),
         possibly compressed by :func:`encode_converted` (stacked units, :attr:`accepts_encoded`)."""
@@ -763,18 +849,33 @@ class UnitWriter:
                 self._flush()
             zarr_path, zarr_index = "images", i
         else:
-            assert conv.image is not None and conv.instances is not None
-            chunks = (min(NATIVE_CHUNK, h), min(NATIVE_CHUNK, w))
-            shards = (-(-h // chunks[0]) * chunks[0], -(-w // chunks[1]) * chunks[1])  # one shard file per image
-            self.group.create_array(f"img/{i}", data=conv.image, chunks=(*chunks, 3), shards=(*shards, 3),
-                                    compressors=self._img_codec, fill_value=0)
-            self.group.create_array(f"ins/{i}", data=conv.instances, chunks=chunks, shards=shards,
-                                    compressors=self._ins_codec, fill_value=0)
+            chunks, shards = native_chunks(h, w)  # one shard file per image
+            if conv.shards is not None:  # compressed by a worker: zarr writes the metadata, we the shard files
+                self._add_native_shards(i, h, w, conv.shards)
+            else:
+                assert conv.image is not None and conv.instances is not None
+                self.group.create_array(f"img/{i}", data=conv.image, chunks=(*chunks, 3), shards=(*shards, 3),
+                                        compressors=self._img_codec, fill_value=0)
+                self.group.create_array(f"ins/{i}", data=conv.instances, chunks=chunks, shards=shards,
+                                        compressors=self._ins_codec, fill_value=0)
             zarr_path, zarr_index = f"img/{i}", -1
         for name, values in conv.cols.items():
             self._cols[name].append(values)
         self._image_rows.append({**conv.row, "unit": self.unit, "zarr_path": zarr_path, "zarr_index": zarr_index})
         self._n += 1
+
+    def _add_native_shards(self, i: int, h: int, w: int, files: tuple[bytes | None, bytes | None]) -> None:
+        """Image ``i``'s arrays from the shard files a worker encoded (:func:`encode_converted`):
+        the arrays' metadata by zarr, then the files where zarr would have written them."""
+        from .shards import shard_layout, write_file
+
+        chunks, _ = native_chunks(h, w)
+        for name, array, chunk, data in zip((f"img/{i}", f"ins/{i}"), _create_native(self.group, i, h, w),
+                                            ((*chunks, 3), chunks), files):
+            layout = shard_layout(array, self.tmp_dir / "arrays.zarr" / name, native=True)
+            if layout is None or layout.chunk != chunk:
+                raise StoreError(f"unit {self.unit}: compressed image {i} for arrays of another layout")
+            write_file(layout.path(0), data)
 
     def _nuclei_table(self) -> pd.DataFrame:
         c = self._cols

@@ -24,14 +24,14 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from ..errors import CellcurateError, ConfigError, InputFormatError, StoreError
 from .records import IngestReport, UnitPart
-from .store import ConvertedImage, convert_image, encode_converted
+from .store import ConvertedImage, Encoding, convert_image, encode_converted
 from .taxonomy import Taxonomy
 
 __all__ = ["ConversionPool", "convert_part", "resolve_jobs", "usable_cores"]
@@ -55,17 +55,20 @@ def resolve_jobs(jobs: int | None) -> int:
 
 
 def convert_part(part: UnitPart, *, source: str, taxonomy: Taxonomy, cache: dict[str, tuple[int, ...]] | None = None,
-                 encode: bool = False) -> tuple[list[ConvertedImage], IngestReport]:
+                 encode: Encoding | None = None) -> tuple[list[ConvertedImage], IngestReport]:
     """Read one part and convert its images; its own report (merged by the caller, in order).
 
-    ``encode``: compress each image into the chunks a stacked unit stores
-    (:func:`~.store.encode_converted`), so that the compression runs here and only compressed
-    bytes go back to the writer."""
+    ``encode``: compress each image into the chunks a stacked unit stores (``"tiles"``) or the
+    shard files of a native-size image (``"native"``) (:func:`~.store.encode_converted`), so
+    that the compression runs here and only compressed bytes go back to the writer."""
     report = IngestReport()
     try:
-        out = [convert_image(item, source=source, taxonomy=taxonomy, cache=cache) for item in part.read(report)]
-        if encode:
-            out = [encode_converted(conv) for conv in out]
+        if part.convert is not None:  # the reader's block path: the same result, no per-image table
+            out = part.convert(report, source=source, taxonomy=taxonomy, cache=cache)
+        else:
+            out = [convert_image(item, source=source, taxonomy=taxonomy, cache=cache) for item in part.read(report)]
+        if encode is not None:
+            out = [encode_converted(conv, native=encode == "native") for conv in out]
     except CellcurateError:
         raise
     except MemoryError:
@@ -110,7 +113,7 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="cellcurate-parent-watch").start()
 
 
-def _worker_part(part: UnitPart, encode: bool) -> tuple[list[ConvertedImage], IngestReport]:
+def _worker_part(part: UnitPart, encode: Encoding | None) -> tuple[list[ConvertedImage], IngestReport]:
     return convert_part(part, source=_WORKER["source"], taxonomy=_WORKER["taxonomy"], cache=_WORKER["cache"],
                         encode=encode)
 
@@ -143,18 +146,26 @@ class ConversionPool:
         return self._pool.submit(_worker_call, fn)
 
     def convert(self, parts: Iterable[UnitPart], *,
-                encode: bool = False) -> Iterator[tuple[list[ConvertedImage], IngestReport]]:
+                encode: Encoding | None = None) -> Iterator[tuple[list[ConvertedImage], IngestReport]]:
         """``(converted images, report)`` of every part, in order; at most ``2 * jobs`` in flight.
-        ``encode``: the workers compress the images for a stacked unit (:func:`convert_part`)."""
+        ``encode``: the workers compress the images for the writer (:func:`convert_part`)."""
+        return self.convert_each((part, encode) for part in parts)
+
+    def convert_each(self, parts: Iterable[tuple[UnitPart, Encoding | None]]
+                     ) -> Generator[tuple[list[ConvertedImage], IngestReport], None, None]:
+        """:meth:`convert` of parts that each say how to compress their images: one stream over
+        the parts of several units, so the workers convert the next unit's parts while the
+        writer finishes one (ingest of many small units, e.g. MoNuSAC's patient folders)."""
         window = 2 * self.jobs
         queue: deque[tuple[UnitPart, Future[Any]]] = deque()
         it = iter(parts)
         try:
             while True:
                 while len(queue) < window:
-                    part = next(it, None)
-                    if part is None:
+                    item = next(it, None)
+                    if item is None:
                         break
+                    part, encode = item
                     queue.append((part, self._pool.submit(_worker_part, part, encode)))
                 if not queue:
                     return
