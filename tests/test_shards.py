@@ -101,6 +101,58 @@ def test_an_ingested_fold_has_the_shard_files_zarr_would_write(tmp_path, tiny_sa
         assert _files(ours) == _files(tmp_path / "again" / d) and len(_files(ours)) >= 2
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_every_file_and_folder_of_a_stacked_unit_is_fsynced_once_before_its_rename(
+        tmp_path, tiny_sample, monkeypatch, jobs):
+    """The shard files and their folders are fsynced by the writer thread as it writes them
+    (``write_shard(synced=)``), the rest by the unit's ``fsync_tree``, which skips the former:
+    each path of the unit folder exactly once, all before the folder is renamed into place."""
+    import os
+    from collections import Counter
+
+    from cellcurate.datasets import pannuke, store
+    from cellcurate.datasets.ingest import ingest_pannuke
+    from cellcurate.datasets.store import Store
+
+    monkeypatch.setattr(store, "TILES_PER_SHARD", 4)
+    monkeypatch.setattr(pannuke, "PART_TILES", 4)
+    seen: dict[str, Counter[str]] = {}  # unit folder (temporary name) -> fsyncs of the paths in it
+    renamed: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def unit_root(path: str) -> str | None:
+        head, sep, rest = path.partition("/units/.tmp-pannuke")
+        return head + sep + rest.split("/")[0] if sep else None
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        root = unit_root(path)
+        if root is not None:
+            assert root not in renamed, f"{path} fsynced after its unit folder was renamed"
+            seen.setdefault(root, Counter())[os.path.normpath(path)] += 1
+        return real_fsync(fd)
+
+    def replace(src, dst, *a, **k):
+        src = os.fspath(src)
+        if os.path.basename(src).startswith(".tmp-pannuke"):
+            root = os.path.normpath(src)
+            renamed.append(root)
+            tree = {os.path.normpath(os.path.join(d, n)) for d, ds, fs in os.walk(src) for n in [*ds, *fs]}
+            tree.add(root)
+            synced = Counter({p: c for p, c in seen.get(root, Counter()).items()
+                              if not os.path.basename(p).endswith(".tmp")})  # atomic writes' temporaries
+            assert tree == set(synced), (sorted(tree - set(synced))[:5], sorted(set(synced) - tree)[:5])
+            twice = [p for p, c in synced.items() if c > 1 and p != root]  # root: also by report.json's write
+            assert not twice, twice[:5]
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with Store.create(tmp_path / "store") as s:
+        ingest_pannuke(s, tiny_sample.pannuke_root, progress=False, jobs=jobs)
+    assert renamed  # every PanNuke unit went through the check
+
+
 def test_a_layout_it_does_not_know_is_written_by_zarr(tmp_path, tiny_sample, monkeypatch):
     from store_readback import assert_same_content
 

@@ -26,7 +26,7 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -78,15 +78,18 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: str | os.PathLike[str]) -> None:
-    """fsync every file and folder under ``root`` (files first, folders bottom-up)."""
+def fsync_tree(root: str | os.PathLike[str], *, skip: Collection[str] = ()) -> None:
+    """fsync every file and folder under ``root`` (files first, folders bottom-up), except the
+    paths in ``skip`` (``os.path.normpath`` form): those the caller fsynced after their last
+    change (the unit writer's shard files, :func:`cellcurate.datasets.shards.write_shard`)."""
     for dirpath, _dirs, names in os.walk(root, topdown=False):
         for name in names:
             p = os.path.join(dirpath, name)
-            if os.path.islink(p):
+            if os.path.islink(p) or (skip and os.path.normpath(p) in skip):
                 continue
             fsync_file(p)
-        fsync_dir(dirpath)
+        if not (skip and os.path.normpath(dirpath) in skip):
+            fsync_dir(dirpath)
 
 
 @contextmanager

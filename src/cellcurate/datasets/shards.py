@@ -160,10 +160,28 @@ def assemble_shard(chunks: list[bytes | None], tiles_per_shard: int) -> bytes | 
     return b"".join(parts)
 
 
-def write_shard(layout: ShardLayout, k: int, chunks: list[bytes | None]) -> None:
-    """Write shard ``k`` of an array (nothing when all its chunks are empty, as zarr does). Not
-    fsynced here: the unit writer syncs the whole unit folder before it renames it into place."""
-    write_file(layout.path(k), assemble_shard(chunks, layout.tiles_per_shard))
+def write_shard(layout: ShardLayout, k: int, chunks: list[bytes | None], *, synced: set[str] | None = None) -> None:
+    """Write shard ``k`` of an array (nothing when all its chunks are empty, as zarr does).
+
+    ``synced``: also fsync the file and the folders made for it (``c/<k>/0/...``; not ``c``,
+    which gets other shards), and add their paths to the set, so that the unit writer's
+    :func:`~cellcurate.core.atomic.fsync_tree` before the rename skips them: the syncs run in
+    the writer thread while the next tiles convert, instead of all at the end. Without it the
+    file is not fsynced here."""
+    path = layout.path(k)
+    data = assemble_shard(chunks, layout.tiles_per_shard)
+    write_file(path, data, sync=synced is not None)
+    if synced is None or data is None:
+        return
+    from ..core.atomic import fsync_dir
+
+    synced.add(os.path.normpath(path))
+    top = os.path.normpath(layout.folder / "c")
+    folder = os.path.normpath(path.parent)
+    while folder != top and len(folder) > len(top):
+        fsync_dir(folder)
+        synced.add(folder)
+        folder = os.path.dirname(folder)
 
 
 def native_shard(array: np.ndarray, chunk: tuple[int, ...], codec: ChunkCodec) -> bytes | None:
@@ -209,8 +227,9 @@ def _shard_bytes(chunks: dict[tuple[int, ...], bytes], grid: tuple[int, ...]) ->
     return b"".join([*chunks.values(), index_bytes, np.array([google_crc32c.value(index_bytes)], dtype="<u4").tobytes()])
 
 
-def write_file(path: Path, data: bytes | None) -> None:
-    """Write one shard file (nothing when ``data`` is None: an all-empty shard); not fsynced."""
+def write_file(path: Path, data: bytes | None, *, sync: bool = False) -> None:
+    """Write one shard file (nothing when ``data`` is None: an all-empty shard); fsynced only
+    with ``sync``."""
     if data is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,5 +238,7 @@ def write_file(path: Path, data: bytes | None) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
     finally:
         os.close(fd)

@@ -783,6 +783,9 @@ class UnitWriter:
         self._pool: Any = None
         self._pending: Any = None
         self._native_ok: bool | None = None
+        #: shard files (and their folders) the writer thread fsynced as it wrote them; skipped by
+        #: the fsync of the whole unit folder in :meth:`prepare`
+        self._synced: set[str] = set()
         if stacked is not None:
             self._stack_img, self._stack_ins = _create_stacked(self.group, stacked)
             self._buf: list[ConvertedImage] = []
@@ -934,8 +937,8 @@ class UnitWriter:
         img_layout, ins_layout = self._layouts
         assert img_layout is not None and ins_layout is not None
         chunks = [encode_converted(c).chunks or (None, None) for c in buf]
-        write_shard(img_layout, k, [c[0] for c in chunks])
-        write_shard(ins_layout, k, [c[1] for c in chunks])
+        write_shard(img_layout, k, [c[0] for c in chunks], synced=self._synced)
+        write_shard(ins_layout, k, [c[1] for c in chunks], synced=self._synced)
 
     def _wait_pending(self) -> None:
         if self._pending is not None:
@@ -972,7 +975,7 @@ class UnitWriter:
         images.to_parquet(self.tmp_dir / "images.parquet", index=False)
         nuclei.to_parquet(self.tmp_dir / "nuclei.parquet", index=False)
         atomic_write_text(self.tmp_dir / "report.json", json.dumps(report.as_dict(), indent=2) + "\n")
-        fsync_tree(self.tmp_dir)
+        fsync_tree(self.tmp_dir, skip=self._synced)
         os.replace(self.tmp_dir, self.final_dir)
         fsync_dir(self.final_dir.parent)
         self._done = True
