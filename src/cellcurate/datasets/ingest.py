@@ -70,12 +70,12 @@ def _check_unit(store: Store, unit: str, fingerprint: str, overwrite: bool) -> s
 
 
 def _write_unit(store: Store, plan: UnitPlan, source: str, *, overwrite: bool, report: IngestReport, bar: Any,
-                pool: ConversionPool | None, results: Iterator[tuple[list[ConvertedImage], IngestReport]] | None = None
+                pool: ConversionPool | None, results: Iterator[tuple[list[ConvertedImage], IngestReport]] | None
                 ) -> PreparedUnit:
-    """Convert and write one unit: its parts in ``pool``'s workers (in order; ``results``, the stream
-    over every unit's parts, :func:`_part_results`) or, without a pool, in this process through the
-    same :func:`~.workers.convert_part`; a reader without parts streams its ``read`` here. A
-    deferred fingerprint is computed beside the conversion."""
+    """Convert and write one unit: its parts from ``results``, the pool's stream over every unit's
+    parts (:func:`_part_results`, in order), or, without a pool, in this process through the same
+    :func:`~.workers.convert_part`; a reader without parts streams its ``read`` here. A deferred
+    fingerprint is computed beside the conversion (in ``pool`` when there is one)."""
     from .workers import convert_part
 
     fp_future = None
@@ -96,9 +96,7 @@ def _write_unit(store: Store, plan: UnitPlan, source: str, *, overwrite: bool, r
                 bar.update(1)
                 bar.set_postfix_str(plan.unit, refresh=False)
 
-        if pool is not None and plan.parts:
-            if results is None:
-                results = pool.convert(plan.parts, encode=writer.encoding)
+        if results is not None and plan.parts:
             for _ in plan.parts:
                 add(*next(results))
         elif plan.parts:

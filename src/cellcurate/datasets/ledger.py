@@ -80,6 +80,7 @@ EVENT_COLUMNS: tuple[str, ...] = (
     "label", "prev_label", "score", "ref", "payload", "chain",
 )
 _INSERT_COLUMNS = EVENT_COLUMNS[1:]
+_INSERT_EVENTS = f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(EVENT_COLUMNS))})"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -222,8 +223,7 @@ def utc_now() -> str:
 
 def _canonical(row: Sequence[Any]) -> bytes:
     """The bytes a row's chain hash covers: fields joined by the unit separator (NULL as "\x00")."""
-    return "\x1f".join(["\x00" if v is None else repr(v) if isinstance(v, float) else str(v)
-                        for v in row]).encode("utf-8")
+    return "\x1f".join(map(_canon_value, row)).encode("utf-8")
 
 
 def _frame_columns(df: pd.DataFrame) -> dict[str, list[Any]] | None:
@@ -276,13 +276,14 @@ def _as_real_column(v: Any) -> Any:
     return float(v) if isinstance(v, int) else v
 
 
+#: field -> the form its column stores a value in (fields of TEXT columns: as given)
+_STORED_AS = {**dict.fromkeys(_INTEGER_FIELDS, _as_integer_column), **dict.fromkeys(_REAL_FIELDS, _as_real_column)}
+
+
 def _stored_value(name: str, v: Any) -> Any:
     """A field's value (after :func:`_none_if_na`) as its column stores it."""
-    if name in _INTEGER_FIELDS:
-        return _as_integer_column(v)
-    if name in _REAL_FIELDS:
-        return _as_real_column(v)
-    return v
+    stored = _STORED_AS.get(name)
+    return v if stored is None else stored(v)
 
 
 def _canon_value(v: Any) -> str:
@@ -308,8 +309,7 @@ def _payload_text(payload: Any) -> Any:
     return payload
 
 
-def _frame_rows(df: pd.DataFrame, seq: int, chain: str, now: str
-                ) -> tuple[list[tuple[Any, ...]], list[int], str] | None:
+def _frame_rows(df: pd.DataFrame, seq: int, chain: str, now: str) -> list[tuple[Any, ...]] | None:
     """The rows :meth:`Ledger._insert` stores for the events of ``df`` (their seq numbers from
     ``seq + 1``, the chain from ``chain``), built column by column: the same values, the same
     chain as the event-by-event loop at a third of its cost (one event per nucleus of an ingest:
@@ -330,15 +330,11 @@ def _frame_rows(df: pd.DataFrame, seq: int, chain: str, now: str
         values = cols.get(name)
         if values is None:
             return none
-        kind = df[name].dtype.kind
-        if kind in "iu" and name not in _REAL_FIELDS:  # Python ints already, as every column stores them
+        if df[name].dtype.kind in "iu" and name not in _REAL_FIELDS:  # Python ints: stored as they are
             return values
         values = list(map(_none_if_na, values))
-        if name in _INTEGER_FIELDS:
-            return list(map(_as_integer_column, values))
-        if name in _REAL_FIELDS:
-            return list(map(_as_real_column, values))
-        return values
+        stored = _STORED_AS.get(name)
+        return values if stored is None else list(map(stored, values))
 
     values: list[list[Any]] = []
     for name in _INSERT_COLUMNS[:-1]:  # time ... payload; the chain is computed below
@@ -353,13 +349,13 @@ def _frame_rows(df: pd.DataFrame, seq: int, chain: str, now: str
         else:
             values.append(field(name))
     texts = ["\x1f".join(t) for t in zip(*map(_canon_column, values))]
-    seqs = list(range(seq + 1, seq + n + 1))
+    seqs = range(seq + 1, seq + n + 1)
     chains: list[str] = []
     sha256 = hashlib.sha256
     for s, text in zip(seqs, texts):
         chain = sha256(chain.encode("ascii") + f"{s}\x1f{text}".encode("utf-8")).hexdigest()
         chains.append(chain)
-    return list(zip(seqs, *values, chains)), seqs, chain
+    return list(zip(seqs, *values, chains))
 
 
 def _json_default(o: Any) -> Any:
@@ -510,23 +506,17 @@ class Ledger:
         return out
 
     def _insert(self, c: sqlite3.Connection, events: pd.DataFrame | Sequence[Mapping[str, Any]]) -> list[int]:
-        if isinstance(events, pd.DataFrame) and events.empty:
-            return []
-        if not isinstance(events, pd.DataFrame) and not events:
+        if len(events) == 0:
             return []
         last = c.execute("SELECT seq, chain FROM events ORDER BY seq DESC LIMIT 1").fetchone()
         seq, chain = (0, GENESIS) if last is None else (int(last[0]), str(last[1]))
         now = utc_now()
-        fast = _frame_rows(events, seq, chain, now) if isinstance(events, pd.DataFrame) else None
-        if fast is not None:
-            rows_, seqs_, _ = fast
-            c.executemany(
-                f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
-                rows_,
-            )
-            return seqs_
+        rows = _frame_rows(events, seq, chain, now) if isinstance(events, pd.DataFrame) else None
+        if rows is not None:
+            c.executemany(_INSERT_EVENTS, rows)
+            return [r[0] for r in rows]
         records = _frame_records(events) if isinstance(events, pd.DataFrame) else list(events)
-        rows: list[tuple[Any, ...]] = []
+        rows = []
         seqs: list[int] = []
         for ev in records:
             kind = ev.get("kind")
@@ -552,10 +542,7 @@ class Ledger:
             chain = hashlib.sha256(chain.encode("ascii") + _canonical((seq, *body))).hexdigest()
             rows.append((seq, *body, chain))
             seqs.append(seq)
-        c.executemany(
-            f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(EVENT_COLUMNS))})",
-            rows,
-        )
+        c.executemany(_INSERT_EVENTS, rows)
         return seqs
 
     def _write(self, work: Any) -> None:

@@ -206,7 +206,7 @@ def _chunk_codecs() -> tuple[Any, Any]:
     return ChunkCodec(typesize=1, **IMAGES_BLOSC), ChunkCodec(typesize=4, **INSTANCES_BLOSC)  # type: ignore[arg-type]
 
 
-#: how ingest workers compress images for the writer (:attr:`UnitWriter.encoding`): ``"tiles"``, the
+#: how ingest workers compress images for the writer (:func:`unit_encoding`): ``"tiles"``, the
 #: chunks of a stacked unit; ``"native"``, the shard files of a native-size image
 Encoding = Literal["tiles", "native"]
 
@@ -268,7 +268,8 @@ def unit_encoding(stacked: tuple[int, int, int] | None) -> Encoding | None:
     before its writer exists (workers convert the next unit while the writer finishes this one):
     the layout the unit's arrays will have, probed on in-memory arrays made as
     :class:`UnitWriter` makes them (a native image with two chunks per axis and edge chunks).
-    The writer checks its real arrays again (:attr:`UnitWriter.encoding`)."""
+    The writer checks its real arrays again (:attr:`UnitWriter.accepts_encoded`, and the layout of
+    each native image's arrays)."""
     import zarr
     from zarr.storage import MemoryStore
 
@@ -782,7 +783,6 @@ class UnitWriter:
         self._stack_ins: Any = None
         self._pool: Any = None
         self._pending: Any = None
-        self._native_ok: bool | None = None
         #: shard files (and their folders) the writer thread fsynced as it wrote them; skipped by
         #: the fsync of the whole unit folder in :meth:`prepare`
         self._synced: set[str] = set()
@@ -823,18 +823,6 @@ class UnitWriter:
         unit whose arrays have the layout :mod:`.shards` writes."""
         return self.stacked is not None and None not in self._layouts
 
-    @property
-    def encoding(self) -> Encoding | None:
-        """How ingest workers may compress this unit's images (:func:`encode_converted`):
-        ``"tiles"`` for a stacked unit with the layout of :mod:`.shards`, ``"native"`` for
-        native-size images where this zarr writes the layout :func:`~.shards.native_shard`
-        reproduces; None: they send arrays, and the writer compresses them itself."""
-        if self.stacked is not None:
-            return "tiles" if self.accepts_encoded else None
-        if self._native_ok is None:
-            self._native_ok = unit_encoding(None) == "native"
-        return "native" if self._native_ok else None
-
     def add_converted(self, conv: "ConvertedImage") -> None:
         """Add one image already through :func:`convert_image` (in this process or a worker's),
         possibly compressed by :func:`encode_converted` (stacked units, :attr:`accepts_encoded`)."""
@@ -852,11 +840,11 @@ class UnitWriter:
                 self._flush()
             zarr_path, zarr_index = "images", i
         else:
-            chunks, shards = native_chunks(h, w)  # one shard file per image
             if conv.shards is not None:  # compressed by a worker: zarr writes the metadata, we the shard files
                 self._add_native_shards(i, h, w, conv.shards)
             else:
                 assert conv.image is not None and conv.instances is not None
+                chunks, shards = native_chunks(h, w)  # one shard file per image
                 self.group.create_array(f"img/{i}", data=conv.image, chunks=(*chunks, 3), shards=(*shards, 3),
                                         compressors=self._img_codec, fill_value=0)
                 self.group.create_array(f"ins/{i}", data=conv.instances, chunks=chunks, shards=shards,
