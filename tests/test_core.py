@@ -141,3 +141,48 @@ def test_feature_cache_is_fsynced(tmp_path, synced):
     folder = save_cache(store, HandcraftedBackbone(), np.zeros((len(ids), 3), np.float32), ids)
     assert {"features.npy", "nucleus_ids.npy", "meta.json"} <= {Path(f).name for f in files}
     assert str(folder.parent) in dirs
+
+
+def _union_ring(m: np.ndarray, off: tuple[int, int]) -> np.ndarray:
+    """mask_to_polygon's ring the general way: the runs unioned by shapely (mask_to_geometry)."""
+    from cellcurate.core.geometry import mask_to_geometry
+
+    geom = mask_to_geometry(m, offset=off)
+    if geom.geom_type == "MultiPolygon":
+        geom = max(geom.geoms, key=lambda g: g.area)
+    ring = np.asarray(geom.exterior.coords)[:-1]
+    ring = np.roll(ring, -int(np.lexsort((ring[:, 0], ring[:, 1]))[0]), axis=0)
+    return np.vstack([ring, ring[:1]])
+
+
+def test_row_convex_rings_equal_the_union():
+    from skimage.draw import ellipse
+
+    from cellcurate.core.geometry import _row_convex_ring, mask_to_polygon
+
+    # by hand: an L of 3 rows, (x, y) pixel edges from the top-left corner, positive shoelace area
+    # (4 px: 0 + 2 - 2 + 2 + 6 + 0 = 8 = twice the area), so along the top edge first (y points down)
+    m = np.array([[1, 0], [1, 0], [1, 1]], bool)
+    assert _row_convex_ring(m, (0, 0)).tolist() == [[0, 0], [1, 0], [1, 2], [2, 2], [2, 3], [0, 3], [0, 0]]
+    assert mask_to_polygon(m, offset=(5, 7)).tolist() == [[7, 5], [8, 5], [8, 7], [9, 7], [9, 8], [7, 8], [7, 5]]
+    # masks it must leave to the union: two runs in a row, a gap between rows, rows meeting at a corner
+    for bad in ([[1, 0, 1]], [[1], [0], [1]], [[1, 0], [0, 1]]):
+        assert _row_convex_ring(np.array(bad, bool), (0, 0)) is None
+    rng = np.random.default_rng(0)
+    fast = 0
+    for t in range(600):
+        if t % 2:
+            m = np.zeros((30, 30), bool)
+            rr, cc = ellipse(15, 15, rng.uniform(1, 12), rng.uniform(1, 12), shape=m.shape, rotation=rng.uniform(0, 3))
+            m[rr, cc] = True
+        else:
+            m = rng.random((5, 5)) < 0.8
+        if not m.any():
+            continue
+        off = (int(rng.integers(0, 50)), int(rng.integers(0, 50)))
+        ring = _row_convex_ring(m, off)
+        if ring is not None:
+            fast += 1
+            assert np.array_equal(ring, _union_ring(m, off))
+        assert np.array_equal(mask_to_polygon(m, offset=off), _union_ring(m, off))
+    assert fast >= 300

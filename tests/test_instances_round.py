@@ -203,6 +203,17 @@ def test_geojson_predictions_are_read_with_the_qupath_reader(store_path: Path, t
     flags = pd.read_parquet(store_path / "rounds" / "instances-1" / "flags.parquet")
     (ev,) = [json.loads(e) for e, i in zip(flags["evidence"], flags["issue"]) if i == "missing_annotation"]
     assert ev["confidence"] == pytest.approx(0.9, abs=0.01)
+    # --appearance is recorded; it needs the map rules, and the refusal writes nothing
+    r = _invoke("instances", str(store_path), "--round", "1", "--predictions", str(out), "--no-cleanlab",
+                "--appearance", "--overwrite")
+    assert r.exit_code == 0, r.output
+    config = json.loads((store_path / "rounds" / "instances-1" / "config.json").read_text())
+    assert config["appearance"] is True and config["blob_missing"] is True
+    before = (store_path / "rounds" / "instances-1" / "config.json").read_bytes()
+    r = CliRunner().invoke(cli, ["instances", str(store_path), "--round", "1", "--predictions", str(out),
+                                 "--appearance", "--no-map-rules", "--overwrite"])
+    assert r.exit_code != 0 and "--appearance" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert (store_path / "rounds" / "instances-1" / "config.json").read_bytes() == before
 
 
 def test_prediction_cache_is_reused_and_a_damaged_one_recomputed(store_path: Path, tmp_path: Path, caplog):
@@ -295,7 +306,7 @@ def test_planted_errors_on_the_tiny_sample_are_found(tmp_path: Path):
     from cellcurate.datasets.ingest import ingest_monusac, ingest_pannuke
     from cellcurate.datasets.synthetic import DEMO_INSTANCE_RATES, write_sample
     from cellcurate.relabel.instance_predict import get_predictions
-    from cellcurate.relabel.instances import planted_for_store, run_instance_round
+    from cellcurate.relabel.instances import InstanceConfig, planted_for_store, run_instance_round
 
     info = write_sample(tmp_path / "s", preset="tiny", seed=0, instance_errors=DEMO_INSTANCE_RATES)
     with Store.create(tmp_path / "store") as store:
@@ -307,6 +318,22 @@ def test_planted_errors_on_the_tiny_sample_are_found(tmp_path: Path):
         res = run_instance_round(store, 1, predictions=cache, planted=planted)
         _, cached = get_predictions(store, progress=False)
         assert cached
+        ranked = run_instance_round(store, 2, predictions=cache, planted=planted,
+                                    config=InstanceConfig(appearance=True))
+    # the appearance ranking (--appearance) rescores the probability-blob flags and changes no other flag
+    plain = res
+    assert sorted(ranked.flags["flag_id"].str[3:]) == sorted(plain.flags["flag_id"].str[3:])
+    a = ranked.flags.set_index(ranked.flags["flag_id"].str[3:])
+    b = plain.flags.set_index(plain.flags["flag_id"].str[3:]).loc[a.index]
+    blob = np.array([e.get("rule") == "probability_blob" for e in a["evidence"]])
+    assert blob.sum() >= 5
+    ranked = np.array(["appearance_p" in e for e in a["evidence"]])
+    assert ranked.any() and not (ranked & ~blob).any()
+    assert not any("appearance_p" in e for e in b["evidence"])
+    np.testing.assert_allclose(a["score"][~blob], b["score"][~blob])
+    for e, score in zip(a["evidence"][ranked], a["score"][ranked]):
+        assert 0.0 <= e["appearance_p"] <= 1.0
+        assert score == pytest.approx(0.5 + 0.5 * np.sqrt(e["appearance_p"] * e["blob_score"]), abs=2e-4)
     t = res.truth
     assert t is not None
     hit = sum(v["hit"] for v in t.values())

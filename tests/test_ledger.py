@@ -137,3 +137,19 @@ def test_63_bit_ids_survive_null_rows(ledger):
     ev = ledger.events()
     assert ev["nucleus_id"].dropna().tolist() == [big, big - 1]
     assert sorted(ledger.current_labels().index) == [big - 1, big]
+
+
+def test_payload_values_are_distinct_in_first_seen_order(tmp_path):
+    from cellcurate.datasets.ledger import Ledger
+
+    led = Ledger(tmp_path / "ledger.sqlite")
+    ev = [{"kind": "instance_flag", "round": 1, "actor": "a", "action": "x", "nucleus_id": None, "score": 0.5,
+           "label": 0, "ref": None, "payload": {"run": r}} for r in ("b", "a", "b", "c")]
+    ev.append({**ev[0], "payload": {"other": 1}})  # no run: skipped
+    ev.append({**ev[0], "round": 2, "payload": {"run": "z"}})
+    led.append(ev)
+    assert led.payload_values("instance_flag", "run", round=1) == ["b", "a", "c"]
+    assert led.payload_values("instance_flag", "run") == ["b", "a", "c", "z"]
+    assert led.payload_values("label", "run") == []
+    with pytest.raises(ValueError):
+        led.payload_values("instance_flag", "run') OR 1=1 --")

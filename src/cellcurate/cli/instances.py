@@ -52,13 +52,16 @@ import click
 @click.option("--no-map-rules", is_flag=True,
               help="Only the instance-matching rules: no registration (bad outline) or blob (missing) rules "
                    "on the probability map.")
+@click.option("--appearance", is_flag=True,
+              help="Rank the probability-blob missing flags by how the image looks there (a forest learnt out "
+                   "of fold on the store's own nuclei; slower, docs/INSTANCES.md).")
 @click.option("--truth", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="instance_truth.parquet of a synthetic sample: print recall and precision per issue type.")
 def command(store_path: Path, round_: int, predictions: Path | None, predictor: str, folds: int, pixel_cv: str,
             student_epochs: int, student_preset: str, extra_training: tuple[Path, ...], device: str, threads: int, seed: int, overwrite: bool,
             min_confidence: float | None, bad_outline_iou: float | None, missing_max_overlap: float | None,
             spurious_min_background: float | None, part_cover: float | None, no_cleanlab: bool,
-            no_map_rules: bool, truth: Path | None) -> None:
+            no_map_rules: bool, appearance: bool, truth: Path | None) -> None:
     """Flag missed, spurious, badly outlined, merged and split nuclei of STORE as ledger events."""
     from dataclasses import replace
 
@@ -72,7 +75,10 @@ def command(store_path: Path, round_: int, predictions: Path | None, predictor: 
     from ._instance_student import StudentPredictorConfig, student_predictor
     from ..relabel.instances import InstanceConfig, planted_for_store, run_instance_round
 
-    cfg = InstanceConfig(cleanlab=not no_cleanlab, registration=not no_map_rules, blob_missing=not no_map_rules)
+    if appearance and no_map_rules:
+        raise ConfigError("--appearance ranks the probability-map blob flags; it needs the map rules (drop --no-map-rules)")
+    cfg = InstanceConfig(cleanlab=not no_cleanlab, registration=not no_map_rules, blob_missing=not no_map_rules,
+                         appearance=appearance)
     given: dict[str, Any] = {"min_confidence": min_confidence, "bad_outline_iou": bad_outline_iou,
              "missing_max_overlap": missing_max_overlap, "spurious_min_background": spurious_min_background,
              "part_cover": part_cover}

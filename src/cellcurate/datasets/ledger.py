@@ -617,6 +617,20 @@ class Ledger:
         return df
 
     @_guarded
+    def payload_values(self, kind: str, key: str, *, round: int | None = None) -> list[Any]:
+        """The distinct values of top-level payload field ``key`` over the events of ``kind`` (and
+        ``round``), in the order they first appear; events without it are skipped. Read by SQLite's
+        JSON functions, without loading the events (an instance round's run tokens among its
+        tens of thousands of flags)."""
+        if not key.isidentifier():
+            raise ValueError(f"payload key must be an identifier, got {key!r}")
+        sql = (f"SELECT json_extract(payload, '$.{key}') AS v, MIN(seq) AS first FROM events WHERE kind = ?"
+               + (" AND round = ?" if round is not None else "")
+               + " AND json_valid(payload) GROUP BY v HAVING v IS NOT NULL ORDER BY first")
+        params: list[Any] = [kind] + ([int(round)] if round is not None else [])
+        return [r[0] for r in self._con.execute(sql, params).fetchall()]
+
+    @_guarded
     def count(self, kind: str | None = None) -> int:
         if kind is None:
             return int(self._con.execute("SELECT COUNT(*) FROM events").fetchone()[0])

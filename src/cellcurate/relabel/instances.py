@@ -102,6 +102,11 @@ class InstanceConfig:
     blob_threshold: float = 0.5  # probability of a blob pixel
     blob_open: float = 0.4  # opening radius, as a fraction of the image's median annotated radius
     min_blob_score: float = 0.5  # mean probability × size plausibility × solidity
+    # ranking of the blob flags by how the image looks there, learnt out of fold on the store's own
+    # annotated nuclei (relabel.appearance; changes scores, not which flags there are). Off by
+    # default: +0.03-0.05 best recall on the real fixtures, for about 40 % more round time on
+    # 200,000 nuclei (docs/INSTANCES.md)
+    appearance: bool = False
 
     def validate(self) -> "InstanceConfig":
         for name in ("min_confidence", "missing_max_overlap", "spurious_min_background", "spurious_max_iou",
@@ -145,7 +150,8 @@ def match_image(ann: np.ndarray, pred: np.ndarray, prob: np.ndarray, *, config: 
 
 
 def match_image_tables(ann: np.ndarray, pred: np.ndarray, prob: np.ndarray, *, config: InstanceConfig | None = None,
-                       mpp: float = 1.0, ignore_ids: Any = (), slices: tuple[list[Any], list[Any]] | None = None
+                       mpp: float = 1.0, ignore_ids: Any = (), slices: tuple[list[Any], list[Any]] | None = None,
+                       blobs: list[tuple[int, int, np.ndarray, ImageFlag | None]] | None = None
                        ) -> tuple[list[ImageFlag], np.ndarray, np.ndarray]:
     """The issues of one image, with the (n, m) mask IoU table and the (m,) confidence of the
     predicted objects they were found on (the cleanlab evidence reuses both). ``slices``: the
@@ -165,6 +171,9 @@ def match_image_tables(ann: np.ndarray, pred: np.ndarray, prob: np.ndarray, *, c
         Microns per pixel (``min_part_um2`` is converted with it).
     ignore_ids
         Annotated ids that are ignore regions (never flagged; predictions inside them are not missing).
+    blobs
+        When a list: every blob of the probability-map rule is appended to it as (y0, x0, mask, its
+        flag or None when it scored below ``min_blob_score``) (the appearance ranking's examples).
 
     Returns
     -------
@@ -280,7 +289,7 @@ def match_image_tables(ann: np.ndarray, pred: np.ndarray, prob: np.ndarray, *, c
         moved = {f.ann_ids[0] for f in bad if f.region is not None}
         spurious = [f for f in spurious if f.ann_ids[0] not in moved]  # a moved outline, not a spurious one
     if cfg.blob_missing:
-        _blob_flags(missing, bad, ann, pred, pr.reshape(ann.shape), A, real_a, cfg)
+        _blob_flags(missing, bad, ann, pred, pr.reshape(ann.shape), A, real_a, cfg, blobs)
     flags = missing + spurious + bad + merged + split
     for f in flags:
         f.score = float(min(1.0, max(0.0, f.score)))
@@ -411,7 +420,8 @@ def _opening(m: np.ndarray, disk: np.ndarray) -> np.ndarray:
 
 
 def _blob_flags(missing: list[ImageFlag], bad: list[ImageFlag], ann: np.ndarray, pred: np.ndarray, prob: np.ndarray,
-                A: np.ndarray, real_a: np.ndarray, cfg: InstanceConfig) -> None:
+                A: np.ndarray, real_a: np.ndarray, cfg: InstanceConfig,
+                blobs: list[tuple[int, int, np.ndarray, ImageFlag | None]] | None = None) -> None:
     """missing_annotation from the probability map, in place on ``missing``: connected blobs of
     unannotated pixels with probability ≥ ``blob_threshold`` after an opening by a disc of
     ``blob_open`` × the image's median annotated radius (rims along annotated outlines go), scored
@@ -423,7 +433,6 @@ def _blob_flags(missing: list[ImageFlag], bad: list[ImageFlag], ann: np.ndarray,
     of the prediction rule without a blob score half their score."""
     from scipy import ndimage
     from skimage.measure import regionprops
-    from skimage.morphology import disk
 
     for f in missing:
         f.score *= 0.5
@@ -434,9 +443,9 @@ def _blob_flags(missing: list[ImageFlag], bad: list[ImageFlag], ann: np.ndarray,
     m = (prob >= cfg.blob_threshold) & (ann == 0)
     if not m.any():
         return
-    r = cfg.blob_open * np.sqrt(med / np.pi)
-    if r >= 0.5:
-        m = _opening(m, disk(max(int(round(r)), 0)).astype(bool))
+    dk = blob_disk(med, cfg)
+    if dk is not None:
+        m = _opening(m, dk)
         if not m.any():
             return
     lab, k = ndimage.label(m)
@@ -462,10 +471,13 @@ def _blob_flags(missing: list[ImageFlag], bad: list[ImageFlag], ann: np.ndarray,
         mean_p = float(prob[ys, xs].mean())
         s = mean_p * size * float(rp.solidity)
         if s < cfg.min_blob_score:
+            if blobs is not None:
+                y0, x0, y1, x1 = rp.bbox
+                blobs.append((int(y0), int(x0), lab[y0:y1, x0:x1] == rp.label, None))
             continue
         score = 0.5 + 0.5 * s
         ev: dict[str, Any] = {"blob_mean_prob": _r(mean_p), "blob_area": int(rp.area), "blob_relative_area": _r(rel),
-              "blob_solidity": _r(rp.solidity)}
+              "blob_solidity": _r(rp.solidity), "blob_score": _r(s)}
         under = pred[ys, xs]
         ids, counts = np.unique(under[under > 0], return_counts=True)
         host = by_pred.get(int(ids[np.argmax(counts)])) if len(ids) and counts.max() >= 0.5 * rp.area else None
@@ -474,10 +486,21 @@ def _blob_flags(missing: list[ImageFlag], bad: list[ImageFlag], ann: np.ndarray,
             ev["pred_confidence"] = host.evidence.get("confidence")
             replaced.add(id(host))
         y0, x0, y1, x1 = rp.bbox
-        missing.append(ImageFlag("missing_annotation", score, [], [], {**ev, "confidence": _r(mean_p),
-                                                                       "rule": "probability_blob"},
-                                 region=(int(y0), int(x0), lab[y0:y1, x0:x1] == rp.label)))
+        flag = ImageFlag("missing_annotation", score, [], [], {**ev, "confidence": _r(mean_p), "rule": "probability_blob"},
+                         region=(int(y0), int(x0), lab[y0:y1, x0:x1] == rp.label))
+        missing.append(flag)
+        if blobs is not None:
+            blobs.append((int(y0), int(x0), lab[y0:y1, x0:x1] == rp.label, flag))
     missing[:] = [f for f in missing if id(f) not in replaced]
+
+
+def blob_disk(median_area: float, cfg: InstanceConfig) -> np.ndarray | None:
+    """The blob rule's opening disc for an image of median annotated area ``median_area`` px
+    (None: too small to open)."""
+    from skimage.morphology import disk
+
+    r = cfg.blob_open * np.sqrt(median_area / np.pi)
+    return disk(max(int(round(r)), 0)).astype(bool) if r >= 0.5 else None
 
 
 def _shift_gain(ann_mask: np.ndarray, pred_mask: np.ndarray, *, max_shift: int) -> tuple[float, tuple[int, int]]:
@@ -779,6 +802,7 @@ def find_instance_issues(store: "Store", predictions: "PredictionCache", *, conf
     known = set(mpp)
     ids = [i for i in predictions.image_ids() if i in known]
     pending: list[_Pending] = []
+    ranking = _AppearanceRanking(store, cfg, round)
 
     def finish() -> None:
         slices = [x.slices for x in pending]
@@ -822,16 +846,91 @@ def find_instance_issues(store: "Store", predictions: "PredictionCache", *, conf
             ann, now = geometry.paint(image_id, ann, nuc_of_image.get(image_id, nuclei.iloc[:0]))
             ignore_ids, nid_of = _nuclei_by_image(now.assign(image_id=image_id)).get(image_id, ([], {}))
         sl = (object_slices(ann, int(ann.max(initial=0))), object_slices(pred, int(pred.max(initial=0))))
+        blobs: list[tuple[int, int, np.ndarray, ImageFlag | None]] | None = (
+            [] if cfg.appearance and cfg.blob_missing else None)
         flags, iou, conf = match_image_tables(ann, pred, prob, config=cfg, mpp=mpp[image_id], ignore_ids=ignore_ids,
-                                              slices=sl)
+                                              slices=sl, blobs=blobs)
+        if blobs:
+            ranking.add(image_id, ann, prob, flags, blobs, nid_of, mpp[image_id])
         if flags:
             pending.append(_Pending(image_id, ann, pred, prob, flags, nid_of, (iou, conf), sl))
             if len(pending) >= 64:
                 finish()
     finish()
+    ranking.apply(rows)
     cols = ["flag_id", "image_id", "issue", "score", "nucleus_ids", "instance_ids", "pred_ids", "proposed_action",
             "polygons", "evidence", "centroid_x", "centroid_y"]
     return pd.DataFrame(rows, columns=cols)
+
+
+class _AppearanceRanking:
+    """The appearance ranking of the blob flags (:mod:`cellcurate.relabel.appearance`), gathered
+    image by image during :func:`find_instance_issues` and applied to its rows at the end. Only the
+    images with a blob flag are read (RGB) and give examples."""
+
+    def __init__(self, store: "Store", cfg: InstanceConfig, round: int) -> None:
+        self.store, self.cfg, self.round = store, cfg, round
+        self.pos: list[list[float]] = []
+        self.pos_groups: list[str] = []
+        self.blobs: list[list[float]] = []
+        self.blob_groups: list[str] = []
+        self.blob_flag_ids: list[str] = []
+
+    def add(self, image_id: str, ann: np.ndarray, prob: np.ndarray, flags: list[ImageFlag],
+            blobs: list[tuple[int, int, np.ndarray, ImageFlag | None]], nid_of: dict[int, int], mpp: float) -> None:
+        from . import appearance as ap
+
+        index = {id(f): k for k, f in enumerate(flags)}
+        flagged = [(y0, x0, m, f) for y0, x0, m, f in blobs if f is not None and id(f) in index]
+        if not flagged or not nid_of:
+            return  # an image without a blob flag gives no examples (and is not read)
+        A = np.bincount(np.asarray(ann, np.int64).ravel())
+        areas = A[[a for a in nid_of if a < len(A)]]
+        areas = areas[areas > 0]
+        if not len(areas):
+            return
+        med = float(np.median(areas))
+        ctx = ap.ImageContext.build(self.store.read_image(image_id), np.asarray(ann), prob, med)
+        h8 = image_hash8(image_id)
+        # every blob of the rule (its flags and, a few per image, the blobs below its score) is an
+        # unlabelled example; only the flags get a score
+        below = [(y0, x0, m, f) for y0, x0, m, f in blobs if f is None][:ap.MAX_UNFLAGGED_PER_IMAGE]
+        for y0, x0, m, f in flagged + below:
+            ys, xs = np.nonzero(m)
+            self.blobs.append(ap.features(ctx, y0, x0, m))
+            self.blob_groups.append(ap.block_group(image_id, ys.mean() + y0, xs.mean() + x0, mpp))
+            self.blob_flag_ids.append(f"i{self.round}-{h8}-{index[id(f)]}" if f is not None else "")
+        room = min(ap.MAX_POSITIVES_PER_IMAGE, ap.MAX_POSITIVES - len(self.pos))
+        if room <= 0:
+            return
+        ids = np.array(sorted(nid_of), np.int64)
+        if len(ids) > room:  # a sample, the same on every run (seeded by the image id)
+            rng = np.random.default_rng(int(h8, 16))
+            ids = np.sort(rng.choice(ids, size=room, replace=False))
+        for feats, cy, cx in ap.deletion_examples(ctx, prob >= self.cfg.blob_threshold, blob_disk(med, self.cfg), ids):
+            self.pos.append(feats)
+            self.pos_groups.append(ap.block_group(image_id, cy, cx, mpp))
+
+    def apply(self, rows: list[dict[str, Any]]) -> None:
+        """Rescore the blob flags among ``rows`` in place (score 0.5 + 0.5 × sqrt(p × blob score);
+        evidence ``appearance_p``); nothing when there are too few examples to fold."""
+        from . import appearance as ap
+
+        if not self.blobs:
+            return
+        p = ap.out_of_fold_probability(np.asarray(self.pos, np.float64).reshape(-1, len(ap.FEATURES)),
+                                       np.asarray(self.pos_groups, dtype=object),
+                                       np.asarray(self.blobs, np.float64), np.asarray(self.blob_groups, dtype=object))
+        if p is None:
+            return
+        by_id = {r["flag_id"]: r for r in rows}
+        for fid, v in zip(self.blob_flag_ids, p):
+            r = by_id.get(fid) if fid else None
+            if r is None or np.isnan(v):
+                continue
+            s = float(r["evidence"].get("blob_score", 2.0 * r["score"] - 1.0))
+            r["evidence"]["appearance_p"] = _r(v)
+            r["score"] = float(min(1.0, max(0.0, 0.5 + 0.5 * np.sqrt(max(0.0, float(v) * s)))))
 
 
 # -- scoring against planted truth ----------------------------------------------------------------
@@ -968,13 +1067,7 @@ def instance_round_dir(store: "Store", round: int) -> Path:
 
 def existing_runs(store: "Store", round: int) -> list[str]:
     """Run tokens of the ``instance_flag`` events of round ``round`` (oldest first)."""
-    ev = store.ledger.events(kinds=("instance_flag",), round=round, parse_payload=True)
-    runs: list[str] = []
-    for p in ev["payload"]:
-        r = p.get("run") if isinstance(p, dict) else None
-        if r and r not in runs:
-            runs.append(r)
-    return runs
+    return [str(r) for r in store.ledger.payload_values("instance_flag", "run", round=round) if r]
 
 
 def _wkb(polys: list[list[list[float]]]) -> list[bytes]:
