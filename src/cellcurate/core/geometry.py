@@ -60,14 +60,7 @@ def mask_to_geometry(mask: np.ndarray, *, offset: tuple[int, int] = (0, 0)) -> A
     if not m.any():
         return None
     # one rectangle per horizontal run of pixels, unioned
-    pad = np.zeros((m.shape[0], m.shape[1] + 2), dtype=np.int8)
-    pad[:, 1:-1] = m
-    d = np.diff(pad, axis=1)
-    rs, cs = np.nonzero(d == 1)
-    re_, ce = np.nonzero(d == -1)
-    order_s = np.lexsort((cs, rs))
-    order_e = np.lexsort((ce, re_))
-    rows, c0, c1 = rs[order_s], cs[order_s], ce[order_e]
+    rows, c0, c1 = _runs(m)
     y0, x0 = offset
     boxes = shapely.box(c0 + x0, rows + y0, c1 + x0, rows + 1 + y0)
     geom = shapely.union_all(boxes)
@@ -99,10 +92,25 @@ def mask_to_polygon(mask: np.ndarray, *, offset: tuple[int, int] = (0, 0), toler
         geom = max(geom.geoms, key=lambda g: g.area)
     if tolerance > 0:
         geom = shapely.simplify(geom, tolerance)
-    ring = np.asarray(geom.exterior.coords, dtype=np.float64)[:-1]
+    return _closed_from_lowest(np.asarray(geom.exterior.coords, dtype=np.float64)[:-1])
+
+
+def _runs(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The horizontal runs of pixels of a boolean mask, in row-major order: (row, first column,
+    column after the last), each (k,)."""
+    pad = np.zeros((m.shape[0], m.shape[1] + 2), dtype=np.int8)
+    pad[:, 1:-1] = m
+    d = np.diff(pad, axis=1)
+    rows, c0 = np.nonzero(d == 1)  # np.nonzero is row-major: sorted by row, then column
+    _, c1 = np.nonzero(d == -1)
+    return rows, c0, c1
+
+
+def _closed_from_lowest(ring: np.ndarray) -> np.ndarray:
+    """An open (V, 2) ring of (x, y) started at its lowest-leftmost vertex (smallest y, then x) and
+    closed (first == last)."""
     start = int(np.lexsort((ring[:, 0], ring[:, 1]))[0])
-    ring = np.roll(ring, -start, axis=0)
-    return np.vstack([ring, ring[:1]])
+    return np.concatenate([ring[start:], ring[:start + 1]])
 
 
 def _row_convex_ring(m: np.ndarray, offset: tuple[int, int]) -> np.ndarray | None:
@@ -113,11 +121,7 @@ def _row_convex_ring(m: np.ndarray, offset: tuple[int, int]) -> np.ndarray | Non
     (``test_row_convex_rings_equal_the_union``)."""
     if not m.any():
         return None
-    pad = np.zeros((m.shape[0], m.shape[1] + 2), dtype=np.int8)
-    pad[:, 1:-1] = m
-    d = np.diff(pad, axis=1)
-    rs, ai = np.nonzero(d == 1)  # row-major: sorted by row, then column
-    _, bi = np.nonzero(d == -1)
+    rs, ai, bi = _runs(m)
     if len(rs) > 1 and (np.any(np.diff(rs) != 1) or np.any(ai[1:] >= bi[:-1]) or np.any(ai[:-1] >= bi[1:])):
         return None  # two runs in a row, a gap between rows, or rows touching only at a corner
     y0, x0 = offset
@@ -150,6 +154,4 @@ def _row_convex_ring(m: np.ndarray, offset: tuple[int, int]) -> np.ndarray | Non
     x, y = ring[:, 0], ring[:, 1]
     if float(x[:-1] @ y[1:] - x[1:] @ y[:-1] + x[-1] * y[0] - x[0] * y[-1]) < 0:
         ring = ring[::-1]
-    start = int(np.lexsort((ring[:, 0], ring[:, 1]))[0])
-    ring = np.concatenate([ring[start:], ring[:start + 1]])
-    return ring
+    return _closed_from_lowest(ring)

@@ -104,8 +104,8 @@ class InstanceConfig:
     min_blob_score: float = 0.5  # mean probability × size plausibility × solidity
     # ranking of the blob flags by how the image looks there, learnt out of fold on the store's own
     # annotated nuclei (relabel.appearance; changes scores, not which flags there are). Off by
-    # default: +0.03-0.05 best recall on the real fixtures, for about 40 % more round time on
-    # 200,000 nuclei (docs/INSTANCES.md)
+    # default: +0.03-0.05 best recall on the real fixtures, for half again the round time on
+    # 200,000 nuclei (53 -> 79 s; docs/INSTANCES.md)
     appearance: bool = False
 
     def validate(self) -> "InstanceConfig":
@@ -782,6 +782,12 @@ def image_hash8(image_id: str) -> str:
     return hashlib.sha256(image_id.encode("utf-8")).hexdigest()[:8]
 
 
+def flag_id(round: int, h8: str, k: int) -> str:
+    """The id of flag ``k`` (its place in :func:`match_image_tables`' list) of the image whose
+    :func:`image_hash8` is ``h8``, in round ``round``."""
+    return f"i{round}-{h8}-{k}"
+
+
 def find_instance_issues(store: "Store", predictions: "PredictionCache", *, config: InstanceConfig | None = None,
                          round: int = 1, progress: bool | None = None, geometry: Any = None) -> pd.DataFrame:
     """Flags of every store image, one row each: flag_id, image_id, issue, score, nucleus_ids
@@ -827,7 +833,7 @@ def find_instance_issues(store: "Store", predictions: "PredictionCache", *, conf
                     ys, xs = np.nonzero(x.ann[sl] == f.ann_ids[0])
                     c = np.array([xs.mean() + sl[1].start + 0.5, ys.mean() + sl[0].start + 0.5])
                 rows.append({
-                    "flag_id": f"i{round}-{h8}-{k}", "image_id": x.image_id, "issue": f.issue, "score": f.score,
+                    "flag_id": flag_id(round, h8, k), "image_id": x.image_id, "issue": f.issue, "score": f.score,
                     "nucleus_ids": [x.nid_of[a] for a in f.ann_ids if a in x.nid_of], "instance_ids": list(f.ann_ids),
                     "pred_ids": list(f.pred_ids), "proposed_action": PROPOSED_ACTION[f.issue], "polygons": polys,
                     "evidence": evidence, "centroid_x": float(c[0]), "centroid_y": float(c[1]),
@@ -899,7 +905,7 @@ class _AppearanceRanking:
             ys, xs = np.nonzero(m)
             self.blobs.append(ap.features(ctx, y0, x0, m))
             self.blob_groups.append(ap.block_group(image_id, ys.mean() + y0, xs.mean() + x0, mpp))
-            self.blob_flag_ids.append(f"i{self.round}-{h8}-{index[id(f)]}" if f is not None else "")
+            self.blob_flag_ids.append(flag_id(self.round, h8, index[id(f)]) if f is not None else "")
         room = min(ap.MAX_POSITIVES_PER_IMAGE, ap.MAX_POSITIVES - len(self.pos))
         if room <= 0:
             return
@@ -928,8 +934,8 @@ class _AppearanceRanking:
             r = by_id.get(fid) if fid else None
             if r is None or np.isnan(v):
                 continue
-            s = float(r["evidence"].get("blob_score", 2.0 * r["score"] - 1.0))
             r["evidence"]["appearance_p"] = _r(v)
+            s = float(r["evidence"]["blob_score"])  # every blob flag carries it (_blob_flags)
             r["score"] = float(min(1.0, max(0.0, 0.5 + 0.5 * np.sqrt(max(0.0, float(v) * s)))))
 
 
