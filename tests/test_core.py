@@ -144,10 +144,10 @@ def test_feature_cache_is_fsynced(tmp_path, synced):
 
 
 def _union_ring(m: np.ndarray, off: tuple[int, int]) -> np.ndarray:
-    """mask_to_polygon's ring the general way: the runs unioned by shapely (mask_to_geometry)."""
-    from cellcurate.core.geometry import mask_to_geometry
+    """mask_to_polygon's ring the general way: the runs unioned by shapely."""
+    from cellcurate.core.geometry import _union_geometry
 
-    geom = mask_to_geometry(m, offset=off)
+    geom = _union_geometry(m, off)
     if geom.geom_type == "MultiPolygon":
         geom = max(geom.geoms, key=lambda g: g.area)
     ring = np.asarray(geom.exterior.coords)[:-1]
@@ -156,9 +156,10 @@ def _union_ring(m: np.ndarray, off: tuple[int, int]) -> np.ndarray:
 
 
 def test_row_convex_rings_equal_the_union():
+    import shapely
     from skimage.draw import ellipse
 
-    from cellcurate.core.geometry import _row_convex_ring, mask_to_polygon
+    from cellcurate.core.geometry import _row_convex_ring, _union_geometry, mask_to_geometry, mask_to_polygon
 
     # by hand: an L of 3 rows, (x, y) pixel edges from the top-left corner, positive shoelace area
     # (4 px: 0 + 2 - 2 + 2 + 6 + 0 = 8 = twice the area), so along the top edge first (y points down)
@@ -185,4 +186,13 @@ def test_row_convex_rings_equal_the_union():
             fast += 1
             assert np.array_equal(ring, _union_ring(m, off))
         assert np.array_equal(mask_to_polygon(m, offset=off), _union_ring(m, off))
+        # mask_to_geometry: the same polygon either way (holes and components included), valid,
+        # exterior counter-clockwise (positive shoelace area in (x, y))
+        geom, union = mask_to_geometry(m, offset=off), _union_geometry(m, off)
+        assert geom.geom_type == union.geom_type and geom.is_valid and geom.equals(union)
+        assert geom.area == m.sum() and geom.bounds == union.bounds
+        if geom.geom_type == "Polygon":
+            assert shapely.is_ccw(geom.exterior) == shapely.is_ccw(union.exterior)
+            a, b = (np.asarray(g.exterior.coords)[:-1] for g in (geom, union))
+            assert np.array_equal(a[np.lexsort(a.T)], b[np.lexsort(b.T)])  # the same vertices
     assert fast >= 300

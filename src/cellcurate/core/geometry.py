@@ -52,14 +52,26 @@ def mask_to_geometry(mask: np.ndarray, *, offset: tuple[int, int] = (0, 0)) -> A
     Returns
     -------
     shapely Polygon / MultiPolygon in (x, y) image coordinates, exterior counter-clockwise in
-    (x, y) (y down), holes kept; ``None`` for an empty mask.
+    (x, y) (y down), holes kept; ``None`` for an empty mask. A mask whose rows each hold one run
+    (most nuclei) gets its outline traced directly (:func:`_row_convex_ring`, vertices from the
+    lowest-leftmost corner), any other the union of its runs: the same polygon.
     """
     import shapely
 
     m = np.asarray(mask, dtype=bool)
+    ring = _row_convex_ring(m, offset)
+    if ring is not None:
+        return shapely.Polygon(ring)
+    return _union_geometry(m, offset)
+
+
+def _union_geometry(m: np.ndarray, offset: tuple[int, int]) -> Any:
+    """:func:`mask_to_geometry` of any boolean mask: one rectangle per horizontal run of pixels,
+    unioned by shapely (``None`` when empty)."""
+    import shapely
+
     if not m.any():
         return None
-    # one rectangle per horizontal run of pixels, unioned
     rows, c0, c1 = _runs(m)
     y0, x0 = offset
     boxes = shapely.box(c0 + x0, rows + y0, c1 + x0, rows + 1 + y0)
@@ -85,7 +97,7 @@ def mask_to_polygon(mask: np.ndarray, *, offset: tuple[int, int] = (0, 0), toler
         fast = _row_convex_ring(np.asarray(mask, dtype=bool), offset)
         if fast is not None:
             return fast
-    geom = mask_to_geometry(mask, offset=offset)
+    geom = _union_geometry(np.asarray(mask, dtype=bool), offset)
     if geom is None:
         return np.zeros((0, 2))
     if geom.geom_type == "MultiPolygon":
