@@ -262,8 +262,10 @@ def bench_floors(work: Path, n: int, sample: int = 256) -> None:
     rows.append(("  (tile by tile, before: convert_image)", per_tile(
         lambda: [convert_image(x, source="pannuke", taxonomy=tax, cache=cache) for x in items], m)))
     enc: list = []
-    rows.append(("compress into stored chunks (zstd-1)", per_tile(
+    rows.append(("compress into stored chunks (blosc lz4-1)", per_tile(
         lambda: enc.__setitem__(slice(None), [encode_converted(c) for c in conv]), m)))
+    codec_rows = codec_comparison([(c.image, c.instances) for c in conv], per_tile, m)
+    rows.append(("  (zstd-1, the codec before: same bit/byte shuffle)", codec_rows["zstd"][0]))
     import zarr
 
     with tempfile.TemporaryDirectory(dir=work) as tmp:
@@ -320,6 +322,56 @@ def bench_floors(work: Path, n: int, sample: int = 256) -> None:
     total = sum(used)
     print(f"  {'sum of the steps a new fold goes through (v3 hashed in the read)':<52} {total * 1e3:>8.3f} "
           f"{total / raw:>7.1f}   on 2 cores at best ~{total / raw / 2:.1f}x; goal 3x")
+    print("  stored bytes / raw uint8 + int32 bytes, images | instance maps (generated tiles; real H&E below):")
+    for cname, (_, img_ratio, ins_ratio) in codec_rows.items():
+        print(f"    {cname:<5} {img_ratio:.3f} | {ins_ratio:.4f}")
+    real = real_tiles()
+    if real:
+        cmp = codec_comparison([(t, None) for t in real], per_tile, len(real))
+        print(f"  real H&E fixture tiles ({len(real)} of 256x256, CoNSeP / MoNuSeg / CPM-15), images: " +
+              ", ".join(f"{c} {cmp[c][0] * 1e3:.3f} ms/tile, {cmp[c][1]:.3f} of raw" for c in cmp))
+
+
+def codec_comparison(pairs: list, per_tile, count: int) -> dict[str, tuple[float, float, float]]:
+    """Per-tile compression time and size ratios (images, instance maps) of the stored tiles with
+    the store's blosc settings and with zstd-1 (the codec before), same shuffles: ``{cname: (s per
+    tile, image ratio, instance ratio)}``."""
+    from dataclasses import replace
+
+    from cellcurate.datasets.store import _chunk_codecs
+
+    img_codec, ins_codec = _chunk_codecs()
+    out = {}
+    for cname in (img_codec.cname, "zstd"):
+        ci, cn = replace(img_codec, cname=cname), replace(ins_codec, cname=cname)
+        def enc(ci=ci, cn=cn) -> list:
+            return [(ci.encode(a), None if b is None else cn.encode(b)) for a, b in pairs]
+        sec = per_tile(enc, count)
+        coded = enc()
+        img = sum(len(a or b"") for a, _ in coded) / sum(a.nbytes for a, _ in pairs)
+        ins = (sum(len(b or b"") for _, b in coded) / sum(b.nbytes for _, b in pairs)) if pairs[0][1] is not None else 0.0
+        out[cname] = (sec, img, ins)
+    return out
+
+
+def real_tiles() -> list:
+    """256x256 RGB tiles cut from the real H&E fixtures (../shared/fixtures/real), when present."""
+    root = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real"
+    if not root.is_dir():
+        return []
+    from skimage.io import imread
+
+    files = sorted(root.glob("consep/images/*")) + sorted(root.glob("monuseg/**/*.tif")) + sorted(root.glob("cpm15/*.png"))
+    tiles = []
+    for f in files:
+        try:
+            im = np.asarray(imread(f))[..., :3]
+        except Exception:  # noqa: BLE001 - a fixture skimage cannot read is left out of the figure
+            continue
+        for y in range(0, im.shape[0] - 255, 256):
+            for x in range(0, im.shape[1] - 255, 256):
+                tiles.append(np.ascontiguousarray(im[y:y + 256, x:x + 256], dtype=np.uint8))
+    return tiles
 
 
 def pq_rows(store: Path) -> "list[int]":

@@ -544,9 +544,10 @@ def _convert_mask(tile: np.ndarray, overlap: OverlapRule = DEFAULT_OVERLAP) -> _
     h, w, c6 = tile.shape
     flat = tile.reshape(-1)
     nz = flat != 0  # NaN counts as nonzero and fails the checks below
-    nz.reshape(-1, c6)[:, c6 - 1] = False  # channel 5 (Background) holds no instances
+    by_pixel = nz.reshape(-1, c6)
+    bg = by_pixel[:, c6 - 1].copy()  # from the small boolean array, not a second pass over the floats
+    by_pixel[:, c6 - 1] = False  # channel 5 (Background) holds no instances
     idx = np.flatnonzero(nz)
-    bg = flat[c6 - 1 :: c6] != 0
     if idx.size == 0:
         return _TileResult(np.zeros((h, w), np.int32), np.zeros(0, np.int16), np.zeros(0, np.int64), 0, [],
                            int(h * w - np.count_nonzero(bg)), np.zeros(0, np.int64), np.zeros(0, np.int32))
@@ -557,8 +558,7 @@ def _convert_mask(tile: np.ndarray, overlap: OverlapRule = DEFAULT_OVERLAP) -> _
         return None
     if ints.min() <= 0 or vals.max() >= _MAX_ID:
         return None
-    pix = idx // c6
-    chan = idx - pix * c6
+    pix, chan = np.divmod(idx, c6)
     first = np.empty(idx.size, dtype=bool)
     first[0] = True
     np.not_equal(pix[1:], pix[:-1], out=first[1:])
