@@ -12,7 +12,8 @@
 * XML parsing: defusedxml (the careful path) against the fast path (byte pre-scan + lxml) on the
   MoNuSAC-format sample and on the real MoNuSeg Aperio XML fixtures, when present.
 * Random access: median time to read one image + its instance map from the store (target <= 5 ms),
-  against reading the same tile from the raw memmaps.
+  against reading the same tile from the raw memmaps, and against the same tiles read through
+  zarr's own indexing (what ``Store.read`` used before the direct shard read).
 * Floors (``floors``): what each step of a PanNuke ingest costs per tile on its own, in one
   process, on the first (smallest) fold size, as a multiple of the raw read of a tile: the fingerprints (v2 sha256,
   v3 xxh3, BLAKE3 when installed), reading + conversion of 64-tile blocks as ingest runs it (v3
@@ -418,11 +419,18 @@ def bench_access(last_store: Path, mstore: Path, fold: Path) -> None:
     with Store.open(last_store) as s:
         ids = s.images()["image_id"].to_numpy()
         s.read(ids[0])
-        ts = []
-        for i in rng.integers(0, len(ids), 200):
+        picks = rng.integers(0, len(ids), 200)
+        ts, tz = [], []
+        for i in picks:  # Store.read: a stacked tile straight from its shard file (shards.read_tile)
             t = time.perf_counter()
             s.read(ids[i])
             ts.append(time.perf_counter() - t)
+        for i in picks:  # the same tiles through zarr's own indexing (what Store.read did before)
+            unit, _path, idx = s._image_row(ids[i])[:3]
+            t = time.perf_counter()
+            np.asarray(s._array(unit, "images")[idx])
+            np.asarray(s._array(unit, "instances")[idx])
+            tz.append(time.perf_counter() - t)
     im = np.load(fold / "images/fold1/images.npy", mmap_mode="r")
     ms = np.load(fold / "masks/fold1/masks.npy", mmap_mode="r")
     tr = []
@@ -434,14 +442,24 @@ def bench_access(last_store: Path, mstore: Path, fold: Path) -> None:
     with Store.open(mstore) as s:
         mids = s.images()["image_id"].to_numpy()
         s.read(mids[0])
-        tm = []
-        for i in rng.integers(0, len(mids), 100):
+        tm, tmz = [], []
+        mpicks = rng.integers(0, len(mids), 100)
+        for i in mpicks:
             t = time.perf_counter()
             s.read(mids[i])
             tm.append(time.perf_counter() - t)
+        for i in mpicks:
+            unit, path, _idx = s._image_row(mids[i])[:3]
+            t = time.perf_counter()
+            np.asarray(s._array(unit, path)[...])
+            np.asarray(s._array(unit, path.replace("img/", "ins/", 1))[...])
+            tmz.append(time.perf_counter() - t)
     print(f"  store, PanNuke tile:   median {np.median(ts) * 1e3:.2f} ms (p95 {np.percentile(ts, 95) * 1e3:.2f})  target <= 5 ms")
+    print(f"  the same through zarr: median {np.median(tz) * 1e3:.2f} ms (p95 {np.percentile(tz, 95) * 1e3:.2f}); "
+          f"direct read {np.median(tz) / np.median(ts):.1f}x faster")
     print(f"  raw .npy memmap tile:  median {np.median(tr) * 1e3:.2f} ms (baseline; float64, uncompressed)")
-    print(f"  store, MoNuSAC image:  median {np.median(tm) * 1e3:.2f} ms (native size, up to 1200x1200)")
+    print(f"  store, MoNuSAC image:  median {np.median(tm) * 1e3:.2f} ms (native size, up to 1200x1200); "
+          f"through zarr {np.median(tmz) * 1e3:.2f} ms, direct read {np.median(tmz) / np.median(tm):.1f}x faster")
     sizes = {p.name: sum(f.stat().st_size for f in p.rglob('*') if f.is_file()) for p in [last_store]}
     raw_bytes = sum(f.stat().st_size for f in fold.rglob("*.npy"))
     print(f"\nstore size {sizes[last_store.name] / 2**20:,.0f} MiB for {raw_bytes / 2**20:,.0f} MiB of raw .npy")

@@ -10,7 +10,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec
 
-from cellcurate.datasets.shards import assemble_shard, shard_layout, write_shard
+from cellcurate.datasets.shards import assemble_shard, read_tile, shard_layout, write_shard
 from cellcurate.datasets.store import IMAGES_BLOSC, INSTANCES_BLOSC
 
 
@@ -230,3 +230,223 @@ def test_native_images_compressed_in_workers_are_the_store_the_writer_makes(tmp_
         with Store.create(tmp_path / name) as s:
             ingest_monusac(s, tiny_sample.monusac_root, progress=False, jobs=jobs)
     assert_same_content(tmp_path / "a", tmp_path / "b")  # file bytes included
+
+
+def _zarr_written(root: Path, n: int, per: int):
+    """Stacked arrays written by zarr itself: a full shard, a partial last one, empty tiles inside a
+    shard and (instances, n >= 8) a whole shard with no file."""
+    rng = np.random.default_rng(n + per)
+    images = rng.integers(1, 256, (n, 16, 12, 3)).astype(np.uint8)
+    instances = np.zeros((n, 16, 12), np.int32)
+    for t in range(n):
+        instances[t, t % 16, : 1 + t % 12] = 70_000 * (t + 1)  # ids past 16 bits: all four bytes matter
+    if n > 2:
+        images[1] = 0
+        instances[2] = 0
+    if n >= 8:
+        instances[4:8] = 0
+    zimg, zins = _arrays(root, n, per)
+    zimg[...] = images
+    zins[...] = instances
+    return zimg, zins, images, instances
+
+
+@pytest.mark.parametrize("n,per", [(10, 4), (8, 4), (3, 3), (1, 1)])
+def test_read_tile_reads_what_zarr_reads(tmp_path, n, per):
+    zimg, zins, images, instances = _zarr_written(tmp_path, n, per)
+    assert not (tmp_path / "instances" / "c" / "1").exists() or n < 8  # the empty shard has no file
+    for arr, name, data in ((zimg, "images", images), (zins, "instances", instances)):
+        layout = shard_layout(arr, tmp_path / name)
+        assert layout is not None
+        for t in range(n):
+            got = read_tile(layout, t, data.shape[1:], data.dtype)
+            assert got.dtype == data.dtype and got.flags.c_contiguous and got.flags.writeable
+            assert np.array_equal(got, arr[t]) and np.array_equal(got, data[t])
+
+
+def _damaged(tmp_path: Path, change) -> tuple:
+    zimg, _zins, images, _ = _zarr_written(tmp_path, 4, 4)
+    layout = shard_layout(zimg, tmp_path / "images")
+    assert layout is not None
+    f = layout.path(0)
+    data = bytearray(f.read_bytes())
+    f.write_bytes(bytes(change(data)))
+    return layout, f, images
+
+
+def _flip(data: bytearray, at: int) -> bytearray:
+    data[at] ^= 0xFF
+    return data
+
+
+def _entry(data: bytearray, j: int, offset: int, nbytes: int) -> bytearray:
+    """Point index entry ``j`` at (offset, nbytes), with a CRC32C that still matches."""
+    import google_crc32c
+
+    n_index = 16 * 4
+    start = len(data) - n_index - 4
+    index = bytearray(data[start : start + n_index])
+    index[16 * j : 16 * j + 16] = np.array([offset, nbytes], "<u8").tobytes()
+    return data[:start] + index + np.array([google_crc32c.value(bytes(index))], "<u4").tobytes()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d[:40], r"shard file truncated \(40 bytes, the index alone is 68\)"),
+    (lambda d: _flip(d, len(d) - 10), "shard index fails its CRC32C"),
+    (lambda d: _entry(d, 3, 10**9, 500), r"chunk 3 of the shard runs outside the file \(offset 1000000000"),
+    (lambda d: _entry(d, 3, 0, 20), "chunk 3 of the shard does not decode"),
+])
+def test_a_damaged_shard_is_one_line_naming_its_file(tmp_path, change, message):
+    from cellcurate.errors import StoreError
+
+    layout, f, images = _damaged(tmp_path, change)
+    with pytest.raises(StoreError, match=message) as err:
+        read_tile(layout, 3, images.shape[1:], images.dtype)
+    assert str(f) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_chunk_of_another_size_is_refused(tmp_path):
+    """A chunk whose blosc header promises more bytes than a tile (a crafted file, or a tile of
+    another array) is refused before anything is decoded into the tile."""
+    from cellcurate.errors import StoreError
+
+    zimg, zins, images, instances = _zarr_written(tmp_path, 4, 4)
+    img_layout = shard_layout(zimg, tmp_path / "images")
+    ins_layout = shard_layout(zins, tmp_path / "instances")
+    assert img_layout is not None and ins_layout is not None
+    # an instance tile (16*12*4 = 768 bytes) where an image tile (576 bytes) belongs
+    img_layout.path(0).write_bytes(ins_layout.path(0).read_bytes())
+    with pytest.raises(StoreError, match=r"chunk 0 of the shard does not decode \(holds 768 bytes, a chunk is 576\)"):
+        read_tile(img_layout, 0, images.shape[1:], images.dtype)
+
+
+def test_a_removed_array_is_not_read_as_zeros(tmp_path):
+    import shutil
+
+    from cellcurate.errors import StoreError
+
+    zimg, _zins, images, _ = _zarr_written(tmp_path, 4, 4)
+    layout = shard_layout(zimg, tmp_path / "images")
+    assert layout is not None
+    shutil.rmtree(tmp_path / "images")
+    with pytest.raises(StoreError, match="the array is gone"):
+        read_tile(layout, 0, images.shape[1:], images.dtype)
+
+
+def test_store_reads_stacked_tiles_directly_and_as_zarr_does(tiny_store_path, monkeypatch):
+    """Store.read of a stacked tile goes through read_tile (not zarr's indexing), and gives zarr's
+    arrays, whole and as windows."""
+    from cellcurate.datasets import shards
+    from cellcurate.datasets.store import Store
+
+    calls: list[int] = []
+    real = shards.read_tile
+
+    def counting(layout, idx, shape, dtype):
+        calls.append(idx)
+        return real(layout, idx, shape, dtype)
+
+    monkeypatch.setattr("cellcurate.datasets.store.read_tile", counting)
+    with Store.open(tiny_store_path) as s:
+        ids = [i for i in s.images()["image_id"] if s._image_row(i)[2] >= 0][:12]  # stacked tiles
+        assert ids
+        for image_id in ids:
+            row = s._image_row(image_id)
+            zimg = zarr.open_array(str(tiny_store_path / s.ledger.unit(row[0])["dir"] / "arrays.zarr" / "images"), mode="r")
+            zins = zarr.open_array(str(tiny_store_path / s.ledger.unit(row[0])["dir"] / "arrays.zarr" / "instances"), mode="r")
+            img, ins = s.read(image_id)
+            assert np.array_equal(img, zimg[row[2]]) and np.array_equal(ins, zins[row[2]])
+            wimg, wins = s.read_region(image_id, 5, 7, 40, 300)
+            assert np.array_equal(wimg, zimg[row[2], 5:40, 7:]) and np.array_equal(wins, zins[row[2], 5:40, 7:])
+        assert len(calls) == 4 * len(ids)
+
+
+def test_store_read_of_a_damaged_shard_names_the_file(tiny_store_path, tmp_path):
+    import shutil
+
+    from cellcurate.datasets.store import Store
+    from cellcurate.errors import StoreError
+
+    copy = tmp_path / "store"
+    shutil.copytree(tiny_store_path, copy)
+    with Store.open(copy) as s:
+        image_id = next(i for i in s.images()["image_id"] if s._image_row(i)[2] >= 0)
+        unit, _path, idx = s._image_row(image_id)[:3]
+        layout = s._opened(unit, "instances")[1]
+        assert layout is not None
+        shard = layout.path(idx // layout.tiles_per_shard)
+        assert shard.is_file() and copy in shard.parents
+        data = bytearray(shard.read_bytes())
+        data[-6] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        with pytest.raises(StoreError, match="shard index fails its CRC32C") as err:
+            s.read_instances(image_id)
+        assert str(shard) in str(err.value)
+        assert s.read_image(image_id).any()  # the other array is untouched
+
+
+@pytest.mark.parametrize("h,w", [(600, 1200), (300, 77), (1030, 1540), (512, 512)])
+def test_read_native_reads_what_zarr_reads_whole_and_in_windows(tmp_path, h, w):
+    """Arrays written by zarr itself in the native layout: edge chunks, chunks left out as empty,
+    (512 x 512 instances) no file at all; windows inside one chunk, across chunk edges, at the
+    array's edge, empty."""
+    from cellcurate.datasets.shards import read_native
+    from cellcurate.datasets.store import native_chunks
+
+    rng = np.random.default_rng(h * w)
+    image = rng.integers(1, 256, (h, w, 3)).astype(np.uint8)
+    image[: h // 3, : w // 4] = 0
+    instances = np.zeros((h, w), np.int32)
+    instances[h // 2 :, w // 3 :] = rng.integers(0, 90_000, (h - h // 2, w - w // 3))
+    if h == 512:
+        instances[:] = 0
+    chunks, shards = native_chunks(h, w)
+    g = zarr.open_group(str(tmp_path), mode="w", zarr_format=3)
+    zimg = g.create_array("img/0", data=image, chunks=(*chunks, 3), shards=(*shards, 3),
+                          compressors=[BloscCodec(**IMAGES_BLOSC)], fill_value=0)
+    zins = g.create_array("ins/0", data=instances, chunks=chunks, shards=shards,
+                          compressors=[BloscCodec(**INSTANCES_BLOSC)], fill_value=0)
+    assert (tmp_path / "ins/0/c/0/0").exists() == (h != 512)
+    windows = [None, (slice(0, h), slice(0, w)), (slice(3, 9), slice(4, 11)),
+               (slice(h // 3 - 5, h - 1), slice(w // 4 - 3, w)), (slice(h - 2, h), slice(0, 1)),
+               (slice(7, 7), slice(0, w))]
+    for name, z, data in (("img/0", zimg, image), ("ins/0", zins, instances)):
+        layout = shard_layout(z, tmp_path / name, native=True)
+        assert layout is not None
+        for win in windows:
+            got = read_native(layout, data.shape, data.dtype, win)
+            want = data if win is None else data[win]
+            assert got.shape == want.shape and got.dtype == data.dtype
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(got, z[...] if win is None else z[win])
+
+
+def test_store_reads_native_images_directly(tiny_store_path, monkeypatch):
+    """Store.read / read_region of a native-size (MoNuSAC) image go through read_native and give
+    zarr's arrays."""
+    from cellcurate.datasets import shards
+    from cellcurate.datasets.store import Store
+
+    calls: list[object] = []
+    real = shards.read_native
+
+    def counting(layout, shape, dtype, window=None):
+        calls.append(window)
+        return real(layout, shape, dtype, window)
+
+    monkeypatch.setattr("cellcurate.datasets.store.read_native", counting)
+    with Store.open(tiny_store_path) as s:
+        ids = [i for i in s.images()["image_id"] if s._image_row(i)[2] < 0][:6]
+        assert ids
+        for image_id in ids:
+            unit, path, _idx, h, w = s._image_row(image_id)
+            base = tiny_store_path / s.ledger.unit(unit)["dir"] / "arrays.zarr"
+            zimg = zarr.open_array(str(base / path), mode="r")
+            zins = zarr.open_array(str(base / path.replace("img/", "ins/", 1)), mode="r")
+            img, ins = s.read(image_id)
+            np.testing.assert_array_equal(img, zimg[...])
+            np.testing.assert_array_equal(ins, zins[...])
+            wimg, wins = s.read_region(image_id, h // 3, -20, h + 50, w // 2)
+            np.testing.assert_array_equal(wimg, zimg[h // 3 :, : w // 2])
+            np.testing.assert_array_equal(wins, zins[h // 3 :, : w // 2])
+        assert len(calls) == 4 * len(ids)

@@ -55,6 +55,7 @@ from ..errors import ConfigError, StoreError
 from .ledger import Ledger
 from .leftovers import locked_tempdir, release_tempdir, remove_stale_tempdirs, remove_tree
 from .records import IngestReport, SourceImage
+from .shards import ShardLayout, read_native, read_tile
 from .taxonomy import Taxonomy
 
 STORE_FORMAT = "cellcurate-store"
@@ -381,7 +382,7 @@ class Store:
         self._tables: tuple[pd.DataFrame, pd.DataFrame] | None = None
         self._tables_key: Any = None
         self._lookup: dict[str, tuple[str, str, int, int, int]] = {}
-        self._arrays: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._arrays: OrderedDict[tuple[str, str], tuple[Any, ShardLayout | None]] = OrderedDict()
         #: repairs and observations made while opening or creating (printed by the CLI as notes)
         self.notes: list[str] = list(self.ledger.notes)
 
@@ -595,21 +596,31 @@ class Store:
         return row
 
     def _array(self, unit: str, name: str) -> Any:
+        return self._opened(unit, name)[0]
+
+    def _opened(self, unit: str, name: str) -> tuple[Any, ShardLayout | None]:
+        """The zarr array ``name`` of a unit and, for an array in the layout ingest writes (stacked
+        or native-size), its :class:`~.shards.ShardLayout`: what :func:`~.shards.read_tile` and
+        :func:`~.shards.read_native` read it with, without zarr's indexing."""
+        from .shards import shard_layout
         from .zarrsafe import open_array
 
         key = (unit, name)
-        arr = self._arrays.get(key)
-        if arr is None:
+        got = self._arrays.get(key)
+        if got is None:
             udir = self.ledger.unit(unit)
             if udir is None:
                 raise StoreError(f"unit {unit!r} is not in the store", path=self.path)
-            arr = open_array(self.path / udir["dir"] / "arrays.zarr" / name)  # codecs checked first
-            self._arrays[key] = arr
+            folder = self.path / udir["dir"] / "arrays.zarr" / name
+            arr = open_array(folder)  # codecs checked first
+            native = name.startswith(("img/", "ins/"))
+            got = arr, (shard_layout(arr, folder, native=native) if native or name in ("images", "instances") else None)
+            self._arrays[key] = got
             if len(self._arrays) > 256:
                 self._arrays.popitem(last=False)
         else:
             self._arrays.move_to_end(key)
-        return arr
+        return got
 
     def read_image(self, image_id: str) -> np.ndarray:
         """(H, W, 3) uint8 RGB."""
@@ -693,7 +704,14 @@ class Store:
         unit, path, idx = row[0], row[1], row[2]
         if what == "instances":
             path = "instances" if path == "images" else path.replace("img/", "ins/", 1)
-        arr = self._array(unit, path)
+        arr, layout = self._opened(unit, path)
+        if layout is not None:  # in the layout ingest writes: read from the shard file directly
+            if idx < 0:
+                return read_native(layout, tuple(arr.shape), arr.dtype, window)
+            if idx >= arr.shape[0]:
+                raise StoreError(f"{layout.folder}: tile {idx} of an array of {arr.shape[0]}", path=layout.folder)
+            tile = read_tile(layout, idx, tuple(arr.shape[1:]), arr.dtype)
+            return tile if window is None else np.ascontiguousarray(tile[window])
         sl: tuple[Any, ...] = window or (slice(None), slice(None))
         return np.asarray(arr[(idx, *sl)] if idx >= 0 else arr[sl])
 
