@@ -44,8 +44,8 @@ import numpy as np
 
 from ..errors import StoreError
 
-__all__ = ["ChunkCodec", "ShardLayout", "assemble_shard", "native_shard", "read_native", "read_tile", "shard_layout", "write_file",
-           "write_shard"]
+__all__ = ["ChunkCodec", "ShardLayout", "assemble_shard", "native_shard", "read_native", "read_tile", "shard_layout",
+           "write_file", "write_shard"]
 
 _EMPTY = 2**64 - 1
 _SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
@@ -256,7 +256,6 @@ def write_file(path: Path, data: bytes | None, *, sync: bool = False) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
-
 
 
 def read_tile(layout: ShardLayout, idx: int, shape: tuple[int, ...], dtype: np.dtype[Any] | str) -> np.ndarray:
