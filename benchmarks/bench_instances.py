@@ -3,7 +3,7 @@ errors, and the round's speed on 200,000 nuclei with cached predictions.
 
 Run: ``python benchmarks/bench_instances.py [--parts demo,consep,monuseg,scale] [--nuclei 200000] [--out DIR]
 [--predictor pixel|student] [--pixel-cv spatial|grouped] [--seeds 0,1,2] [--student-epochs 30] [--extra-training]
-[--threads 1] [--no-map-rules]``.
+[--threads 1] [--no-map-rules] [--min-planted-um2 0] [--unplanted]``.
 
 Parts:
 
@@ -29,6 +29,16 @@ Parts:
 With the map rules on, each consep / monuseg round is run twice on the same predictions, without and
 with the appearance ranking (``--appearance``), and both best recalls for missing nuclei are printed;
 the scale part also times the round with it.
+
+``--min-planted-um2 A``: consep / monuseg plant only on objects of at least A µm² (the count
+stays 5 % of every object). 0 (default) plants on any annotated object, slivers of a nucleus cut by
+the tile border included, which the round by design never proposes (``min_part_um2``, 6 µm²).
+
+``--unplanted`` (pixel model): the same round on the fixture's own annotation, and, per seed, how
+many of the planted run's false flags it raises too (the same nucleus for a bad outline, a missing
+flag within 3 µm), and the best recall at precision >= 0.5 once those are set aside. A diagnostic of
+what limits precision (the model's disagreements with the fixture, and the nuclei the fixture's
+annotators left out), not the target, which is scored on every flag.
 
 ``--no-map-rules``: the demo / consep / monuseg rounds with the instance-matching rules only
 (``InstanceConfig(registration=False, blob_missing=False)``, the rules before the probability-map
@@ -130,9 +140,21 @@ def _shift(mask: np.ndarray, rng: np.random.Generator, frac: float = 0.35) -> tu
     return ndimage.shift(mask.astype(np.uint8), (dy, dx), order=0) > 0, (dy, dx)
 
 
-def plant_consep(src: Path, dst: Path, rng: np.random.Generator, rate: float = 0.05) -> pd.DataFrame:
-    """Copy the CoNSeP patch fixture to ``dst`` with ``rate`` of its nuclei deleted and ``rate`` shifted."""
+def _eligible(areas_um2: np.ndarray, min_um2: float, rng: np.random.Generator) -> np.ndarray:
+    """Positions of the objects that may be planted on, in random order: those of at least
+    ``min_um2`` (every object when it is 0)."""
+    ok = np.flatnonzero(np.asarray(areas_um2, float) >= float(min_um2))
+    return ok[rng.permutation(len(ok))]
+
+
+def plant_consep(src: Path, dst: Path, rng: np.random.Generator, rate: float = 0.05, *,
+                 min_um2: float = 0.0) -> pd.DataFrame:
+    """Copy the CoNSeP patch fixture to ``dst`` with ``rate`` of its nuclei deleted and ``rate``
+    shifted, chosen among the objects of at least ``min_um2`` (``--min-planted-um2``; the count
+    stays ``rate`` of every object)."""
     import scipy.io
+
+    from cellcurate.datasets.consep import CONSEP_MPP
 
     shutil.copytree(src, dst)
     rows = []
@@ -140,9 +162,9 @@ def plant_consep(src: Path, dst: Path, rng: np.random.Generator, rate: float = 0
         inst = np.load(npy)
         mat_path = dst / "type_mat" / (npy.stem + ".mat")
         mat = scipy.io.loadmat(mat_path)
-        ids = np.unique(inst)
-        ids = ids[ids > 0]
-        pick = rng.permutation(len(ids))
+        ids, areas = np.unique(inst, return_counts=True)
+        ids, areas = ids[ids > 0], areas[ids > 0]
+        pick = _eligible(areas * CONSEP_MPP ** 2, min_um2, rng)
         n = max(1, int(round(rate * len(ids))))
         gone, moved = ids[pick[:n]], ids[pick[n:2 * n]]
         for i in moved:
@@ -166,22 +188,30 @@ def plant_consep(src: Path, dst: Path, rng: np.random.Generator, rate: float = 0
     return pd.DataFrame(rows)
 
 
-def plant_monuseg(src: Path, dst: Path, rng: np.random.Generator, rate: float = 0.05) -> pd.DataFrame:
-    """Copy the MoNuSeg fixture with ``rate`` of its regions deleted and ``rate`` shifted (in the XML)."""
+def _polygon_area(v: np.ndarray) -> float:
+    return float(0.5 * abs(np.dot(v[:, 0], np.roll(v[:, 1], 1)) - np.dot(v[:, 1], np.roll(v[:, 0], 1))))
+
+
+def plant_monuseg(src: Path, dst: Path, rng: np.random.Generator, rate: float = 0.05, *,
+                  min_um2: float = 0.0) -> pd.DataFrame:
+    """Copy the MoNuSeg fixture with ``rate`` of its regions deleted and ``rate`` shifted (in the
+    XML), chosen among the regions of at least ``min_um2`` (at the XML's ``MicronsPerPixel``)."""
     import xml.etree.ElementTree as ET  # the fixture's own trusted files, written back
 
     shutil.copytree(src, dst)
     rows = []
     for xml in sorted(dst.rglob("*.xml")):
         tree = ET.parse(xml)
+        mpp = float(tree.getroot().attrib.get("MicronsPerPixel", 0.25))
         regions = [(parent, reg) for parent in tree.iter() for reg in parent if reg.tag == "Region"]
-        pick = rng.permutation(len(regions))
+        areas = np.array([_polygon_area(np.array([[float(x.get("X")), float(x.get("Y"))] for x in reg.iter("Vertex")]))
+                          for _, reg in regions])
+        pick = _eligible(areas * mpp ** 2, min_um2, rng)
         n = max(1, int(round(rate * len(regions))))
         for k in pick[n:2 * n]:
             _, reg = regions[k]
             v = np.array([[float(x.get("X")), float(x.get("Y"))] for x in reg.iter("Vertex")])
-            area = 0.5 * abs(np.dot(v[:, 0], np.roll(v[:, 1], 1)) - np.dot(v[:, 1], np.roll(v[:, 0], 1)))
-            r = np.sqrt(area / np.pi)
+            r = np.sqrt(_polygon_area(v) / np.pi)
             ang = rng.uniform(0, 2 * np.pi)
             dx, dy = 0.7 * r * np.cos(ang), 0.7 * r * np.sin(ang)
             for x in reg.iter("Vertex"):
@@ -191,7 +221,7 @@ def plant_monuseg(src: Path, dst: Path, rng: np.random.Generator, rate: float = 
         for k in pick[:n]:
             parent, reg = regions[k]
             v = np.array([[float(x.get("X")), float(x.get("Y"))] for x in reg.iter("Vertex")])
-            area = 0.5 * abs(np.dot(v[:, 0], np.roll(v[:, 1], 1)) - np.dot(v[:, 1], np.roll(v[:, 0], 1)))
+            area = _polygon_area(v)
             rows.append({"xml": xml.stem, "issue": "missing_annotation", "origin_region": "",
                          "centroid_x": float(v[:, 0].mean()), "centroid_y": float(v[:, 1].mean()),
                          "radius": float(np.sqrt(area / np.pi))})
@@ -242,7 +272,8 @@ def extra_stores(name: str, out: Path) -> list[Path]:
 
 
 def part_real(name: str, out: Path, seed: int = 0, *, predictor: str = "pixel", epochs: int = 30,
-              extra: bool = False, threads: int = 1, map_rules: bool = True, pixel_cv: str = "spatial") -> dict:
+              extra: bool = False, threads: int = 1, map_rules: bool = True, pixel_cv: str = "spatial",
+              min_planted_um2: float = 0.0, unplanted: bool = False) -> dict:
     from cellcurate.datasets.ingest import ingest_source
     from cellcurate.datasets.store import Store
     from cellcurate.relabel.instance_predict import PixelModelConfig, get_predictions
@@ -255,7 +286,8 @@ def part_real(name: str, out: Path, seed: int = 0, *, predictor: str = "pixel", 
         return {}
     rng = np.random.default_rng(seed)
     dst = out / f"{name}-planted"
-    rows = plant_consep(src, dst, rng) if name == "consep" else plant_monuseg(src, dst, rng)
+    plant = plant_consep if name == "consep" else plant_monuseg
+    rows = plant(src, dst, rng, min_um2=min_planted_um2)
     student = None
     what = f"built-in pixel model, {pixel_cv} folds on the fixture itself"
     if predictor == "student":
@@ -284,18 +316,76 @@ def part_real(name: str, out: Path, seed: int = 0, *, predictor: str = "pixel", 
     print(f"{name}: {len(images)} images, {n_nuc:,} annotated nuclei after planting; predictions {t_pred:.1f} s wall, "
           f"{c_pred:.1f} s CPU ({what}), round {res.seconds:.1f} s")
     rules = "" if map_rules else ", matching rules only"
-    scores = table(f"{name}, planting seed {seed} (real annotations, 5 % deleted + 5 % shifted; {predictor}{rules}):",
+    among = f" among objects >= {min_planted_um2:g} um2" if min_planted_um2 > 0 else ""
+    scores = table(f"{name}, planting seed {seed} (real annotations, 5 % deleted + 5 % shifted{among}; {predictor}{rules}):",
                    res, res.flags, planted, images)
-    out = {"predictor": predictor, "predictor_detail": what, "predictions_s": round(t_pred, 1),
-           "predictions_cpu_s": round(c_pred, 1), "round_s": round(res.seconds, 1), "scores": scores,
-           "flags_by_issue": res.counts}
+    result = {"predictor": predictor, "predictor_detail": what, "min_planted_um2": min_planted_um2,
+              "predictions_s": round(t_pred, 1), "predictions_cpu_s": round(c_pred, 1),
+              "round_s": round(res.seconds, 1), "scores": scores, "flags_by_issue": res.counts}
+    if unplanted:
+        result["unplanted"] = unplanted_comparison(name, src, out, res.flags, planted, images, seed=seed,
+                                                pixel_cv=pixel_cv, map_rules=map_rules, predictor=predictor)
     if ranked is not None:
         b = recall_at_precision(ranked.flags, planted, images, "missing_annotation")
         print(f"  with the appearance ranking (--appearance, same predictions): best recall at precision >= 0.5, "
               f"missing {b:.3f}; round {ranked.seconds:.1f} s against {res.seconds:.1f} s without it")
-        out["missing_best_with_appearance"] = b
-        out["round_with_appearance_s"] = round(ranked.seconds, 1)
+        result["missing_best_with_appearance"] = b
+        result["round_with_appearance_s"] = round(ranked.seconds, 1)
+    return result
+
+
+def preexisting(flags: pd.DataFrame, clean: pd.DataFrame, *, radius_px: float) -> np.ndarray:
+    """For each flag, whether the round on the unplanted annotation raised one like it: the same
+    annotated nucleus (bad outline), or a missing-nucleus flag within ``radius_px`` of its centroid."""
+    out = np.zeros(len(flags), bool)
+    cm = clean[clean["issue"] == "missing_annotation"]
+    by_img = {k: g[["centroid_x", "centroid_y"]].to_numpy(float) for k, g in cm.groupby(cm["image_id"].astype(str))}
+    outlined = {int(n) for ids in clean.loc[clean["issue"] == "bad_outline", "nucleus_ids"] for n in ids}
+    for i, r in enumerate(flags.itertuples(index=False)):
+        if r.issue == "missing_annotation":
+            c = by_img.get(str(r.image_id))
+            out[i] = c is not None and bool((np.hypot(c[:, 0] - r.centroid_x, c[:, 1] - r.centroid_y) <= radius_px).any())
+        elif r.issue == "bad_outline":
+            out[i] = any(int(n) in outlined for n in r.nucleus_ids)
     return out
+
+
+def unplanted_comparison(name: str, src: Path, out: Path, flags: pd.DataFrame, planted: pd.DataFrame, images, *,
+                         seed: int, pixel_cv: str, map_rules: bool, predictor: str) -> dict:
+    """The same round on the fixture's own (unplanted) annotation, and how many of the planted run's
+    false flags it raises too: those answer the model's disagreement with the fixture, not the planting
+    (``--unplanted``, a diagnostic: the target is scored on every flag)."""
+    from cellcurate.datasets.ingest import ingest_source
+    from cellcurate.datasets.store import Store
+    from cellcurate.relabel.instance_predict import PixelModelConfig, get_predictions
+    from cellcurate.relabel.instances import flag_hits, run_instance_round
+
+    if predictor != "pixel":
+        print("  --unplanted: only with the built-in pixel model (a student would be trained again); skipped")
+        return {}
+    with Store.create(out / f"{name}-unplanted-store") as store:
+        ingest_source(store, name, src, progress=False)
+        cache, _ = get_predictions(store, progress=False, config=PixelModelConfig(cv=pixel_cv, seed=seed))
+        clean = run_instance_round(store, 1, predictions=cache, progress=False, config=round_config(map_rules)).flags
+        mpp = float(store.images()["mpp"].median())
+    radius = 3.0 / mpp  # 3 um
+    hits = flag_hits(flags, planted)
+    pre = preexisting(flags, clean, radius_px=radius)
+    res: dict = {"unplanted_flags": {k: int(v) for k, v in clean["issue"].value_counts().items()}}
+    parts = []
+    for issue in ("missing_annotation", "bad_outline"):
+        sel = (flags["issue"] == issue).to_numpy()
+        false = sel & ~hits
+        kept = flags[~pre | hits]
+        best = recall_at_precision(kept, planted, images, issue)
+        res[issue] = {"false_flags": int(false.sum()), "false_also_unplanted": int((false & pre).sum()),
+                      "true_also_unplanted": int((sel & hits & pre).sum()),
+                      "recall_at_precision_0.5_without_those": best}
+        parts.append(f"{issue} {int((false & pre).sum())} of {int(false.sum())} (best recall at precision >= 0.5 "
+                     f"without them {best:.3f})")
+    print(f"  unplanted annotation, same round: {len(clean)} flags ({', '.join(f'{k} {v}' for k, v in res['unplanted_flags'].items())}); "
+          f"false flags of the planted run it raises too: " + "; ".join(parts) + " [diagnostic, not the target]")
+    return res
 
 
 def seed_means(name: str, runs: dict) -> dict:
@@ -316,6 +406,18 @@ def seed_means(name: str, runs: dict) -> dict:
         f"{v['recall_at_precision_0.5']:.3f})" for k, v in out.items()))
     if ranked and "missing_annotation" in out:
         print(f"  missing, best recall at precision >= 0.5 with the appearance ranking (--appearance): {np.mean(ranked):.3f}")
+    diag = [r["unplanted"] for r in runs.values() if r.get("unplanted")]
+    if diag:
+        parts = []
+        for issue in ("missing_annotation", "bad_outline"):
+            rows = [d[issue] for d in diag if issue in d]
+            also = sum(d["false_also_unplanted"] for d in rows)
+            false = sum(d["false_flags"] for d in rows)
+            best = float(np.mean([d["recall_at_precision_0.5_without_those"] for d in rows]))
+            out.setdefault(issue, {})["unplanted_diagnostic"] = {"false_also_unplanted": also, "false_flags": false,
+                                                                 "recall_at_precision_0.5_without_those": best}
+            parts.append(f"{issue} {also} of {false}, best recall at precision >= 0.5 without them {best:.3f}")
+        print("  false flags the unplanted round raises too (all seeds; diagnostic, not the target): " + "; ".join(parts))
     return out
 
 
@@ -441,6 +543,13 @@ def main() -> None:
                     help="consep/monuseg: planting seeds (each plants its own 5 %% + 5 %%; the summary averages them).")
     ap.add_argument("--pixel-cv", choices=["spatial", "grouped"], default="spatial",
                     help="consep/monuseg, built-in pixel model: its folds (curate instances --pixel-cv).")
+    ap.add_argument("--min-planted-um2", type=float, default=0.0,
+                    help="consep/monuseg: plant only on objects of at least this area (um2; the count stays 5 %% of all "
+                         "objects). 6 = the round's min_part_um2, below which it proposes nothing; 0 (default): every "
+                         "object, slivers cut by the tile border included.")
+    ap.add_argument("--unplanted", action="store_true",
+                    help="consep/monuseg, pixel model: run the round on the fixture's own annotation too, and count the "
+                         "planted run's false flags it raises as well (a diagnostic of what limits precision).")
     ap.add_argument("--no-map-rules", action="store_true",
                     help="demo/consep/monuseg: the instance-matching rules only (no probability-map rules).")
     args = ap.parse_args()
@@ -462,7 +571,8 @@ def main() -> None:
                     (d / f"seed{seed}").mkdir()
                     runs[seed] = part_real(p, d / f"seed{seed}", seed, predictor=args.predictor,
                                            epochs=args.student_epochs, extra=args.extra_training, threads=args.threads,
-                                           map_rules=not args.no_map_rules, pixel_cv=args.pixel_cv)
+                                           map_rules=not args.no_map_rules, pixel_cv=args.pixel_cv,
+                                           min_planted_um2=args.min_planted_um2, unplanted=args.unplanted)
                 results[p] = {"seeds": runs, "mean": seed_means(p, runs)}
             elif p == "scale":
                 results[p] = part_scale(args.nuclei, d)
