@@ -204,27 +204,25 @@ def plant_monuseg(src: Path, dst: Path, rng: np.random.Generator, rate: float = 
         tree = ET.parse(xml)
         mpp = float(tree.getroot().attrib.get("MicronsPerPixel", 0.25))
         regions = [(parent, reg) for parent in tree.iter() for reg in parent if reg.tag == "Region"]
-        areas = np.array([_polygon_area(np.array([[float(x.get("X")), float(x.get("Y"))] for x in reg.iter("Vertex")]))
-                          for _, reg in regions])
+        verts = [np.array([[float(x.get("X")), float(x.get("Y"))] for x in reg.iter("Vertex")]) for _, reg in regions]
+        areas = np.array([_polygon_area(v) for v in verts])
         pick = _eligible(areas * mpp ** 2, min_um2, rng)
         n = max(1, int(round(rate * len(regions))))
         for k in pick[n:2 * n]:
             _, reg = regions[k]
-            v = np.array([[float(x.get("X")), float(x.get("Y"))] for x in reg.iter("Vertex")])
-            r = np.sqrt(_polygon_area(v) / np.pi)
+            r = np.sqrt(areas[k] / np.pi)
             ang = rng.uniform(0, 2 * np.pi)
             dx, dy = 0.7 * r * np.cos(ang), 0.7 * r * np.sin(ang)
             for x in reg.iter("Vertex"):
                 x.set("X", f"{float(x.get('X')) + dx:.3f}")
                 x.set("Y", f"{float(x.get('Y')) + dy:.3f}")
             rows.append({"xml": xml.stem, "issue": "bad_outline", "origin_region": reg.get("Id")})
-        for k in pick[:n]:
+        for k in pick[:n]:  # not among the shifted regions: verts[k] is still the drawn outline
             parent, reg = regions[k]
-            v = np.array([[float(x.get("X")), float(x.get("Y"))] for x in reg.iter("Vertex")])
-            area = _polygon_area(v)
+            v = verts[k]
             rows.append({"xml": xml.stem, "issue": "missing_annotation", "origin_region": "",
                          "centroid_x": float(v[:, 0].mean()), "centroid_y": float(v[:, 1].mean()),
-                         "radius": float(np.sqrt(area / np.pi))})
+                         "radius": float(np.sqrt(areas[k] / np.pi))})
             parent.remove(reg)
         tree.write(xml)
     return pd.DataFrame(rows)
@@ -372,17 +370,17 @@ def unplanted_comparison(name: str, src: Path, out: Path, flags: pd.DataFrame, p
     hits = flag_hits(flags, planted)
     pre = preexisting(flags, clean, radius_px=radius)
     res: dict = {"unplanted_flags": {k: int(v) for k, v in clean["issue"].value_counts().items()}}
+    kept = flags[~pre | hits]
     parts = []
     for issue in ("missing_annotation", "bad_outline"):
         sel = (flags["issue"] == issue).to_numpy()
         false = sel & ~hits
-        kept = flags[~pre | hits]
+        also = int((false & pre).sum())
         best = recall_at_precision(kept, planted, images, issue)
-        res[issue] = {"false_flags": int(false.sum()), "false_also_unplanted": int((false & pre).sum()),
+        res[issue] = {"false_flags": int(false.sum()), "false_also_unplanted": also,
                       "true_also_unplanted": int((sel & hits & pre).sum()),
                       "recall_at_precision_0.5_without_those": best}
-        parts.append(f"{issue} {int((false & pre).sum())} of {int(false.sum())} (best recall at precision >= 0.5 "
-                     f"without them {best:.3f})")
+        parts.append(f"{issue} {also} of {int(false.sum())} (best recall at precision >= 0.5 without them {best:.3f})")
     print(f"  unplanted annotation, same round: {len(clean)} flags ({', '.join(f'{k} {v}' for k, v in res['unplanted_flags'].items())}); "
           f"false flags of the planted run it raises too: " + "; ".join(parts) + " [diagnostic, not the target]")
     return res
